@@ -1,0 +1,98 @@
+"""The API schema: one machine-readable description of every verb.
+
+``agent.json`` (and later ``engine.json``) list each verb's params as JSON
+Schema, its result schema, the errors it may return, a description and
+examples. The agent loads it at start-up and validates every request's params
+with a compiled validator before any handler runs. ``rpc_schema.openrpc``
+turns it into the OpenRPC document served by ``rpc.discover`` and
+``rpc_schema.docs`` into the human reference in ``docs/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from importlib import resources
+from typing import Any
+
+import fastjsonschema
+
+
+class ParamsInvalid(Exception):
+    """Params rejected by a verb's schema: which field, which rule, in words."""
+
+    def __init__(self, field: str, rule: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.rule = rule
+        self.message = message
+
+
+@dataclasses.dataclass(frozen=True)
+class Verb:
+    name: str
+    summary: str
+    description: str
+    params: dict[str, Any]
+    result: dict[str, Any]
+    errors: tuple[str, ...]
+    examples: tuple[dict[str, Any], ...]
+    check: Callable[[Any], Any]  # compiled params validator
+
+    def validate_params(self, params: Mapping[str, Any]) -> None:
+        try:
+            self.check(params)
+        except fastjsonschema.JsonSchemaValueException as exc:
+            raise _explain(exc) from None
+
+
+def _explain(exc: fastjsonschema.JsonSchemaValueException) -> ParamsInvalid:
+    # fastjsonschema names the root "data"; callers know it as "params".
+    field = "params" + exc.name[len("data"):] if exc.name.startswith("data") else exc.name
+    message = exc.message.replace(exc.name, field, 1)
+    return ParamsInvalid(field, exc.rule or "schema", message)
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiSchema:
+    info: dict[str, Any]
+    errors: dict[str, dict[str, Any]]
+    components: dict[str, Any]
+    verbs: dict[str, Verb]
+    document: dict[str, Any]  # the file as loaded, for generators
+
+    def verb(self, name: str) -> Verb | None:
+        return self.verbs.get(name)
+
+
+def load(name: str = "agent") -> ApiSchema:
+    """Load and compile ``rpc_schema/<name>.json``."""
+    text = resources.files(__package__).joinpath(f"{name}.json").read_text("utf-8")
+    return from_document(json.loads(text))
+
+
+def from_document(document: dict[str, Any]) -> ApiSchema:
+    errors = document["errors"]
+    verbs: dict[str, Verb] = {}
+    for verb_name, spec in document["methods"].items():
+        unknown = set(spec.get("errors", ())) - set(errors)
+        if unknown:
+            raise ValueError(f"{verb_name}: undeclared errors {sorted(unknown)}")
+        verbs[verb_name] = Verb(
+            name=verb_name,
+            summary=spec["summary"],
+            description=spec.get("description", ""),
+            params=spec["params"],
+            result=spec["result"],
+            errors=tuple(spec.get("errors", ())),
+            examples=tuple(spec.get("examples", ())),
+            check=fastjsonschema.compile(spec["params"]),
+        )
+    return ApiSchema(
+        info=document["info"],
+        errors=errors,
+        components=document.get("components", {}),
+        verbs=verbs,
+        document=document,
+    )

@@ -1,0 +1,39 @@
+"""Host-level verbs: ping, getCapabilities, rpc.discover."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from rpc_schema import openrpc
+from vdsm_agent import API_VERSION, __version__
+from vdsm_agent.agent import Agent
+
+
+async def ping(agent: Agent) -> dict[str, Any]:
+    return {"version": __version__, "uptime": round(agent.uptime, 3)}
+
+
+async def get_capabilities(agent: Agent) -> dict[str, Any]:
+    return {
+        "version": __version__,
+        "apiVersion": API_VERSION,
+        "hostname": socket.gethostname(),
+        "uriSchemes": [],
+        "taskKinds": [],
+        "limits": {
+            "maxBodySize": agent.config.max_body_size,
+            "maxBatch": agent.config.max_batch,
+        },
+    }
+
+
+async def discover(agent: Agent) -> dict[str, Any]:
+    return openrpc.document(agent.schema)
+
+
+HANDLERS = {
+    "ping": ping,
+    "getCapabilities": get_capabilities,
+    "rpc.discover": discover,
+}

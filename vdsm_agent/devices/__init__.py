@@ -1,0 +1,1 @@
+"""The host's block devices and whether each is in use."""

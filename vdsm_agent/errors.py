@@ -1,0 +1,179 @@
+"""The agent's error hierarchy: one class per documented error name.
+
+Every class carries a stable ``code`` and ``name``; both are listed in
+``rpc_schema/agent.json`` (a test keeps the two in step). Handlers raise these;
+``vdsm_agent.server.jsonrpc`` is the one place that turns them into JSON-RPC
+errors. Protocol faults use the standard negative codes; application errors use
+stable positive codes grouped by subsystem (1xx connections, 2xx tasks,
+3xx devices and paths, 4xx limits and access).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+# JSON-RPC 2.0 standard codes.
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+
+
+class RpcError(Exception):
+    """Base of every error a caller may see; never raised itself."""
+
+    code: ClassVar[int]
+    name: ClassVar[str]
+    message: ClassVar[str]
+
+    def __init__(self, detail: str = "", **data: Any) -> None:
+        super().__init__(detail or self.message)
+        self.detail = detail
+        self.data = data
+
+    def to_error(self) -> dict[str, Any]:
+        """The JSON-RPC ``error`` member for this exception."""
+        data: dict[str, Any] = {"name": self.name, **self.data}
+        if self.detail:
+            data["detail"] = self.detail
+        return {"code": self.code, "message": self.message, "data": data}
+
+
+class InvalidParams(RpcError):
+    """Params that pass the schema but not a semantic check (or fail the schema)."""
+
+    code = INVALID_PARAMS
+    name = "InvalidParams"
+    message = "Invalid params"
+
+
+class AgentError(RpcError):
+    """Base of the application errors (positive codes)."""
+
+
+# -- storage connections (1xx) ------------------------------------------------
+
+
+class InvalidUri(AgentError):
+    code = 100
+    name = "InvalidUri"
+    message = "The URI does not parse or has invalid parts"
+
+
+class UnsupportedScheme(AgentError):
+    code = 101
+    name = "UnsupportedScheme"
+    message = "No connection backend handles this URI scheme"
+
+
+class ConnectionIdInUse(AgentError):
+    code = 102
+    name = "ConnectionIdInUse"
+    message = "The connection ID is registered for a different URI"
+
+
+class ConnectionNotFound(AgentError):
+    code = 103
+    name = "ConnectionNotFound"
+    message = "Unknown connection ID"
+
+
+# -- tasks (2xx) ----------------------------------------------------------------
+
+
+class TaskNotFound(AgentError):
+    code = 200
+    name = "TaskNotFound"
+    message = "Unknown task ID"
+
+
+class TaskIdConflict(AgentError):
+    code = 201
+    name = "TaskIdConflict"
+    message = "A task with this ID exists with a different request"
+
+
+class TaskActive(AgentError):
+    code = 202
+    name = "TaskActive"
+    message = "The task has not finished"
+
+
+class TaskNotActive(AgentError):
+    code = 203
+    name = "TaskNotActive"
+    message = "The task has already finished"
+
+
+class ResourceBusy(AgentError):
+    code = 204
+    name = "ResourceBusy"
+    message = "Another active task holds the resource"
+
+
+class QueueFull(AgentError):
+    code = 205
+    name = "QueueFull"
+    message = "The task queue is at its configured limit"
+
+
+class InvalidStateTransition(AgentError):
+    code = 206
+    name = "InvalidStateTransition"
+    message = "The task cannot move to that state from its current one"
+
+
+class UnknownTaskKind(AgentError):
+    code = 207
+    name = "UnknownTaskKind"
+    message = "No task kind has this name"
+
+
+# -- devices and paths (3xx) --------------------------------------------------------
+
+
+class DeviceNotFound(AgentError):
+    code = 300
+    name = "DeviceNotFound"
+    message = "The device does not exist"
+
+
+class DeviceInUse(AgentError):
+    code = 301
+    name = "DeviceInUse"
+    message = "The device is in use"
+
+
+class PathNotAllowed(AgentError):
+    code = 302
+    name = "PathNotAllowed"
+    message = "The path is outside the configured allowed roots"
+
+
+class PreconditionFailed(AgentError):
+    code = 303
+    name = "PreconditionFailed"
+    message = "The target changed since the caller last saw it"
+
+
+# -- limits (4xx) ---------------------------------------------------------------------
+
+
+class LimitExceeded(AgentError):
+    code = 400
+    name = "LimitExceeded"
+    message = "A configured request limit was exceeded"
+
+
+def all_errors() -> list[type[RpcError]]:
+    """Every concrete error class, in declaration order."""
+    found: list[type[RpcError]] = []
+    pending: list[type[RpcError]] = [RpcError]
+    while pending:
+        cls = pending.pop(0)
+        for sub in cls.__subclasses__():
+            pending.append(sub)
+            if "code" in sub.__dict__:
+                found.append(sub)
+    return found

@@ -1,0 +1,1 @@
+"""HTTP transport: the aiohttp application, JSON-RPC dispatch, listeners."""

@@ -1,0 +1,1 @@
+"""Talking to the operating system: commands, mounts, processes."""
