@@ -49,9 +49,10 @@ class Verb:
 
 def _explain(exc: fastjsonschema.JsonSchemaValueException) -> ParamsInvalid:
     # fastjsonschema names the root "data"; callers know it as "params".
-    field = "params" + exc.name[len("data"):] if exc.name.startswith("data") else exc.name
-    message = exc.message.replace(exc.name, field, 1)
-    return ParamsInvalid(field, exc.rule or "schema", message)
+    name = str(exc.name or "data")
+    field = "params" + name[len("data"):] if name.startswith("data") else name
+    message = str(exc.message).replace(name, field, 1)
+    return ParamsInvalid(field, str(exc.rule or "schema"), message)
 
 
 @dataclasses.dataclass(frozen=True)

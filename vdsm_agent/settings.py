@@ -197,7 +197,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             dest=setting.name,
             action="append" if setting.repeatable else "store",
             metavar=setting.type.upper().replace(" ", "_"),
-            help=f"{setting.help} (default: {format_default(setting)})",
+            # argparse treats "%" in help as a format directive.
+            help=f"{setting.help} (default: {format_default(setting)})".replace("%", "%%"),
         )
 
 

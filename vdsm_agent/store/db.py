@@ -76,7 +76,8 @@ class Store:
 
     def atomic(self) -> Any:
         """A transaction context for use inside a function given to ``run``."""
-        assert self._db is not None and threading.get_ident() == self._thread_id
+        assert self._db is not None
+        assert threading.get_ident() == self._thread_id, "atomic() outside the DB thread"
         return self._db.atomic()
 
     async def close(self) -> None:

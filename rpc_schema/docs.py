@@ -1,0 +1,107 @@
+"""Generate the human API reference (docs/api.md) from the schema.
+
+Run ``python -m rpc_schema.docs [agent] > docs/api.md``; a test fails when the
+committed file differs from what this prints.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import rpc_schema
+from rpc_schema import ApiSchema, Verb
+
+
+def _type_of(schema: dict[str, Any]) -> str:
+    if "$ref" in schema:
+        return str(schema["$ref"]).rsplit("/", 1)[-1]
+    if "enum" in schema:
+        return " \\| ".join(json.dumps(value) for value in schema["enum"])
+    kind = schema.get("type", "any")
+    if isinstance(kind, list):
+        return " \\| ".join(kind)
+    if kind == "array":
+        return f"array of {_type_of(schema.get('items', {}))}"
+    return str(kind)
+
+
+def _constraints(schema: dict[str, Any]) -> str:
+    rules = []
+    for key in ("minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems",
+                "pattern", "format", "default"):
+        if key in schema:
+            rules.append(f"{key} `{json.dumps(schema[key])}`")
+    return ", ".join(rules)
+
+
+def _params_table(verb: Verb) -> list[str]:
+    properties = verb.params.get("properties", {})
+    if not properties:
+        return ["No parameters.", ""]
+    required = set(verb.params.get("required", ()))
+    lines = ["| param | type | required | constraints | description |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, schema in properties.items():
+        lines.append(
+            f"| `{name}` | {_type_of(schema)} | {'yes' if name in required else 'no'} | "
+            f"{_constraints(schema)} | {schema.get('description', '')} |")
+    return [*lines, ""]
+
+
+def _verb_section(schema: ApiSchema, verb: Verb) -> list[str]:
+    lines = [f"### `{verb.name}`", "", verb.summary, ""]
+    if verb.description:
+        lines += [verb.description, ""]
+    lines += ["**Params**", "", *_params_table(verb)]
+    lines += ["**Result**", "", "```json", json.dumps(verb.result, indent=2), "```", ""]
+    if verb.errors:
+        lines += ["**Errors**: " + ", ".join(
+            f"`{name}` ({schema.errors[name]['code']})" for name in verb.errors), ""]
+    for example in verb.examples:
+        request = {"jsonrpc": "2.0", "method": verb.name, "params": example["params"], "id": 1}
+        lines += [f"Example ({example['name']}):", "", "```json", json.dumps(request),
+                  json.dumps({"jsonrpc": "2.0", "result": example["result"], "id": 1}),
+                  "```", ""]
+    return lines
+
+
+def render(schema: ApiSchema) -> str:
+    info = schema.info
+    lines = [
+        f"# {info['title']} API reference (version {info['version']})",
+        "",
+        "<!-- Generated from rpc_schema by `python -m rpc_schema.docs`; do not edit. -->",
+        "",
+        info.get("description", ""),
+        "",
+        "Requests are JSON-RPC 2.0 with params by name. Params are validated against",
+        "the schema before a handler runs; a violation is -32602 with `error.data`",
+        "`{name: \"InvalidParams\", field, rule, detail}`. Application errors carry",
+        "`error.data.name`.",
+        "",
+        "## Verbs",
+        "",
+    ]
+    lines += [f"- [`{name}`](#{name.lower().replace('.', '')}) — {verb.summary}"
+              for name, verb in schema.verbs.items()]
+    lines.append("")
+    for verb in schema.verbs.values():
+        lines += _verb_section(schema, verb)
+    lines += ["## Errors", "",
+              "Protocol errors: -32700 parse error, -32600 invalid request, -32601 method",
+              "not found, -32602 invalid params, -32603 internal error (with",
+              "`data.correlationId`, also in the agent's log).",
+              "",
+              "| code | name | meaning |", "| --- | --- | --- |"]
+    for name, spec in schema.errors.items():
+        lines.append(f"| {spec['code']} | `{name}` | {spec['description']} |")
+    lines += ["", "## Schemas", ""]
+    for name, component in schema.components.get("schemas", {}).items():
+        lines += [f"### `{name}`", "", "```json", json.dumps(component, indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render(rpc_schema.load(sys.argv[1] if len(sys.argv) > 1 else "agent")), end="")

@@ -1,0 +1,94 @@
+"""The API schema: errors in step with errors.py, OpenRPC valid, docs not stale."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+from referencing import Registry
+from referencing.jsonschema import DRAFT7
+
+import rpc_schema
+from rpc_schema import docs, openrpc
+from vdsm_agent import errors, settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+SCHEMA = rpc_schema.load("agent")
+
+
+def openrpc_validator() -> jsonschema.Draft7Validator:
+    """The OpenRPC meta-schema from the npm package @open-rpc/meta-schema 1.14.9,
+    with the JSON Schema meta-schema it references (@json-schema-tools/meta-schema)."""
+    meta = json.loads((DATA / "openrpc-meta-schema-1.14.9.json").read_text())
+    tools = DRAFT7.create_resource(
+        json.loads((DATA / "json-schema-tools-meta-schema-1.8.0.json").read_text()))
+    registry = Registry().with_resources(
+        [("https://meta.json-schema.tools", tools), ("https://meta.json-schema.tools/", tools)])
+    return jsonschema.Draft7Validator(meta, registry=registry)
+
+
+def test_error_codes_are_unique():
+    codes = [cls.code for cls in errors.all_errors()]
+    names = [cls.name for cls in errors.all_errors()]
+    assert len(codes) == len(set(codes))
+    assert len(names) == len(set(names))
+
+
+def test_every_error_class_is_in_the_schema_with_its_code():
+    in_code = {cls.name: cls.code for cls in errors.all_errors()}
+    in_schema = {name: spec["code"] for name, spec in SCHEMA.errors.items()}
+    assert in_code == in_schema
+
+
+def test_application_errors_are_positive():
+    for cls in errors.all_errors():
+        if issubclass(cls, errors.AgentError):
+            assert cls.code > 0, cls
+
+
+def test_openrpc_document_is_valid():
+    validator = openrpc_validator()
+    problems = [error.message for error in validator.iter_errors(openrpc.document(SCHEMA))]
+    assert problems == []
+
+
+def test_openrpc_validator_rejects_a_broken_document():
+    document = openrpc.document(SCHEMA)
+    document["methods"][0]["paramStructure"] = "sideways"
+    assert list(openrpc_validator().iter_errors(document))
+
+
+async def test_rpc_discover_serves_the_document(rpc):
+    document = await rpc.call("rpc.discover")
+    assert document == json.loads(json.dumps(openrpc.document(SCHEMA)))
+    names = {method["name"] for method in document["methods"]}
+    assert {"ping", "getCapabilities", "getDeviceList"} <= names
+    assert all(method["paramStructure"] == "by-name" for method in document["methods"])
+
+
+@pytest.mark.parametrize("verb", [v for v in SCHEMA.verbs.values() if v.examples],
+                         ids=lambda verb: verb.name)
+def test_examples_match_their_schemas(verb):
+    for example in verb.examples:
+        verb.validate_params(example["params"])
+        jsonschema.validate(example["result"], {**verb.result, "components": SCHEMA.components})
+
+
+def test_every_public_verb_has_an_example():
+    missing = [name for name, verb in SCHEMA.verbs.items()
+               if not verb.examples and not name.startswith("rpc.")]
+    assert missing == []
+
+
+def test_api_docs_are_up_to_date():
+    committed = (ROOT / "docs" / "api.md").read_text()
+    assert committed == docs.render(SCHEMA), "run: python -m rpc_schema.docs > docs/api.md"
+
+
+def test_configuration_docs_are_up_to_date():
+    committed = (ROOT / "docs" / "configuration.md").read_text()
+    assert committed == settings.render_docs(), (
+        "run: python -m vdsm_agent.settings > docs/configuration.md")
