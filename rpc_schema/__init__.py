@@ -11,6 +11,7 @@ turns it into the OpenRPC document served by ``rpc.discover`` and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable, Mapping
 from importlib import resources
@@ -38,7 +39,15 @@ class Verb:
     result: dict[str, Any]
     errors: tuple[str, ...]
     examples: tuple[dict[str, Any], ...]
-    check: Callable[[Any], Any]  # compiled params validator
+    components: dict[str, Any] = dataclasses.field(repr=False, default_factory=dict)
+
+    @functools.cached_property
+    def check(self) -> Callable[[Any], Any]:
+        """The compiled params validator (compiled on first use: the CLI needs one verb).
+
+        Components ride along so that params may ``$ref`` "#/components/schemas/...".
+        """
+        return fastjsonschema.compile({**self.params, "components": self.components})
 
     def validate_params(self, params: Mapping[str, Any]) -> None:
         try:
@@ -66,6 +75,12 @@ class ApiSchema:
     def verb(self, name: str) -> Verb | None:
         return self.verbs.get(name)
 
+    def compile(self) -> ApiSchema:
+        """Compile every verb's validator now (the agent does this at start-up)."""
+        for verb in self.verbs.values():
+            _ = verb.check
+        return self
+
 
 def load(name: str = "agent") -> ApiSchema:
     """Load and compile ``rpc_schema/<name>.json``."""
@@ -88,7 +103,7 @@ def from_document(document: dict[str, Any]) -> ApiSchema:
             result=spec["result"],
             errors=tuple(spec.get("errors", ())),
             examples=tuple(spec.get("examples", ())),
-            check=fastjsonschema.compile(spec["params"]),
+            components=document.get("components", {}),
         )
     return ApiSchema(
         info=document["info"],
