@@ -66,7 +66,7 @@ async def _agent_context(app: web.Application) -> AsyncIterator[None]:
     state.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     store = await Store.open(state / "agent.db")
-    schema = rpc_schema.load("agent")
+    schema = rpc_schema.load("agent").compile()
     agent = Agent(config=config, schema=schema, store=store, inventory=Inventory(config),
                   started=started)
     app[AGENT] = agent
