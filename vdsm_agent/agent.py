@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import TYPE_CHECKING
 
 from rpc_schema import ApiSchema
 from vdsm_agent.devices.inventory import Inventory
 from vdsm_agent.settings import Config
 from vdsm_agent.store import Store
+
+if TYPE_CHECKING:
+    from vdsm_agent.connections.manager import ConnectionManager
+    from vdsm_agent.tasks.manager import TaskManager
 
 
 @dataclasses.dataclass
@@ -18,6 +23,10 @@ class Agent:
     store: Store
     inventory: Inventory
     started: float = dataclasses.field(default_factory=time.monotonic)
+    # Set by the tasks cleanup context (vdsm_agent.tasks.web.install) once it runs.
+    tasks: TaskManager | None = None
+    # Set by the connections cleanup context (server/app.py) once it runs.
+    connections: ConnectionManager | None = None
 
     @property
     def uptime(self) -> float:

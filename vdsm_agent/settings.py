@@ -56,6 +56,20 @@ def parse_positive_int(text: str) -> int:
     return number
 
 
+def parse_non_negative_int(text: str) -> int:
+    number = int(text)
+    if number < 0:
+        raise ValueError(f"must be 0 or more, got {number}")
+    return number
+
+
+def parse_output_cap(text: str) -> int:
+    number = int(text)
+    if number < 4096:
+        raise ValueError(f"must be at least 4096 bytes, got {number}")
+    return number
+
+
 def parse_seconds(text: str) -> float:
     number = float(text)
     if number <= 0:
@@ -65,6 +79,16 @@ def parse_seconds(text: str) -> float:
 
 def parse_path(text: str) -> str:
     return os.path.expanduser(text.strip())
+
+
+SSH_HOST_KEY_POLICIES = ("yes", "accept-new", "no")
+
+
+def parse_host_key_policy(text: str) -> str:
+    policy = text.strip()
+    if policy not in SSH_HOST_KEY_POLICIES:
+        raise ValueError(f"must be one of {', '.join(SSH_HOST_KEY_POLICIES)}")
+    return policy
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -112,6 +136,81 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("command_timeout", "seconds", 30.0,
             "Hard timeout for short helper commands such as blkid; the whole "
             "process group is killed when it passes.", parse_seconds),
+    # -- tasks (vdsm_agent/tasks, docs/tasks.md) --
+    Setting("max_running_tasks", "integer", 4,
+            "Tasks that may run at once; more wait in state accepted and start in "
+            "submission order as slots free.", parse_positive_int),
+    Setting("max_queued_tasks", "integer", 1000,
+            "Tasks that may wait in state accepted; beyond it startTask answers QueueFull.",
+            parse_positive_int),
+    Setting("heartbeat_interval", "seconds", 2.0,
+            "How often a task process rewrites its status file (heartbeat and progress).",
+            parse_seconds),
+    Setting("stale_after", "seconds", 30.0,
+            "A running task with no heartbeat for this long becomes stale (it goes back "
+            "to running when the heartbeat resumes).", parse_seconds),
+    Setting("cancel_grace", "seconds", 10.0,
+            "Seconds between SIGTERM and SIGKILL to a task's process group when it is "
+            "cancelled or passes its deadline.", parse_seconds),
+    Setting("output_max_bytes", "integer", 16 * 1024 * 1024,
+            "Output kept on disk per task (at least 4096); the oldest bytes are dropped "
+            "beyond it and getTaskOutput reports truncatedBefore.", parse_output_cap),
+    Setting("retention_done", "seconds", 3600.0,
+            "Finished tasks in state done or canceled are deleted this long after they end.",
+            parse_seconds),
+    Setting("retention_failed", "seconds", 7 * 86400.0,
+            "Finished tasks in state failed or interrupted are deleted this long after "
+            "they end (kept longer than done ones, for debugging).", parse_seconds),
+    Setting("max_finished_tasks", "integer", 10000,
+            "At most this many finished tasks are kept (oldest done/canceled removed "
+            "first); unfinished tasks are never removed.", parse_positive_int),
+    Setting("task_io_rate_limit", "integer", 0,
+            "Bytes per second each data-moving task (checksum) may read; 0: unlimited.",
+            parse_non_negative_int),
+    Setting("enable_test_kinds", "boolean", False,
+            "Offer the test-only task kinds (test.sleep); for the test suite, never "
+            "in production.", parse_bool),
+    # -- storage connections (vdsm_agent/connections, docs/connections.md) --
+    Setting("mount_root", "path", "",
+            "Directory under which storage is mounted, one sub-directory per URI scheme. "
+            "Empty: STATE_DIR/mnt (packages set /run/vdsm-agent/mnt).", parse_path),
+    Setting("probe_interval", "seconds", 10.0,
+            "How often each managed connection is probed; a probe that has not answered "
+            "within one interval is a timeout.", parse_seconds),
+    Setting("probe_failures", "integer", 3,
+            "Failed probes in a row that make a connection disconnected (the first makes "
+            "it degraded).", parse_positive_int),
+    Setting("probe_recoveries", "integer", 2,
+            "Good probes in a row before a failed connection is connected again "
+            "(no flapping).", parse_positive_int),
+    Setting("probe_workers", "integer", 32,
+            "Threads for health probes (a probe hung in the kernel holds one until it "
+            "returns; never more than one per connection).", parse_positive_int),
+    Setting("backoff_base", "seconds", 2.0,
+            "Reconnect backoff: the delay after n failed attempts is uniform(0, "
+            "min(cap, base * 2^n)), at least the floor.", parse_seconds),
+    Setting("backoff_cap", "seconds", 120.0,
+            "Reconnect backoff: the largest delay between attempts.", parse_seconds),
+    Setting("backoff_floor", "seconds", 1.0,
+            "Reconnect backoff: the smallest delay between attempts.", parse_seconds),
+    Setting("backoff_reset", "seconds", 60.0,
+            "A connection connected this long has its failed-attempt count (the backoff "
+            "exponent) reset.", parse_seconds),
+    Setting("connect_timeout", "seconds", 60.0,
+            "Hard timeout for mount, losetup and iSCSI discovery/login; the whole process "
+            "group is killed when it passes.", parse_seconds),
+    Setting("disconnect_timeout", "seconds", 10.0,
+            "Hard timeout for umount (then umount -f -l), losetup -d and iSCSI logout.",
+            parse_seconds),
+    Setting("sshfs_identity_file", "path", "",
+            "SSH private key for sshfs connections (ssh -o IdentityFile). Empty: ssh's "
+            "default keys of the agent's user.", parse_path),
+    Setting("sshfs_host_key_checking", "choice", "yes",
+            "ssh StrictHostKeyChecking for sshfs: " + ", ".join(SSH_HOST_KEY_POLICIES)
+            + " (yes: the host key must already be in the known hosts file).",
+            parse_host_key_policy),
+    Setting("sshfs_known_hosts_file", "path", "",
+            "ssh UserKnownHostsFile for sshfs. Empty: ssh's default.", parse_path),
 )
 
 BY_NAME = {setting.name: setting for setting in SETTINGS}

@@ -8,6 +8,7 @@ from typing import Any
 from rpc_schema import openrpc
 from vdsm_agent import API_VERSION, __version__
 from vdsm_agent.agent import Agent
+from vdsm_agent.connections.backends import BACKENDS
 
 
 async def ping(agent: Agent) -> dict[str, Any]:
@@ -19,8 +20,8 @@ async def get_capabilities(agent: Agent) -> dict[str, Any]:
         "version": __version__,
         "apiVersion": API_VERSION,
         "hostname": socket.gethostname(),
-        "uriSchemes": [],
-        "taskKinds": [],
+        "uriSchemes": sorted(BACKENDS),
+        "taskKinds": agent.tasks.kind_names() if agent.tasks is not None else [],
         "limits": {
             "maxBodySize": agent.config.max_body_size,
             "maxBatch": agent.config.max_batch,

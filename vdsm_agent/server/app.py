@@ -14,10 +14,12 @@ import rpc_schema
 from vdsm_agent import __version__, errors
 from vdsm_agent.agent import Agent
 from vdsm_agent.api import methods_table
+from vdsm_agent.connections.manager import ConnectionManager
 from vdsm_agent.devices.inventory import Inventory
 from vdsm_agent.server.jsonrpc import Dispatcher, error_response
 from vdsm_agent.settings import Config
 from vdsm_agent.store import Store
+from vdsm_agent.tasks import web as tasks_web
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +79,27 @@ async def _agent_context(app: web.Application) -> AsyncIterator[None]:
         await store.close()
 
 
+async def _connections_context(app: web.Application) -> AsyncIterator[None]:
+    """Storage connections: manage the persisted ones again; stop monitoring at exit
+    (targets stay attached so that the next start adopts them)."""
+    agent = app[AGENT]
+    # The task manager's resource lookup is wired here once tasks hold connections:
+    # ConnectionManager(..., resource_holder=<async (resource) -> task ID | None>).
+    manager = ConnectionManager(agent.config, agent.store)
+    agent.connections = manager
+    await manager.start()
+    try:
+        yield
+    finally:
+        await manager.close()
+
+
 def make_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.max_body_size)
     app[CONFIG] = config
     app.cleanup_ctx.append(_agent_context)
+    tasks_web.install(app, AGENT)  # after _agent_context: needs the agent and its store
+    app.cleanup_ctx.append(_connections_context)  # after _agent_context: needs the store
     app.router.add_post("/jsonrpc", handle_jsonrpc)
     app.router.add_get("/health", handle_health)
     return app

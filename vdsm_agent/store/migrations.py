@@ -23,8 +23,61 @@ def _initial(db: peewee.Database) -> None:
     Meta.create(key="instance_id", value=uuid.uuid4().hex)
 
 
+# Explicit DDL (not TaskRow.create_table) so that later model edits cannot
+# change what this released migration does.
+_TASK_DDL = (
+    """CREATE TABLE task (
+        id TEXT NOT NULL PRIMARY KEY,
+        kind TEXT NOT NULL,
+        params TEXT NOT NULL,
+        request_hash TEXT NOT NULL,
+        state TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        ended_at REAL,
+        deadline REAL,
+        heartbeat_at REAL,
+        progress TEXT,
+        result TEXT,
+        error TEXT,
+        warnings TEXT NOT NULL DEFAULT '[]',
+        resources TEXT NOT NULL DEFAULT '[]',
+        output_size INTEGER NOT NULL DEFAULT 0,
+        output_start INTEGER NOT NULL DEFAULT 0,
+        pid INTEGER,
+        pid_create_time REAL,
+        stop TEXT,
+        resets TEXT NOT NULL DEFAULT '[]')""",
+    "CREATE INDEX task_created ON task (created_at, id)",
+    "CREATE INDEX task_state_created ON task (state, created_at, id)",
+    "CREATE INDEX task_kind_created ON task (kind, created_at, id)",
+    "CREATE INDEX task_state_ended ON task (state, ended_at)",
+)
+
+
+def _tasks(db: peewee.Database) -> None:
+    for statement in _TASK_DDL:
+        db.execute_sql(statement)  # type: ignore[no-untyped-call]
+
+
+_STORAGE_CONNECTION_DDL = (
+    """CREATE TABLE storage_connection (
+        connection_id TEXT NOT NULL PRIMARY KEY,
+        uri TEXT NOT NULL,
+        options TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL)""",
+)
+
+
+def _storage_connections(db: peewee.Database) -> None:
+    for statement in _STORAGE_CONNECTION_DDL:
+        db.execute_sql(statement)  # type: ignore[no-untyped-call]
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "initial: meta", _initial),
+    (2, "tasks", _tasks),
+    (3, "storage connections", _storage_connections),
 ]
 
 

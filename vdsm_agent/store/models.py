@@ -31,3 +31,46 @@ class Meta(BaseModel):
 
     class Meta:
         table_name = "meta"
+
+
+class TaskRow(BaseModel):
+    """One task (vdsm_agent.tasks). JSON columns hold small documents as text;
+    times are epoch seconds. Created by migration 2 (explicit DDL there)."""
+
+    id = peewee.TextField(primary_key=True)
+    kind = peewee.TextField()
+    params = peewee.TextField()  # JSON, defaults filled in
+    request_hash = peewee.TextField()  # identity of the submit, for idempotent retries
+    state = peewee.TextField()
+    created_at = peewee.FloatField()
+    started_at = peewee.FloatField(null=True)
+    ended_at = peewee.FloatField(null=True)
+    deadline = peewee.FloatField(null=True)
+    heartbeat_at = peewee.FloatField(null=True)
+    progress = peewee.TextField(null=True)  # JSON
+    result = peewee.TextField(null=True)  # JSON
+    error = peewee.TextField(null=True)  # JSON
+    warnings = peewee.TextField(default="[]")  # JSON list
+    resources = peewee.TextField(default="[]")  # JSON list
+    output_size = peewee.IntegerField(default=0)
+    output_start = peewee.IntegerField(default=0)
+    pid = peewee.IntegerField(null=True)
+    pid_create_time = peewee.FloatField(null=True)
+    stop = peewee.TextField(null=True)  # JSON: a pending cancel/deadline/reset request
+    resets = peewee.TextField(default="[]")  # JSON list of resetTaskState records
+
+    class Meta:
+        table_name = "task"
+
+
+class StorageConnectionRow(BaseModel):
+    """One managed storage connection ID (vdsm_agent.connections); only what
+    is needed to manage it again after a restart. Created by migration 3."""
+
+    connection_id = peewee.TextField(primary_key=True)
+    uri = peewee.TextField()  # canonical form
+    options = peewee.TextField(default="{}")  # JSON, the manage call's options
+    created_at = peewee.FloatField()
+
+    class Meta:
+        table_name = "storage_connection"

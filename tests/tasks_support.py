@@ -1,0 +1,247 @@
+"""Helpers for the task tests: configs with short timings, real agent processes,
+and clean-up that kills every task process group a test started (by PID).
+
+Task processes are detached from the agent on purpose (they survive it), so
+nothing kills them when a test ends: ``kill_task_processes`` finds them by
+their command line (``--task-dir`` under the test's state dir) and SIGKILLs
+their process groups. The test process is made a child subreaper so that
+orphaned task processes (their agent was killed) are re-parented to it and
+can be reaped here instead of lingering as zombies of PID 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from tests.support import AgentProcess, RpcFailure
+from vdsm_agent import settings
+
+PR_SET_CHILD_SUBREAPER = 36
+CHILD_MODULE = "vdsm_agent.tasks.child"
+
+# Short timings so the suite stays fast (see the brief: stale 1.5 s, heartbeat 0.2 s).
+FAST = {
+    "heartbeat_interval": 0.2,
+    "stale_after": 1.5,
+    "cancel_grace": 1.0,
+    "enable_test_kinds": True,
+}
+
+
+def become_subreaper() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def task_config(tmp_path: Path, **overrides: Any) -> settings.Config:
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    values: dict[str, Any] = {
+        "state_dir": str(tmp_path / "state"),
+        "unix_socket": "none",
+        "listen": ("127.0.0.1", 0),
+        "allowed_roots": [str(images)],
+        **FAST,
+    }
+    values.update(overrides)
+    return settings.defaults().replace(**values)
+
+
+def task_processes(state_dir: Path) -> list[psutil.Process]:
+    """Live task child processes whose task dir is under ``state_dir``."""
+    prefix = str(state_dir.resolve())
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = proc.info.get("cmdline") or []
+        if CHILD_MODULE in cmdline and any(arg.startswith(prefix) for arg in cmdline):
+            found.append(proc)
+    return found
+
+
+def kill_task_processes(state_dir: Path) -> None:
+    """SIGKILL the process group of every task process of this state dir, then reap."""
+    procs = task_processes(state_dir)
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+            os.kill(proc.pid, signal.SIGCONT)  # a stopped process dies only when continued
+    for proc in procs:
+        reap(proc.pid, timeout=5)
+    reap_orphan_zombies(state_dir)
+
+
+def reap_orphan_zombies(state_dir: Path) -> None:
+    """Reap task processes of this state dir that ended as zombies of this process.
+
+    They were re-parented to us (the subreaper) when their agent was killed.
+    Only exited children of ours are reaped, so no one else's exit status is taken.
+    """
+    for status_file in (state_dir / "tasks").glob("*/status.json"):
+        try:
+            pid = int(json.loads(status_file.read_text())["pid"])
+            proc = psutil.Process(pid)
+            if proc.ppid() == os.getpid() and proc.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(pid, os.WNOHANG)
+        except (OSError, ValueError, KeyError, psutil.Error):
+            continue
+
+
+def reap(pid: int, timeout: float) -> None:
+    """Reap ``pid`` if it is our child (or orphan, as subreaper); give up after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return  # not ours: its parent (the agent) reaps it
+        if done:
+            return
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.02)
+
+
+def task_pid(state_dir: Path, task_id: str) -> int:
+    status = json.loads((state_dir / "tasks" / task_id / "status.json").read_text())
+    return int(status["pid"])
+
+
+def sha(path: Path, algorithm: str = "sha256", offset: int = 0,
+        length: int | None = None) -> str:
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as stream:
+        stream.seek(offset)
+        remaining = length
+        while True:
+            size = 1 << 20 if remaining is None else min(1 << 20, remaining)
+            data = stream.read(size)
+            if not data or size == 0:
+                break
+            digest.update(data)
+            if remaining is not None:
+                remaining -= len(data)
+    return digest.hexdigest()
+
+
+def make_image(path: Path, size: int, seed: int = 0) -> Path:
+    """A file of pseudo-random bytes (fast, reproducible)."""
+    block = hashlib.sha512(str(seed).encode()).digest() * 2048  # 128 KiB
+    with open(path, "wb") as stream:
+        left = size
+        counter = 0
+        while left > 0:
+            chunk = hashlib.sha256(counter.to_bytes(8, "little")).digest() + block
+            stream.write(chunk[:left])
+            left -= len(chunk[:left])
+            counter += 1
+    return path
+
+
+def until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+def error_name(call: Callable[[], Any]) -> str | None:
+    try:
+        call()
+    except RpcFailure as failure:
+        return failure.name
+    raise AssertionError("the call did not fail")
+
+
+class AgentRunner:
+    """Starts real agents on one state dir (restartable); kills all it started."""
+
+    def __init__(self, tmp_path: Path, **flags: Any) -> None:
+        self.tmp_path = tmp_path
+        self.state_dir = tmp_path / "state"
+        self.images = tmp_path / "images"
+        self.images.mkdir(exist_ok=True)
+        self.flags = {"allowed-root": str(self.images), "heartbeat-interval": "0.2",
+                      "stale-after": "1.5", "cancel-grace": "1", "enable-test-kinds": "true",
+                      **{k.replace("_", "-"): str(v) for k, v in flags.items()}}
+        self.agents: list[AgentProcess] = []
+        self.starts = 0
+
+    @property
+    def agent(self) -> AgentProcess:
+        return self.agents[-1]
+
+    def start(self, timeout: float = 20) -> AgentProcess:
+        from tests.conftest import free_port
+
+        self.starts += 1
+        port = free_port()
+        socket_path = self.tmp_path / f"agent{self.starts}.sock"
+        argv = [sys.executable, "-m", "vdsm_agent.main", "--state-dir", str(self.state_dir),
+                "--listen", f"127.0.0.1:{port}", "--unix-socket", str(socket_path),
+                "--log-level", "debug"]
+        for name, value in self.flags.items():
+            argv += [f"--{name}", value]
+        log_path = self.tmp_path / f"agent{self.starts}.log"
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
+        agent = AgentProcess(proc=proc, port=port, socket_path=socket_path,
+                             state_dir=self.state_dir, log_path=log_path, argv=argv)
+        self.agents.append(agent)
+        agent.wait_ready(timeout=timeout)
+        return agent
+
+    def kill9(self) -> None:
+        proc = self.agent.proc
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def close(self) -> None:
+        for agent in self.agents:
+            if agent.proc.poll() is None:
+                agent.proc.kill()
+                agent.proc.wait(timeout=10)
+        kill_task_processes(self.state_dir)
+
+    def logs(self) -> str:
+        return "\n".join(a.log_path.read_text(errors="replace") for a in self.agents)
+
+
+@contextlib.contextmanager
+def agent_runner(tmp_path: Path, **flags: Any) -> Iterator[AgentRunner]:
+    runner = AgentRunner(tmp_path, **flags)
+    try:
+        yield runner
+    finally:
+        runner.close()
+
+
+async def async_until(predicate: Callable[[], Any], timeout: float = 10.0,
+                      interval: float = 0.05) -> Any:
+    """``until`` for in-process agents: sleeps without blocking their event loop."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)

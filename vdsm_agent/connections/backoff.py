@@ -1,0 +1,46 @@
+"""Reconnect delays: capped exponential backoff with full jitter.
+
+``delay(n) = max(floor, uniform(0, min(cap, base * 2**n)))`` where ``n`` is the
+number of reconnect attempts that already failed in the current outage. Full
+jitter (Marc Brooker, "Exponential Backoff And Jitter", AWS Architecture Blog)
+spreads the retries of many hosts that lost the same server at the same
+instant, so that they do not hammer it in lock-step when it comes back; the
+floor keeps a retry storm off a target that fails at once (a refused port).
+The attempt counter is reset by the monitor after the target has been healthy
+for a while (setting ``backoff_reset``), never by a single good probe, so a
+flapping target keeps backing off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+# Beyond this exponent base * 2**n is far above any sane cap; clamping it keeps
+# the float arithmetic finite for a target that has been down for weeks.
+_MAX_EXPONENT = 62
+
+
+@dataclasses.dataclass(frozen=True)
+class Backoff:
+    """The backoff policy: all times in seconds."""
+
+    base: float = 2.0
+    cap: float = 120.0
+    floor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.base <= 0 or self.cap <= 0 or self.floor < 0:
+            raise ValueError("backoff base and cap must be positive, floor not negative")
+        if self.floor > self.cap:
+            raise ValueError(f"backoff floor {self.floor} is above the cap {self.cap}")
+
+    def ceiling(self, failures: int) -> float:
+        """The upper bound of the delay after ``failures`` failed attempts."""
+        exponent = min(max(failures, 0), _MAX_EXPONENT)
+        return max(self.floor, min(self.cap, self.base * 2.0 ** exponent))
+
+    def delay(self, failures: int, rng: random.Random) -> float:
+        """A jittered delay before the next attempt, in [floor, ceiling(failures)]."""
+        upper = min(self.cap, self.base * 2.0 ** min(max(failures, 0), _MAX_EXPONENT))
+        return max(self.floor, rng.uniform(0.0, upper))

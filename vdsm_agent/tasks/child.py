@@ -1,0 +1,253 @@
+"""The task child process: ``python -m vdsm_agent.tasks.child --task-dir DIR``.
+
+One process per task, in its own session (process group), detached from the
+agent: its stdout/stderr go to ``child.log`` in the task directory, never to
+a pipe, so it outlives an agent restart. It reads ``spec.json``, runs the
+kind (pre -> perform -> post, cleanup after a failure or cancel), keeps
+``status.json`` fresh (heartbeat + progress), writes the task output, and at
+the end records ``outcome.json`` atomically and durably. SIGTERM asks the work
+to stop at its next ``check_cancel``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from vdsm_agent import errors
+from vdsm_agent.tasks import clock, files, output
+from vdsm_agent.tasks.kinds import KINDS
+from vdsm_agent.tasks.kinds.base import Canceled, KindEnv, TaskFailure, TaskKind
+
+# Progress samples kept for the rate estimate (udisks keeps a window too).
+RATE_WINDOW = 10.0
+
+
+def start_time(pid: int) -> float:
+    """When ``pid`` started, computed as psutil does (start ticks / CLK_TCK + btime),
+    so the agent's psutil-based identity check agrees. No psutil here: the child
+    stays small and starts fast."""
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stream:
+        stat = stream.read()
+    ticks = int(stat[stat.rindex(")") + 2:].split()[19])  # field 22, starttime
+    with open("/proc/stat", encoding="ascii") as stream:
+        boot = next(float(line.split()[1]) for line in stream if line.startswith("btime"))
+    return ticks / os.sysconf("SC_CLK_TCK") + boot
+
+
+class ChildContext:
+    """Implements ``kinds.base.TaskContext`` on top of the task directory."""
+
+    def __init__(self, task_files: files.TaskFiles, spec: dict[str, Any]) -> None:
+        self.files = task_files
+        self.task_id: str = spec["taskID"]
+        self.env = KindEnv(allowed_roots=tuple(spec.get("allowedRoots", ())),
+                           io_rate_limit=int(spec.get("ioRateLimit", 0)))
+        self.heartbeat_interval = float(spec["heartbeatInterval"])
+        self.writer = output.Writer(task_files.output, int(spec["outputMaxBytes"]))
+        self.warnings: list[str] = []
+        self.phase = "initializing"
+        self._cancel = False
+        self._seq = 0
+        self._last_beat = 0.0
+        self._done = 0
+        self._total: int | None = None
+        self._samples: collections.deque[tuple[float, int]] = collections.deque()
+        self._throttle_start = time.monotonic()
+        self._throttled_bytes = 0
+        self._pid = os.getpid()
+        self._create_time = start_time(self._pid)
+
+    # -- signals and cancel -----------------------------------------------------
+
+    def on_term(self, signum: int, frame: FrameType | None) -> None:
+        self._cancel = True
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel
+
+    def check_cancel(self) -> None:
+        if self._cancel:
+            raise Canceled()
+
+    # -- heartbeat and progress ---------------------------------------------------
+
+    def progress(self, done: int, total: int | None) -> None:
+        self._done = max(self._done, done)
+        self._total = total
+        self.heartbeat()
+
+    def heartbeat(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_beat >= self.heartbeat_interval:
+            self._last_beat = now
+            self._write_status(now)
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
+        self.heartbeat(force=True)
+
+    def progress_report(self, now: float) -> dict[str, Any]:
+        samples = self._samples
+        samples.append((now, self._done))
+        while len(samples) > 2 and now - samples[0][0] > RATE_WINDOW:
+            samples.popleft()
+        rate = eta = None
+        span = now - samples[0][0]
+        if span >= 0.5:
+            rate = (self._done - samples[0][1]) / span
+            if self._total is not None and rate > 0:
+                eta = max(self._total - self._done, 0) / rate
+        return {"done": self._done, "total": self._total, "rate": rate, "eta": eta}
+
+    def _write_status(self, now: float) -> None:
+        self._seq += 1
+        files.write_json_atomic(self.files.status, {
+            "pid": self._pid,
+            "createTime": self._create_time,
+            "phase": self.phase,
+            "seq": self._seq,
+            "heartbeatAt": clock.now(),
+            "progress": self.progress_report(now),
+        })
+
+    # -- output --------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def print(self, line: str) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.writer.write(f"{stamp} {line}\n".encode("utf-8", "replace"))
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        self.print(f"warning: {message}")
+
+    # -- pacing --------------------------------------------------------------------
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, heartbeating and honouring a cancel."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            self.check_cancel()
+            time.sleep(min(left, 0.05, self.heartbeat_interval))
+            self.heartbeat()
+
+    def throttle(self, nbytes: int) -> None:
+        """Keep data-moving work at or below the configured I/O rate."""
+        limit = self.env.io_rate_limit
+        if limit <= 0:
+            return
+        self._throttled_bytes += nbytes
+        ahead = self._throttle_start + self._throttled_bytes / limit - time.monotonic()
+        if ahead > 0:
+            self.sleep(ahead)
+
+
+def _failure(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, TaskFailure):
+        return exc.to_error()
+    if isinstance(exc, errors.RpcError):
+        data: dict[str, Any] = exc.to_error()["data"]
+        return data
+    return {"name": "InternalError", "detail": f"{type(exc).__name__}: {exc}"}
+
+
+def _prepare(kind_cls: type[TaskKind], ctx: ChildContext, spec: dict[str, Any]) -> TaskKind:
+    """Re-validate in the child: the world may have changed since the agent checked."""
+    params = spec["params"]
+    kind_cls.validate(params, ctx.env)
+    resources = kind_cls.resources(params, ctx.env)
+    if sorted(resources) != sorted(spec.get("resources", [])):
+        raise TaskFailure("ResourceChanged",
+                          f"the task now needs {resources}, not the locked "
+                          f"{spec.get('resources')}")
+    kind = kind_cls(params, ctx)
+    kind.pre()
+    return kind
+
+
+def run(ctx: ChildContext, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run the task; the outcome to record."""
+    kind_cls = KINDS.get(spec["kind"])
+    if kind_cls is None:
+        return {"state": "failed", "error": {"name": "UnknownTaskKind",
+                                             "detail": f"no kind {spec['kind']!r}"}}
+    ctx.print(f"task {ctx.task_id} ({kind_cls.name}) starting, pid {os.getpid()}")
+    kind: TaskKind | None = None
+    try:
+        kind = _prepare(kind_cls, ctx, spec)
+        ctx.set_phase("running")
+        result = kind.post(kind.perform())
+    except Canceled:
+        _cleanup(kind, ctx)
+        ctx.print("canceled")
+        return {"state": "canceled",
+                "error": {"name": "Canceled", "detail": "canceled on request"}}
+    except Exception as exc:
+        if not isinstance(exc, TaskFailure | errors.RpcError):
+            traceback.print_exc()
+        _cleanup(kind, ctx)
+        error = _failure(exc)
+        ctx.print(f"failed: {error['name']}: {error.get('detail', '')}")
+        return {"state": "failed", "error": error}
+    ctx.print("done")
+    return {"state": "done", "result": result}
+
+
+def _cleanup(kind: TaskKind | None, ctx: ChildContext) -> None:
+    if kind is None:
+        return
+    try:
+        kind.cleanup()
+    except Exception as exc:
+        traceback.print_exc()
+        ctx.warn(f"cleanup failed: {type(exc).__name__}: {exc}")
+
+
+def record(ctx: ChildContext, outcome: dict[str, Any]) -> None:
+    """Write the outcome durably: output first, then the outcome file."""
+    ctx.set_phase("finished")
+    ctx.writer.flush()
+    ctx.writer.close()
+    outcome = {
+        **outcome,
+        "warnings": ctx.warnings,
+        "endedAt": clock.now(),
+        "progress": ctx.progress_report(time.monotonic()),
+        "pid": os.getpid(),
+    }
+    files.write_json_atomic(ctx.files.outcome, outcome, durable=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vdsm_agent.tasks.child")
+    parser.add_argument("--task-dir", required=True, type=Path)
+    args = parser.parse_args(argv)
+    task_files = files.TaskFiles(args.task_dir.resolve())
+    spec = files.read_json(task_files.spec)
+    if not isinstance(spec, dict):
+        print(f"no readable spec in {task_files.spec}", file=sys.stderr)
+        return 2
+    os.chdir(task_files.dir)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    ctx = ChildContext(task_files, spec)
+    signal.signal(signal.SIGTERM, ctx.on_term)
+    ctx.heartbeat(force=True)
+    record(ctx, run(ctx, spec))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Task kinds: the one table of registered kinds, keyed by kind name.
+
+To add a kind, write one module here with a ``TaskKind`` subclass and list it
+in ``KINDS``. Kinds marked ``test_only`` are offered only when the
+``enable_test_kinds`` setting is on.
+"""
+
+from __future__ import annotations
+
+from vdsm_agent.tasks.kinds.base import KindEnv, TaskKind
+from vdsm_agent.tasks.kinds.checksum import Checksum
+from vdsm_agent.tasks.kinds.sleep import Sleep
+
+KINDS: dict[str, type[TaskKind]] = {kind.name: kind for kind in (Checksum, Sleep)}
+
+
+def enabled(enable_test_kinds: bool) -> dict[str, type[TaskKind]]:
+    """The kinds this agent offers."""
+    return {name: kind for name, kind in KINDS.items()
+            if enable_test_kinds or not kind.test_only}
+
+
+__all__ = ["KINDS", "KindEnv", "TaskKind", "enabled"]

@@ -1,0 +1,170 @@
+"""In-memory companions of unfinished tasks, and small loop-side helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from vdsm_agent.tasks import files, output
+from vdsm_agent.tasks.record import TaskRecord
+
+
+class Pulse:
+    """Wakes every current waiter at once; later waiters wait for the next pulse."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    def current(self) -> asyncio.Event:
+        """The event the next ``fire`` sets (take it *before* looking at the state)."""
+        return self._event
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Whether ``event`` was set within ``timeout`` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
+@dataclasses.dataclass(eq=False)
+class Active:
+    """An unfinished task: its record (the truth once persisted) and its process."""
+
+    record: TaskRecord
+    files: files.TaskFiles
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    finished: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    output_pulse: Pulse = dataclasses.field(default_factory=Pulse)
+    pidfd: int | None = None
+    own_child: bool = False  # spawned by this agent process (so we reap it)
+    last_seq: int = -1
+    last_beat: float = dataclasses.field(default_factory=time.monotonic)
+    kill_timer: asyncio.TimerHandle | None = None
+    finalizing: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """What the monitor read for one task: its status file and output extent."""
+
+    status: dict[str, Any] | None
+    extent: output.Extent
+
+
+def read_snapshots(task_dirs: list[files.TaskFiles]) -> list[Snapshot]:
+    """Blocking: run in a worker thread. Small files only."""
+    snapshots = []
+    for task_files in task_dirs:
+        status = files.read_json(task_files.status)
+        snapshots.append(Snapshot(status if isinstance(status, dict) else None,
+                                  output.extent(task_files.output)))
+    return snapshots
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalFiles:
+    outcome: dict[str, Any] | None
+    status: dict[str, Any] | None
+    extent: output.Extent
+
+
+def read_final(task_files: files.TaskFiles) -> FinalFiles:
+    """Blocking: the outcome, last status and output extent of an ended task."""
+    outcome = files.read_json(task_files.outcome)
+    status = files.read_json(task_files.status)
+    return FinalFiles(outcome if isinstance(outcome, dict) else None,
+                      status if isinstance(status, dict) else None,
+                      output.extent(task_files.output))
+
+
+def merge_progress(old: dict[str, Any], reported: dict[str, Any] | None) -> dict[str, Any]:
+    """Progress that never goes backwards: done and percent only grow."""
+    if not reported:
+        return old
+    done = max(int(old.get("done") or 0), int(reported.get("done") or 0))
+    total = reported.get("total")
+    if total is None:
+        total = old.get("total")
+    percent = old.get("percent")
+    if total:
+        percent = max(percent or 0.0, min(100.0, round(done * 100.0 / total, 2)))
+    return {"percent": percent, "done": done, "total": total,
+            "rate": reported.get("rate"), "eta": reported.get("eta")}
+
+
+def completed_progress(progress: dict[str, Any]) -> dict[str, Any]:
+    total = progress.get("total")
+    done = max(int(progress.get("done") or 0), int(total or 0))
+    return {**progress, "percent": 100.0, "done": done, "eta": 0.0}
+
+
+def write_spec(task_files: files.TaskFiles, spec: dict[str, Any]) -> None:
+    """Blocking: create the task directory and its spec before spawning."""
+    task_files.dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+    files.write_json_atomic(task_files.spec, spec)
+
+
+def ensure_dir(path: Path) -> None:
+    path.mkdir(mode=0o750, parents=True, exist_ok=True)
+
+
+class BatchInserter:
+    """Group commit for new tasks: concurrent submits share one durable transaction.
+
+    Each ``insert`` waits until its record is committed (with synchronous=FULL),
+    but while one commit (an fsync) is in flight the next records gather and
+    go together in the following one, so throughput grows with concurrency
+    instead of being one fsync per task.
+    """
+
+    def __init__(self, write_batch: Callable[[list[TaskRecord]], Awaitable[None]]) -> None:
+        self._write_batch = write_batch
+        self._waiting: list[tuple[TaskRecord, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def insert(self, record: TaskRecord) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((record, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        await future
+
+    async def _flush(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                await self._write_batch([record for record, _ in batch])
+            except Exception:
+                # One bad record must not fail its neighbours: retry one by one.
+                for record, future in batch:
+                    await self._write_one(record, future)
+                continue
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)
+
+    async def _write_one(self, record: TaskRecord, future: asyncio.Future[None]) -> None:
+        try:
+            await self._write_batch([record])
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+        else:
+            if not future.done():
+                future.set_result(None)
