@@ -10,8 +10,17 @@
   (``/health``) and until all 20 are re-attached (same PIDs, still running).
 * ``rss``: resident memory of the agent (idle, with 10,000 tasks and 20
   running) and of one task process.
+* ``start``: accepted -> initializing (``startedAt - createdAt``) and accepted
+  -> running (the ``running`` event of ``getEvents``, when the agent has the
+  events feed) over 200 ``test.sleep`` tasks, submitted by as many clients as
+  there are run slots (so no task waits for a slot).
+* ``output``: ``GET /tasks/ID/output`` of a finished task with 256 MiB of
+  output against ``web.FileResponse`` of the same segment file from a bare
+  aiohttp app, alternating; target: the stream at >= 0.5x the file's MiB/s.
+* ``memory``: 1 GiB of output read through ``getTaskOutput`` (1 MiB pages);
+  the agent's RSS before, at its highest while reading, and after.
 
-``python -m benchmarks.bench_tasks [--quick] [--only submit,checksum,restart]``.
+``python -m benchmarks.bench_tasks [--quick] [--only submit,checksum,restart,start,output,memory]``.
 """
 
 from __future__ import annotations
@@ -25,7 +34,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +48,7 @@ from typing import Any
 import aiohttp
 import psutil  # type: ignore[import-untyped]
 
+from benchmarks.agents import agent_argv, free_port, spawn
 from vdsm_agent.store import Store
 from vdsm_agent.tasks import clock, repository
 from vdsm_agent.tasks.record import TaskRecord, request_hash
@@ -47,16 +56,13 @@ from vdsm_agent.tasks.states import State
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
+CASES = ("submit", "checksum", "restart", "start", "output", "memory")
+OUTPUT_TARGET = 0.5  # stream MiB/s over FileResponse MiB/s
+PAGE = 1024 * 1024  # getTaskOutput's maxBytes cap
 
 
 class BenchError(Exception):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclasses.dataclass
@@ -112,17 +118,10 @@ class Agent:
 
 
 def start_agent(state_dir: Path, images: Path, **flags: Any) -> Agent:
-    port = _free_port()
-    argv = [sys.executable, "-m", "vdsm_agent.main", "--state-dir", str(state_dir),
-            "--listen", f"127.0.0.1:{port}", "--unix-socket", "none",
-            "--allowed-root", str(images), "--log-level", "info",
-            "--enable-test-kinds", "true"]
-    for name, value in flags.items():
-        argv += [f"--{name.replace('_', '-')}", str(value)]
+    port = free_port()
+    argv = agent_argv(state_dir, port, images, "info", **flags)
     log_path = state_dir.parent / f"agent-{port}.log"
-    with open(log_path, "wb") as log:
-        agent = Agent(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), port,
-                      state_dir, time.monotonic(), log_path)
+    agent = Agent(spawn(argv, log_path), port, state_dir, time.monotonic(), log_path)
     agent.wait_ready()
     return agent
 
@@ -369,7 +368,366 @@ def bench_restart(stored: int, running: int) -> RestartResult:
                          rss_idle, rss_loaded, rss_after, child_rss, list_ms)
 
 
+# -- accepted -> running -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StartResult:
+    count: int
+    clients: int
+    heartbeat_interval: float
+    to_initializing_ms: list[float]  # startedAt - createdAt
+    to_running_ms: list[float] | None  # the "running" event's time - createdAt; None: no feed
+    missed_running: int  # tasks that ended before the monitor saw them running
+
+
+async def _rpc(session: aiohttp.ClientSession, url: str, method: str, **params: Any) -> Any:
+    body = {"jsonrpc": "2.0", "method": method, "params": params, "id": 1}
+    async with session.post(url, json=body) as response:
+        answer = await response.json()
+    if "error" in answer:
+        raise BenchError(f"{method}: {answer['error']}")
+    return answer["result"]
+
+
+async def _run_tasks(port: int, count: int, clients: int, seconds: float) -> list[dict[str, Any]]:
+    """``count`` test.sleep tasks, each client submitting its next one when the last ended."""
+    url = f"http://127.0.0.1:{port}/jsonrpc"
+    left = list(range(count))
+    finished: list[dict[str, Any]] = []
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while left:
+            left.pop()
+            started = await _rpc(session, url, "startTask", kind="test.sleep",
+                                 params={"seconds": seconds, "printEvery": 0})
+            task = await _rpc(session, url, "waitTask", taskID=started["taskID"], timeout=120)
+            if task["state"] != "done":
+                raise BenchError(f"task {task['id']} ended {task['state']}: {task['error']}")
+            finished.append(task)
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+    return finished
+
+
+async def _running_times(port: int) -> dict[str, float] | None:
+    """taskID -> time of its "running" event, from getEvents; None without the feed."""
+    url = f"http://127.0.0.1:{port}/jsonrpc"
+    running: dict[str, float] = {}
+    since = 0
+    async with aiohttp.ClientSession() as session:
+        while True:
+            body = {"jsonrpc": "2.0", "method": "getEvents", "id": 1,
+                    "params": {"since": since, "maxEvents": 10000}}
+            async with session.post(url, json=body) as response:
+                answer = await response.json()
+            if "error" in answer:
+                if answer["error"]["code"] == -32601:
+                    return None  # an agent without the events feed
+                raise BenchError(f"getEvents: {answer['error']}")
+            page = answer["result"]
+            if page["gap"]:
+                raise BenchError("getEvents: events were dropped (raise events_max)")
+            for event in page["events"]:
+                if (event.get("type") == "task" and event.get("state") == "running"
+                        and event.get("previousState") != "running"):
+                    running.setdefault(event["taskID"], _iso_seconds(event["at"]))
+            if not page["events"]:
+                return running
+            since = page["nextSince"]
+
+
+def bench_start(count: int, clients: int = 4, seconds: float = 1.0,
+                heartbeat_interval: float = 0.2) -> StartResult:
+    with workdir() as root:
+        agent = start_agent(root / "state", root / "images", max_running_tasks=clients,
+                            heartbeat_interval=heartbeat_interval, events_max=100_000,
+                            max_finished_tasks=count * 2 + 100)
+        try:
+            asyncio.run(_run_tasks(agent.port, min(20, count), clients, seconds))  # warm-up
+            tasks = asyncio.run(_run_tasks(agent.port, count, clients, seconds))
+            running = asyncio.run(_running_times(agent.port))
+        finally:
+            stop_agent(agent)
+    to_init = [(_iso_seconds(t["startedAt"]) - _iso_seconds(t["createdAt"])) * 1000
+               for t in tasks]
+    to_running = None
+    missed = 0
+    if running is not None:
+        to_running = [(running[t["id"]] - _iso_seconds(t["createdAt"])) * 1000
+                      for t in tasks if t["id"] in running]
+        missed = len(tasks) - len(to_running)
+    return StartResult(len(tasks), clients, heartbeat_interval, to_init, to_running, missed)
+
+
+# -- output over HTTP against FileResponse, and memory while paging -------------------------------
+
+
+BARE_FILE_SERVER = """
+import sys
+from aiohttp import web
+
+path, port = sys.argv[1], int(sys.argv[2])
+
+async def serve(request):
+    return web.FileResponse(path, headers={"Content-Type": "text/plain; charset=utf-8"})
+
+async def health(request):
+    return web.Response(text="ok")
+
+app = web.Application()
+app.router.add_get("/file", serve)
+app.router.add_get("/health", health)
+web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputResult:
+    size: int
+    stream_mib_s: list[float]  # GET /tasks/ID/output of the agent
+    file_mib_s: list[float]  # FileResponse of the bare app
+    stream_cpu_ms_per_mib: list[float]  # the agent's CPU time (user + system) per MiB sent
+    file_cpu_ms_per_mib: list[float]  # the bare app's
+    agent_rss_before_mib: float
+    agent_rss_max_mib: float  # highest RSS seen after a round
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.stream_mib_s) / statistics.median(self.file_mib_s)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryResult:
+    size: int  # bytes read per pass
+    calls: int  # per pass
+    seconds: list[float]  # per pass
+    rss_before_mib: float
+    rss_quarters_mib: list[float]  # after each quarter of each pass
+    rss_peak_mib: float  # highest sample while reading (every 16 calls)
+    hwm_before_mib: float  # VmHWM: the process's peak RSS so far
+    hwm_after_mib: float
+
+    @property
+    def rss_after_mib(self) -> float:
+        return self.rss_quarters_mib[-1]
+
+
+def _hwm_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise BenchError("no VmHWM in /proc/PID/status")
+
+
+def _output_task(agent: Agent, size: int) -> tuple[str, Path]:
+    """A finished test.sleep task with ``size`` bytes of filler output in one segment."""
+    task_id = agent.call("startTask", kind="test.sleep",
+                         params={"seconds": 0, "printEvery": 0, "outputBytes": size})["taskID"]
+    task = wait_final(agent, task_id)
+    if task["state"] != "done":
+        raise BenchError(f"output task ended {task['state']}: {task['error']}")
+    segments = sorted((agent.state_dir / "tasks" / task_id / "output").glob("*.out"))
+    if len(segments) != 1 or segments[0].stat().st_size != task["outputSize"]:
+        raise BenchError(f"expected one output segment, found {segments}")
+    return task_id, segments[0]
+
+
+async def _download(url: str) -> tuple[int, float]:
+    """Bytes read and seconds taken (a fresh connection, reading as fast as it comes)."""
+    async with aiohttp.ClientSession() as session:
+        began = time.perf_counter()
+        async with session.get(url) as response:
+            if response.status != 200:
+                raise BenchError(f"GET {url}: HTTP {response.status}")
+            count = 0
+            async for data in response.content.iter_any():
+                count += len(data)
+        return count, time.perf_counter() - began
+
+
+def _cpu_seconds(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+def _start_file_server(path: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", BARE_FILE_SERVER, str(path), str(port)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"the file server exited: {log_path.read_text()}")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+        try:
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return proc, port
+        except OSError:
+            time.sleep(0.05)
+        finally:
+            conn.close()
+    proc.kill()
+    raise BenchError("the file server did not start")
+
+
+def bench_output(size: int, rounds: int) -> OutputResult:
+    with workdir() as root:
+        agent = start_agent(root / "state", root / "images", output_max_bytes=8 * size)
+        server = None
+        try:
+            task_id, segment = _output_task(agent, size)
+            total = segment.stat().st_size
+            server, port = _start_file_server(segment, root / "file-server.log")
+            stream_url = f"http://127.0.0.1:{agent.port}/tasks/{task_id}/output"
+            file_url = f"http://127.0.0.1:{port}/file"
+            for url in (stream_url, file_url):  # warm-up (page cache, first connection)
+                asyncio.run(_download(url))
+            rss_before = agent.rss_mib()
+            rss_max = rss_before
+            speeds: dict[str, list[float]] = {"stream": [], "file": []}
+            cpu: dict[str, list[float]] = {"stream": [], "file": []}
+            servers = {"stream": psutil.Process(agent.proc.pid),
+                       "file": psutil.Process(server.pid)}
+            for number in range(rounds):
+                order = [("stream", stream_url), ("file", file_url)]
+                for name, url in order if number % 2 == 0 else order[::-1]:
+                    cpu_before = _cpu_seconds(servers[name])
+                    count, seconds = asyncio.run(_download(url))
+                    if count != total:
+                        raise BenchError(f"{name}: read {count} bytes of {total}")
+                    speeds[name].append(count / seconds / MiB)
+                    cpu[name].append((_cpu_seconds(servers[name]) - cpu_before) * 1000
+                                     / (count / MiB))
+                    rss_max = max(rss_max, agent.rss_mib())
+        finally:
+            if server is not None:
+                server.kill()
+                server.wait()
+            stop_agent(agent)
+    return OutputResult(total, speeds["stream"], speeds["file"], cpu["stream"], cpu["file"],
+                        rss_before, rss_max)
+
+
+def bench_memory(piece: int, pieces: int, passes: int = 2) -> MemoryResult:
+    """Read ``piece * pieces`` bytes of one task's output through getTaskOutput.
+
+    test.sleep writes at most 256 MiB, so the task writes ``piece`` bytes in one
+    segment and the bench adds ``pieces - 1`` hard links of that file as the
+    following segments (named by their stream offsets): a stream of
+    ``pieces`` times the size without more disk. The reader cannot tell. The
+    whole output is read ``passes`` times, RSS taken at every quarter: memory
+    that grows with the bytes read keeps growing in the second pass.
+    """
+    with workdir() as root:
+        agent = start_agent(root / "state", root / "images", output_max_bytes=8 * piece)
+        try:
+            task_id, segment = _output_task(agent, piece)
+            length = segment.stat().st_size
+            for number in range(1, pieces):
+                os.link(segment, segment.with_name(f"{number * length:020d}.out"))
+            total = length * pieces
+            conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=60)
+
+            def page(offset: int) -> dict[str, Any]:
+                body = json.dumps({"jsonrpc": "2.0", "method": "getTaskOutput", "id": 1,
+                                   "params": {"taskID": task_id, "offset": offset,
+                                              "maxBytes": PAGE}})
+                conn.request("POST", "/jsonrpc", body, {"Content-Type": "application/json"})
+                answer = json.loads(conn.getresponse().read())
+                if "error" in answer:
+                    raise BenchError(f"getTaskOutput: {answer['error']}")
+                result: dict[str, Any] = answer["result"]
+                return result
+
+            try:
+                page(0)  # warm-up: the first call's imports and buffers
+                rss_before = agent.rss_mib()
+                hwm_before = _hwm_mib(agent.proc.pid)
+                rss_peak = rss_before
+                quarters: list[float] = []
+                seconds: list[float] = []
+                calls = 0
+                for _ in range(passes):
+                    offset, calls = 0, 0
+                    mark = total // 4
+                    began = time.perf_counter()
+                    while True:
+                        result = page(offset)
+                        calls += 1
+                        offset = result["nextOffset"]
+                        if calls % 16 == 0:
+                            rss_peak = max(rss_peak, agent.rss_mib())
+                        if offset >= mark or result["eof"]:
+                            quarters.append(agent.rss_mib())
+                            mark += total // 4
+                        if result["eof"]:
+                            break
+                    seconds.append(time.perf_counter() - began)
+                    if offset != total:
+                        raise BenchError(f"getTaskOutput ended at {offset}, not {total}")
+            finally:
+                conn.close()
+            hwm_after = _hwm_mib(agent.proc.pid)
+        finally:
+            stop_agent(agent)
+    return MemoryResult(total, calls, seconds, rss_before, quarters,
+                        max([rss_peak, *quarters]), hwm_before, hwm_after)
+
+
 # -- report --------------------------------------------------------------------------------------
+
+
+def _spread(values: list[float]) -> str:
+    return (f"p50 {statistics.median(values):.0f} ms, p99 {percentile(values, 0.99):.0f} ms, "
+            f"max {max(values):.0f} ms")
+
+
+def report_new(start: StartResult | None, output: OutputResult | None,
+               memory: MemoryResult | None) -> None:
+    if start:
+        print(f"\naccepted -> running: {start.count} test.sleep tasks from {start.clients} "
+              f"clients ({start.clients} run slots, heartbeat_interval "
+              f"{start.heartbeat_interval:g} s: the monitor looks every "
+              f"{min(max(start.heartbeat_interval / 2, 0.05), 0.5) * 1000:.0f} ms)")
+        print(f"  accepted -> initializing (startedAt - createdAt): "
+              f"{_spread(start.to_initializing_ms)}")
+        if start.to_running_ms is None:
+            print("  accepted -> running: not measured (the agent has no getEvents)")
+        elif start.to_running_ms:
+            print(f"  accepted -> running (the running event - createdAt): "
+                  f"{_spread(start.to_running_ms)}"
+                  + (f"; {start.missed_running} ended before seen running"
+                     if start.missed_running else ""))
+    if output:
+        verdict = "met" if output.ratio >= OUTPUT_TARGET else "NOT met"
+        print(f"\noutput of a finished task, {output.size / MiB:.0f} MiB over HTTP, "
+              f"{len(output.stream_mib_s)} alternating rounds (median MiB/s, range; "
+              f"the server's CPU ms per MiB)")
+        for name, values, cpu in (
+                ("GET /tasks/ID/output", output.stream_mib_s, output.stream_cpu_ms_per_mib),
+                ("bare FileResponse", output.file_mib_s, output.file_cpu_ms_per_mib)):
+            print(f"  {name:<22} {statistics.median(values):7.0f}  "
+                  f"({min(values):.0f}-{max(values):.0f})  {statistics.median(cpu):5.2f} ms/MiB")
+        print(f"  stream/file: {output.ratio:.2f}; target >= {OUTPUT_TARGET}: {verdict}; "
+              f"agent RSS {output.agent_rss_before_mib:.0f} MiB before, at most "
+              f"{output.agent_rss_max_mib:.0f} MiB after a round")
+    if memory:
+        seconds = statistics.median(memory.seconds)
+        print(f"\ngetTaskOutput of {memory.size / MiB:,.0f} MiB in {memory.calls} pages of "
+              f"1 MiB, read {len(memory.seconds)} times: {seconds:.1f} s per pass "
+              f"({memory.size / seconds / MiB:.0f} MiB/s)")
+        print("  agent RSS after each quarter: "
+              + " ".join(f"{value:.1f}" for value in memory.rss_quarters_mib) + " MiB")
+        print(f"  agent RSS: {memory.rss_before_mib:.1f} MiB before, "
+              f"{memory.rss_peak_mib:.1f} MiB at most while reading, "
+              f"{memory.rss_after_mib:.1f} MiB after "
+              f"({memory.rss_after_mib - memory.rss_before_mib:+.1f} MiB); "
+              f"VmHWM {memory.hwm_before_mib:.1f} -> {memory.hwm_after_mib:.1f} MiB")
 
 
 def report(submit: list[SubmitResult] | None, checksum: ChecksumResult | None,
@@ -413,22 +771,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks.bench_tasks",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="small sizes: 1,000 submits, a 256 MiB file, 1,000 stored tasks")
-    parser.add_argument("--only", default="submit,checksum,restart",
-                        help="comma-separated subset of submit,checksum,restart")
+                        help="small sizes: 1,000 submits, a 256 MiB file, 1,000 stored tasks, "
+                             "40 started tasks, 64 MiB of output, 256 MiB paged")
+    parser.add_argument("--only", default=",".join(CASES),
+                        help=f"comma-separated subset of {','.join(CASES)}")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
+    unknown = only - set(CASES)
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(sorted(unknown))}; known: {', '.join(CASES)}")
+    quick = args.quick
     try:
-        submit = (bench_submit(1000 if args.quick else 5000, (1, 16))
+        submit = (bench_submit(1000 if quick else 5000, (1, 16))
                   if "submit" in only else None)
-        checksum = (bench_checksum(256 * MiB if args.quick else GiB, 2 if args.quick else 3)
+        checksum = (bench_checksum(256 * MiB if quick else GiB, 2 if quick else 3)
                     if "checksum" in only else None)
-        restart = (bench_restart(1000 if args.quick else 10_000, 20)
+        restart = (bench_restart(1000 if quick else 10_000, 20)
                    if "restart" in only else None)
+        start = bench_start(40 if quick else 200) if "start" in only else None
+        output = (bench_output(64 * MiB if quick else 256 * MiB, 2 if quick else 3)
+                  if "output" in only else None)
+        memory = (bench_memory(64 * MiB if quick else 256 * MiB, 4)
+                  if "memory" in only else None)
     except BenchError as exc:
         print(f"bench_tasks: {exc}", file=sys.stderr)
         return 1
     report(submit, checksum, restart)
+    report_new(start, output, memory)
     return 0
 
 

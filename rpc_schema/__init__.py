@@ -19,6 +19,10 @@ from typing import Any
 
 import fastjsonschema
 
+# Roles a verb may require, weakest first (vdsm_agent.security.roles adds "none",
+# the role of a caller that may call nothing).
+ROLES = ("read", "operate", "admin")
+
 
 class ParamsInvalid(Exception):
     """Params rejected by a verb's schema: which field, which rule, in words."""
@@ -40,6 +44,12 @@ class Verb:
     errors: tuple[str, ...]
     examples: tuple[dict[str, Any], ...]
     components: dict[str, Any] = dataclasses.field(repr=False, default_factory=dict)
+    # The role a caller needs (agent.json gives one for every verb; None: not
+    # declared, which the agent's dispatcher treats as "admin").
+    role: str | None = None
+    # Stronger roles for some params: ({"param": "params.force", "equals": true,
+    # "role": "admin", "description": ...}, ...).
+    role_when: tuple[dict[str, Any], ...] = ()
 
     @functools.cached_property
     def check(self) -> Callable[[Any], Any]:
@@ -71,6 +81,8 @@ class ApiSchema:
     components: dict[str, Any]
     verbs: dict[str, Verb]
     document: dict[str, Any]  # the file as loaded, for generators
+    # Errors any verb may answer (access and limits), beside its own "errors".
+    common_errors: tuple[str, ...] = ()
 
     def verb(self, name: str) -> Verb | None:
         return self.verbs.get(name)
@@ -88,13 +100,28 @@ def load(name: str = "agent") -> ApiSchema:
     return from_document(json.loads(text))
 
 
+def _check_roles(verb_name: str, spec: dict[str, Any]) -> None:
+    role = spec.get("role")
+    if role is not None and role not in ROLES:
+        raise ValueError(f"{verb_name}: role {role!r} is not one of {', '.join(ROLES)}")
+    for rule in spec.get("roleWhen", ()):
+        if rule.get("role") not in ROLES or not str(rule.get("param", "")).strip():
+            raise ValueError(f"{verb_name}: roleWhen needs a param path and a role "
+                             f"({', '.join(ROLES)}): {rule!r}")
+
+
 def from_document(document: dict[str, Any]) -> ApiSchema:
     errors = document["errors"]
+    common = tuple(document.get("commonErrors", ()))
+    unknown_common = set(common) - set(errors)
+    if unknown_common:
+        raise ValueError(f"commonErrors: undeclared errors {sorted(unknown_common)}")
     verbs: dict[str, Verb] = {}
     for verb_name, spec in document["methods"].items():
         unknown = set(spec.get("errors", ())) - set(errors)
         if unknown:
             raise ValueError(f"{verb_name}: undeclared errors {sorted(unknown)}")
+        _check_roles(verb_name, spec)
         verbs[verb_name] = Verb(
             name=verb_name,
             summary=spec["summary"],
@@ -104,6 +131,8 @@ def from_document(document: dict[str, Any]) -> ApiSchema:
             errors=tuple(spec.get("errors", ())),
             examples=tuple(spec.get("examples", ())),
             components=document.get("components", {}),
+            role=spec.get("role"),
+            role_when=tuple(spec.get("roleWhen", ())),
         )
     return ApiSchema(
         info=document["info"],
@@ -111,4 +140,5 @@ def from_document(document: dict[str, Any]) -> ApiSchema:
         components=document.get("components", {}),
         verbs=verbs,
         document=document,
+        common_errors=common,
     )

@@ -54,6 +54,11 @@ def _verb_section(schema: ApiSchema, verb: Verb) -> list[str]:
     lines = [f"### `{verb.name}`", "", verb.summary, ""]
     if verb.description:
         lines += [verb.description, ""]
+    if verb.role is not None:
+        lines += [f"**Role**: `{verb.role}`" + "".join(
+            f"; `{rule['role']}` when `{rule['param']}` is `{json.dumps(rule.get('equals', True))}`"
+            + (f" ({rule['description']})" if rule.get("description") else "")
+            for rule in verb.role_when), ""]
     lines += ["**Params**", "", *_params_table(verb)]
     lines += ["**Result**", "", "```json", json.dumps(verb.result, indent=2), "```", ""]
     if verb.errors:
@@ -65,6 +70,25 @@ def _verb_section(schema: ApiSchema, verb: Verb) -> list[str]:
                   json.dumps({"jsonrpc": "2.0", "result": example["result"], "id": 1}),
                   "```", ""]
     return lines
+
+
+def _access_lines(schema: ApiSchema) -> list[str]:
+    """Who may call what: the role of every verb (docs/security.md explains roles)."""
+    if not any(verb.role for verb in schema.verbs.values()):
+        return []
+    lines = ["## Roles", "",
+             "Each verb needs a role (`read` < `operate` < `admin`; docs/security.md says",
+             "who has which). A call beyond the caller's role answers `Forbidden`."]
+    if schema.common_errors:
+        lines.append("Any verb may also answer " + ", ".join(
+            f"`{name}` ({schema.errors[name]['code']})" for name in schema.common_errors)
+            + ".")
+    lines += ["", "| verb | role |", "| --- | --- |"]
+    for name, verb in schema.verbs.items():
+        extra = "".join(f"; {rule['role']} when `{rule['param']}` is "
+                        f"`{json.dumps(rule.get('equals', True))}`" for rule in verb.role_when)
+        lines.append(f"| `{name}` | {verb.role or 'admin (not declared)'}{extra} |")
+    return [*lines, ""]
 
 
 def render(schema: ApiSchema) -> str:
@@ -81,6 +105,7 @@ def render(schema: ApiSchema) -> str:
         "`{name: \"InvalidParams\", field, rule, detail}`. Application errors carry",
         "`error.data.name`.",
         "",
+        *_access_lines(schema),
         "## Verbs",
         "",
     ]

@@ -1,4 +1,10 @@
-"""Generate the OpenRPC 1.x document (served by ``rpc.discover``)."""
+"""Generate the OpenRPC 1.x document (served by ``rpc.discover``).
+
+Each method declares its own errors plus the schema's ``commonErrors`` (any
+verb may answer them: Forbidden, LimitExceeded), and carries two
+specification extensions: ``x-role``, the role a caller needs, and
+``x-role-when``, stronger roles for some param values (docs/security.md).
+"""
 
 from __future__ import annotations
 
@@ -45,9 +51,13 @@ def _method(schema: ApiSchema, verb: Verb) -> dict[str, Any]:
         "errors": [
             {"code": schema.errors[name]["code"], "message": name,
              "data": {"name": name}}
-            for name in verb.errors
+            for name in dict.fromkeys((*verb.errors, *schema.common_errors))
         ],
     }
+    if verb.role is not None:
+        method["x-role"] = verb.role
+    if verb.role_when:
+        method["x-role-when"] = [dict(rule) for rule in verb.role_when]
     if verb.description:
         method["description"] = verb.description
     if verb.examples:

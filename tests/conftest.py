@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import AgentProcess, RpcClient
+# free_port: imported from here by some test modules.
+from tests.support import AgentProcess, RpcClient, agent_argv, free_port, spawn_agent, until
 from vdsm_agent import settings
 from vdsm_agent.server.app import make_app
 
@@ -44,26 +41,14 @@ async def rpc(aiohttp_client: Any, config: settings.Config) -> RpcClient:
     return RpcClient(client)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def agent_process(tmp_path: Path) -> Iterator[AgentProcess]:
     """A real vdsm-agent process on loopback and a Unix socket; killed at teardown."""
     state = tmp_path / "agent-state"
     port = free_port()
     socket_path = tmp_path / "agent.sock"
-    argv = [sys.executable, "-m", "vdsm_agent.main", "--state-dir", str(state),
-            "--listen", f"127.0.0.1:{port}", "--unix-socket", str(socket_path),
-            "--log-level", "debug"]
-    log_path = tmp_path / "agent.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
-    agent = AgentProcess(proc=proc, port=port, socket_path=socket_path, state_dir=state,
-                         log_path=log_path, argv=argv)
+    agent = spawn_agent(agent_argv(state, port, socket_path), port, socket_path, state,
+                        tmp_path / "agent.log")
     try:
         agent.wait_ready(timeout=20)
         yield agent
@@ -73,13 +58,4 @@ def agent_process(tmp_path: Path) -> Iterator[AgentProcess]:
 
 @pytest.fixture
 def wait_until() -> Any:
-    def _wait(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"condition not met within {timeout}s")
-            time.sleep(interval)
-    return _wait
+    return until

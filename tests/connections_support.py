@@ -32,7 +32,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -42,7 +41,7 @@ from xml.etree import ElementTree
 import psutil
 import pytest
 
-from tests.support import AgentProcess
+from tests.support import AgentProcess, agent_argv, free_port, spawn_agent, until
 from vdsm_agent.connections.backends.loop import bound_loop_devices
 from vdsm_agent.connections.backends.mounts import read_mounts
 from vdsm_agent.system.commands import CommandResult
@@ -77,24 +76,19 @@ def sh(argv: Sequence[str], timeout: float = 30, check: bool = True) -> CommandR
 
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05,
              what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return until(predicate, timeout, interval, what)
 
 
 def pid_gone(pid: int) -> bool:
-    """True once /proc/PID is gone (a zombie still has it: PID 1 reaps slowly)."""
+    """True once /proc/PID is gone (a zombie still has it: PID 1 reaps slowly).
+
+    When an earlier test made this process a child subreaper (tests/tasks_support.py),
+    orphans are re-parented to us and only we can reap them.
+    """
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass  # not our child: PID 1 reaps it
     return not Path(f"/proc/{pid}").exists()
 
 
@@ -421,27 +415,13 @@ def ssh_server_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ssh
 # -- a real agent process with connection settings ----------------------------------------------
 
 
-def agent_argv(state: Path, port: int, socket_path: Path,
-               settings: dict[str, Any]) -> list[str]:
-    argv = [sys.executable, "-m", "vdsm_agent.main", "--state-dir", str(state),
-            "--listen", f"127.0.0.1:{port}", "--unix-socket", str(socket_path),
-            "--log-level", "debug"]
-    for name, value in settings.items():
-        argv.append(f"--{name.replace('_', '-')}={value}")
-    return argv
-
-
 def start_agent(tmp_path: Path, settings: dict[str, Any], log_name: str = "agent.log",
                 port: int | None = None) -> AgentProcess:
     state = tmp_path / "agent-state"
     port = port or free_port()
     socket_path = tmp_path / "agent.sock"
     argv = agent_argv(state, port, socket_path, settings)
-    log_path = tmp_path / log_name
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
-    agent = AgentProcess(proc=proc, port=port, socket_path=socket_path, state_dir=state,
-                         log_path=log_path, argv=argv)
+    agent = spawn_agent(argv, port, socket_path, state, tmp_path / log_name, append_log=True)
     try:
         agent.wait_ready(timeout=20)
     except BaseException:

@@ -1,13 +1,17 @@
-"""Test helpers: a schema-checking JSON-RPC client and a real agent process handle."""
+"""Test helpers: a schema-checking JSON-RPC client, a real agent process handle
+(and how to start one), free ports and polling."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import http.client
 import json
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +143,57 @@ class AgentProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
+          what: str = "condition") -> Any:
+    """Poll ``predicate()`` until it is truthy; its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout}s")
+        time.sleep(interval)
+
+
+async def async_until(predicate: Callable[[], Awaitable[Any]], timeout: float = 10.0,
+                      interval: float = 0.05) -> Any:
+    """``until`` for in-process agents: sleeps without blocking their event loop."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+def agent_argv(state_dir: Path, port: int, socket_path: Path,
+               flags: dict[str, Any] | None = None, log_level: str | None = "debug") -> list[str]:
+    """``python -m vdsm_agent.main`` on 127.0.0.1:port and a Unix socket; each flag as
+    ``--name value`` (underscores in names become dashes)."""
+    argv = [sys.executable, "-m", "vdsm_agent.main", "--state-dir", str(state_dir),
+            "--listen", f"127.0.0.1:{port}", "--unix-socket", str(socket_path)]
+    if log_level is not None:
+        argv += ["--log-level", log_level]
+    for name, value in (flags or {}).items():
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    return argv
+
+
+def spawn_agent(argv: list[str], port: int, socket_path: Path, state_dir: Path,
+                log_path: Path, append_log: bool = False) -> AgentProcess:
+    """Start an agent process (not yet ready: see ``AgentProcess.wait_ready``)."""
+    with open(log_path, "ab" if append_log else "wb") as log_file:
+        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
+    return AgentProcess(proc=proc, port=port, socket_path=socket_path, state_dir=state_dir,
+                        log_path=log_path, argv=argv)

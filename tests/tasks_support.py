@@ -17,8 +17,6 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +24,9 @@ from typing import Any
 
 import psutil
 
-from tests.support import AgentProcess, RpcFailure
+from tests.support import AgentProcess, RpcFailure, agent_argv, free_port, spawn_agent
+from tests.support import async_until as async_until  # imported from here by tests
+from tests.support import until as until
 from vdsm_agent import settings
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -150,17 +150,6 @@ def make_image(path: Path, size: int, seed: int = 0) -> Path:
     return path
 
 
-def until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
-
-
 def error_name(call: Callable[[], Any]) -> str | None:
     try:
         call()
@@ -188,21 +177,12 @@ class AgentRunner:
         return self.agents[-1]
 
     def start(self, timeout: float = 20) -> AgentProcess:
-        from tests.conftest import free_port
-
         self.starts += 1
         port = free_port()
         socket_path = self.tmp_path / f"agent{self.starts}.sock"
-        argv = [sys.executable, "-m", "vdsm_agent.main", "--state-dir", str(self.state_dir),
-                "--listen", f"127.0.0.1:{port}", "--unix-socket", str(socket_path),
-                "--log-level", "debug"]
-        for name, value in self.flags.items():
-            argv += [f"--{name}", value]
-        log_path = self.tmp_path / f"agent{self.starts}.log"
-        with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
-        agent = AgentProcess(proc=proc, port=port, socket_path=socket_path,
-                             state_dir=self.state_dir, log_path=log_path, argv=argv)
+        argv = agent_argv(self.state_dir, port, socket_path, self.flags)
+        agent = spawn_agent(argv, port, socket_path, self.state_dir,
+                            self.tmp_path / f"agent{self.starts}.log")
         self.agents.append(agent)
         agent.wait_ready(timeout=timeout)
         return agent
@@ -230,18 +210,3 @@ def agent_runner(tmp_path: Path, **flags: Any) -> Iterator[AgentRunner]:
         yield runner
     finally:
         runner.close()
-
-
-async def async_until(predicate: Callable[[], Any], timeout: float = 10.0,
-                      interval: float = 0.05) -> Any:
-    """``until`` for in-process agents: sleeps without blocking their event loop."""
-    import asyncio
-
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)

@@ -113,6 +113,7 @@ def config(tmp_path: Path, request: pytest.FixtureRequest) -> settings.Config:
     extra = request.getfixturevalue("target").settings if "target" in request.fixturenames else {}
     return settings.defaults().replace(
         state_dir=str(tmp_path / "state"), unix_socket="none", listen=("127.0.0.1", 0),
+        allowed_roots=[str(tmp_path)],  # loop:// images live here
         **FAST, **extra)
 
 

@@ -250,7 +250,7 @@ def test_restart_adopts_what_is_attached(agents, tmp_path, gluster_server, ssh_s
     uris = {"lo": f"loop://{image}", "fi": f"file://{directory}", "gl": gluster_server.uri,
             "ss": ssh_server.uri}
     ids = sorted(uris)
-    agent = launch(agents, tmp_path, ssh_server.settings)
+    agent = launch(agents, tmp_path, {**ssh_server.settings, "allowed_root": str(tmp_path)})
     for connection_id, uri in uris.items():
         agent.call("manageStorageConnection", uri=uri, connectionID=connection_id)
     agent.call("manageStorageConnection", uri=uris["gl"], connectionID="gl-2")

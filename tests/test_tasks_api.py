@@ -121,7 +121,7 @@ async def agent(agents: Any) -> Agent:
 
 async def test_capabilities_and_kinds_list_registered_kinds(agent: Agent) -> None:
     caps = await agent.call("getCapabilities")
-    assert caps["taskKinds"] == ["checksum", "test.sleep"]
+    assert caps["taskKinds"] == ["checksum", "copy", "format", "fsck", "test.sleep", "wipe"]
     kinds = {k["name"]: k for k in (await agent.call("getTaskKinds"))["kinds"]}
     assert kinds["checksum"]["paramsSchema"]["properties"]["algorithm"]["enum"] == [
         "sha256", "sha1", "md5", "blake2b"]
@@ -130,7 +130,8 @@ async def test_capabilities_and_kinds_list_registered_kinds(agent: Agent) -> Non
 
 async def test_test_kinds_are_off_by_default(agents: Any) -> None:
     agent = await agents(enable_test_kinds=False)
-    assert (await agent.call("getCapabilities"))["taskKinds"] == ["checksum"]
+    assert (await agent.call("getCapabilities"))["taskKinds"] == [
+        "checksum", "copy", "format", "fsck", "wipe"]
     failure = await agent.fails("startTask", kind="test.sleep", params={})
     assert failure.name == "UnknownTaskKind"
     assert failure.code == 207
@@ -733,8 +734,12 @@ async def test_retention_removes_old_finished_tasks(agents: Any) -> None:
             return True
         return False
 
+    async def output_removed() -> bool:
+        # The row goes first, the output directory right after (off the loop).
+        return not (agent.state / "tasks" / done).exists()
+
     await async_until(gone, timeout=10)
-    assert not (agent.state / "tasks" / done).exists()
+    await async_until(output_removed, timeout=10)
     assert (await agent.call("getTask", taskID=failed))["state"] == "failed"
     assert await agent.state_of(running) in ("initializing", "running")
     await agent.call("cancelTask", taskID=running)

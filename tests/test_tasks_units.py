@@ -155,8 +155,9 @@ def test_timestamps_round_trip_through_rfc3339() -> None:
 
 
 def test_test_kinds_only_when_enabled() -> None:
-    assert set(enabled(False)) == {"checksum"}
-    assert set(enabled(True)) == set(KINDS) == {"checksum", "test.sleep"}
+    assert set(enabled(False)) == {"checksum", "copy", "format", "fsck", "wipe"}
+    assert set(enabled(True)) == set(KINDS) == {"checksum", "copy", "format", "fsck",
+                                                "test.sleep", "wipe"}
 
 
 def test_path_confinement_resolves_links_and_dotdot(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from rpc_schema import ApiSchema
 from vdsm_agent.devices.inventory import Inventory
+from vdsm_agent.events.feed import EventFeed
 from vdsm_agent.settings import Config
 from vdsm_agent.store import Store
 
@@ -27,6 +28,9 @@ class Agent:
     tasks: TaskManager | None = None
     # Set by the connections cleanup context (server/app.py) once it runs.
     connections: ConnectionManager | None = None
+    # The events feed (getEvents, GET /events); server/app.py makes it from the
+    # config and subscribes it to the task and connection managers.
+    events: EventFeed = dataclasses.field(default_factory=EventFeed)
 
     @property
     def uptime(self) -> float:

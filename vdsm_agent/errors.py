@@ -166,6 +166,14 @@ class LimitExceeded(AgentError):
     message = "A configured request limit was exceeded"
 
 
+class Forbidden(AgentError):
+    """A call beyond the caller's role (vdsm_agent.security; docs/security.md)."""
+
+    code = 401
+    name = "Forbidden"
+    message = "The caller's role does not allow this call"
+
+
 def all_errors() -> list[type[RpcError]]:
     """Every concrete error class, in declaration order."""
     found: list[type[RpcError]] = []
@@ -177,3 +185,30 @@ def all_errors() -> list[type[RpcError]]:
             if "code" in sub.__dict__:
                 found.append(sub)
     return found
+
+
+# -- engine (5xx): listed in rpc_schema/engine.json -------------------------------------
+
+
+class HostNotFound(AgentError):
+    code = 500
+    name = "HostNotFound"
+    message = "No host has this name"
+
+
+class HostExists(AgentError):
+    code = 501
+    name = "HostExists"
+    message = "A host with this name is already registered"
+
+
+class JobNotFound(AgentError):
+    code = 502
+    name = "JobNotFound"
+    message = "Unknown job ID"
+
+
+class HostUnreachable(AgentError):
+    code = 503
+    name = "HostUnreachable"
+    message = "The host's agent does not answer and the engine has no record to answer from"

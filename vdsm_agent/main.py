@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 
 from vdsm_agent import __version__, logs, settings
 from vdsm_agent.server import listeners
 from vdsm_agent.server.app import make_app
+from vdsm_agent.server.runner import run_daemon, serve_until_signalled
 
 log = logging.getLogger("vdsm_agent")
 
@@ -30,28 +29,20 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(config: settings.Config) -> None:
     app = make_app(config)
     runner, urls = await listeners.start(app, config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    log.info("vdsm-agent %s serving on %s", __version__, ", ".join(urls))
-    _print_how_to_reach(urls)
-    try:
-        await stop.wait()
-    finally:
-        log.info("shutting down")
-        await runner.cleanup()
+    await serve_until_signalled(runner, log, "vdsm-agent", urls, _how_to_reach(urls))
 
 
-def _print_how_to_reach(urls: list[str]) -> None:
+def _how_to_reach(urls: list[str]) -> str:
     ping = "'{\"jsonrpc\":\"2.0\",\"method\":\"ping\",\"id\":1}'"
     lines = ["vdsm-agent is ready. Try:"]
     for url in urls:
         if url.startswith("unix:"):
             lines.append(f"  curl --unix-socket {url[5:]} -d {ping} http://localhost/jsonrpc")
+        elif url.startswith("https:"):
+            lines.append(f"  curl --cacert CA --cert CERT --key KEY -d {ping} {url}")
         else:
             lines.append(f"  curl -d {ping} {url}")
-    print("\n".join(lines), file=sys.stderr, flush=True)
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,17 +50,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = settings.resolve(args.config, args)
-        listeners.check_listen_address(config)
+        listeners.check_config(config)  # plain HTTP on loopback only; TLS files usable
     except (settings.SettingsError, listeners.ListenError) as exc:
         print(f"vdsm-agent: {exc}", file=sys.stderr)
         return 2
     logs.configure(config.log_level)
-    try:
-        asyncio.run(serve(config))
-    except listeners.ListenError as exc:
-        print(f"vdsm-agent: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_daemon("vdsm-agent", serve(config))
 
 
 if __name__ == "__main__":

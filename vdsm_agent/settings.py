@@ -13,7 +13,9 @@ import dataclasses
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
+
+from vdsm_agent.security import roles
 
 SECTION = "agent"
 
@@ -81,6 +83,37 @@ def parse_path(text: str) -> str:
     return os.path.expanduser(text.strip())
 
 
+WAIT_TASK_DEFAULT = 30.0  # waitTask's default timeout (rpc_schema/agent.json)
+
+
+def parse_task_max_wait(text: str) -> float:
+    number = parse_seconds(text)
+    if number < WAIT_TASK_DEFAULT:
+        raise ValueError(f"must be at least {WAIT_TASK_DEFAULT:g} seconds (waitTask's default "
+                         f"timeout), got {number:g}")
+    return number
+
+
+def parse_optional_host_port(text: str) -> tuple[str, int] | None:
+    return parse_host_port(text) if text.strip() else None
+
+
+def parse_role_name(text: str) -> str:
+    return str(roles.parse_role(text))
+
+
+def parse_optional_role_name(text: str) -> str:
+    return parse_role_name(text) if text.strip() else ""
+
+
+def parse_role_entry(text: str) -> tuple[str, str]:
+    """``IDENTITY=ROLE`` (the flag) or ``IDENTITY = ROLE`` (a line of [roles])."""
+    identity, sep, role = text.rpartition("=")
+    if not sep or not identity.strip():
+        raise ValueError(f"expected IDENTITY=ROLE, got {text.strip()!r}")
+    return identity.strip(), parse_role_name(role)
+
+
 SSH_HOST_KEY_POLICIES = ("yes", "accept-new", "no")
 
 
@@ -93,6 +126,22 @@ def parse_host_key_policy(text: str) -> str:
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
+IONICE_CLASSES = ("idle", "best-effort", "none")  # as vdsm_agent.tasks.kinds.priority
+
+
+def parse_nice(text: str) -> int:
+    number = int(text)
+    if not 0 <= number <= 19:
+        raise ValueError(f"must be between 0 and 19, got {number}")
+    return number
+
+
+def parse_ionice_class(text: str) -> str:
+    name = text.strip().lower()
+    if name not in IONICE_CLASSES:
+        raise ValueError(f"must be one of {', '.join(IONICE_CLASSES)}")
+    return name
+
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
@@ -103,6 +152,9 @@ class Setting:
     parse: Callable[[str], Any]
     flag: str = ""  # defaults to --name-with-dashes
     repeatable: bool = False  # a list: a repeated flag, or one per line in the INI file
+    # A list that also has an INI section of its own: each "key = value" line of
+    # [ini_section] is one item "key=value" (e.g. [roles]: "uid:0 = admin").
+    ini_section: str = ""
 
     @property
     def option(self) -> str:
@@ -165,8 +217,15 @@ SETTINGS: tuple[Setting, ...] = (
             "At most this many finished tasks are kept (oldest done/canceled removed "
             "first); unfinished tasks are never removed.", parse_positive_int),
     Setting("task_io_rate_limit", "integer", 0,
-            "Bytes per second each data-moving task (checksum) may read; 0: unlimited.",
-            parse_non_negative_int),
+            "Bytes per second each data-moving task (checksum, wipe, copy) may read or "
+            "write; 0: unlimited.", parse_non_negative_int),
+    Setting("task_nice", "integer", 10,
+            "CPU niceness (0-19) added to each task's process and the tools it runs "
+            "(mkfs, e2fsck, qemu-img); 0: the agent's own priority.", parse_nice),
+    Setting("task_ionice_class", "choice", "idle",
+            "I/O scheduling class of each task's process and its tools: idle (only when "
+            "nothing else needs the disk), best-effort (lowest level, 7) or none (inherit). "
+            "Honoured by I/O schedulers such as bfq.", parse_ionice_class),
     Setting("enable_test_kinds", "boolean", False,
             "Offer the test-only task kinds (test.sleep); for the test suite, never "
             "in production.", parse_bool),
@@ -211,16 +270,166 @@ SETTINGS: tuple[Setting, ...] = (
             parse_host_key_policy),
     Setting("sshfs_known_hosts_file", "path", "",
             "ssh UserKnownHostsFile for sshfs. Empty: ssh's default.", parse_path),
+    # -- events feed (vdsm_agent/events, docs/events.md) --
+    Setting("events_max", "integer", 10000,
+            "Events kept in memory for getEvents and GET /events; a caller further "
+            "behind gets gap=true and resynchronises from the full lists.",
+            parse_positive_int),
+    Setting("events_progress_interval", "seconds", 1.0,
+            "At most one task progress event per task per this many seconds (state "
+            "changes are never throttled and carry the current progress).", parse_seconds),
+    Setting("events_max_wait", "seconds", 60.0,
+            "Longest getEvents long-poll (its timeout); a larger timeout is InvalidParams.",
+            parse_seconds),
+    # -- security and limits (vdsm_agent/security, docs/security.md) --
+    Setting("tls_listen", "HOST:PORT", "",
+            "TCP address for HTTPS: TLS 1.2 or newer, a client certificate signed by a CA "
+            "of tls_ca required (its subject CN or subjectAltName is the caller's "
+            "identity). Any address may be used. Empty: no TLS listener.",
+            parse_optional_host_port),
+    Setting("tls_cert", "path", "",
+            "PEM certificate (with its chain) of the TLS listener.", parse_path),
+    Setting("tls_key", "path", "",
+            "PEM private key of tls_cert, not encrypted (keep it mode 0600).", parse_path),
+    Setting("tls_ca", "path", "",
+            "PEM bundle of the CA certificates whose client certificates are accepted.",
+            parse_path),
+    Setting("roles", "IDENTITY=ROLE list", (),
+            "Roles of callers (none, read, operate, admin): in the file a [roles] section "
+            "of 'identity = role' lines; on the command line --role IDENTITY=ROLE, "
+            "repeated. Identities: a certificate name (CN or subjectAltName), uid:N or "
+            "user:NAME for local callers; compared case-insensitively.",
+            parse_role_entry, flag="--role", repeatable=True, ini_section="roles"),
+    Setting("default_role", "choice", "none",
+            "Role of a caller that [roles] does not list: a certificate from the CA, a "
+            "local user other than root and the agent's own user. none: every call "
+            "is Forbidden.", parse_role_name),
+    Setting("loopback_role", "choice", "",
+            "Role of every caller on the plain loopback TCP listener. Empty: they are "
+            "identified by the uid owning their socket (uid:N), like the Unix socket, so "
+            "root and the agent's user are admin and other local users need [roles].",
+            parse_optional_role_name),
+    Setting("audit_log", "path", "",
+            "File that also receives the audit log (one JSON object per line; reopened "
+            "after logrotate moves it). Empty: the audit lines go to the agent's log only "
+            "(logger vdsm_agent.audit).", parse_path),
+    Setting("max_concurrent_requests", "integer", 256,
+            "JSON-RPC calls (a batch counts one per member) and streams served at once; "
+            "beyond it calls answer LimitExceeded at once.", parse_positive_int),
+    Setting("max_requests_per_connection", "integer", 100,
+            "JSON-RPC calls (a batch counts one per member) and streams in flight on one "
+            "connection; beyond it calls answer LimitExceeded at once.", parse_positive_int),
+    Setting("task_max_wait", "seconds", 600.0,
+            "Longest waitTask long-poll (its timeout; at least its default, 30); a larger "
+            "timeout is InvalidParams.", parse_task_max_wait),
 )
 
 BY_NAME = {setting.name: setting for setting in SETTINGS}
 
 
+class SettingsTable:
+    """One program's settings: the table, its INI section, and what is made of them.
+
+    The agent's table is ``AGENT`` (``SETTINGS`` in section ``[agent]``); the
+    engine builds its own (``vdsm_agent.engine.settings``) with the same
+    machinery: defaults, the INI file, one flag per setting, and the docs table.
+    """
+
+    def __init__(self, settings: Sequence[Setting], section: str) -> None:
+        self.settings = tuple(settings)
+        self.section = section
+        self.by_name = {setting.name: setting for setting in self.settings}
+        if len(self.by_name) != len(self.settings):
+            raise ValueError(f"[{section}]: a setting is listed twice")
+
+    def default_values(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for setting in self.settings:
+            default = setting.default
+            values[setting.name] = (
+                [setting.parse(item) for item in default] if setting.repeatable
+                else setting.parse(str(default)) if not isinstance(default, bool)
+                else default
+            )
+        return values
+
+    def read_config_file(self, path: str) -> dict[str, Any]:
+        # Only "=" separates a key from its value: keys such as "uid:0" ([roles]) hold ":".
+        parser = configparser.ConfigParser(interpolation=None, delimiters=("=",))
+        try:
+            with open(path, encoding="utf-8") as stream:
+                parser.read_file(stream)
+        except OSError as exc:
+            raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from None
+        except configparser.Error as exc:
+            raise SettingsError(f"config file {path}: {exc}") from None
+        values: dict[str, Any] = {}
+        for listed in self.settings:
+            if listed.ini_section and parser.has_section(listed.ini_section):
+                items = [f"{key}={raw}" for key, raw in parser.items(listed.ini_section)]
+                values[listed.name] = _convert(
+                    listed, items, f"config file {path}: [{listed.ini_section}]")
+        section = self.section
+        if not parser.has_section(section):
+            return values
+        for key, raw in parser.items(section):
+            setting = self.by_name.get(key)
+            if setting is None:
+                raise SettingsError(
+                    f"config file {path}: unknown setting {key!r} in [{section}]")
+            lines = raw.splitlines() if setting.repeatable else [raw]
+            converted = _convert(setting, lines, f"config file {path}")
+            values[key] = [*converted, *values[key]] if setting.ini_section and \
+                key in values else converted
+        return values
+
+    def add_flags(self, parser: argparse.ArgumentParser) -> None:
+        """Add one flag per setting (values stay strings until ``given_flags``)."""
+        for setting in self.settings:
+            parser.add_argument(
+                setting.option,
+                dest=setting.name,
+                action="append" if setting.repeatable else "store",
+                metavar=setting.type.upper().replace(" ", "_"),
+                # argparse treats "%" in help as a format directive.
+                help=f"{setting.help} (default: {format_default(setting)})".replace("%", "%%"),
+            )
+
+    def given_flags(self, flags: argparse.Namespace) -> dict[str, Any]:
+        """The settings given as flags, converted."""
+        given: dict[str, Any] = {}
+        for setting in self.settings:
+            raw = getattr(flags, setting.name, None)
+            if raw is None:
+                continue
+            given[setting.name] = _convert(
+                setting, raw if setting.repeatable else [raw], f"flag {setting.option}"
+            )
+        return given
+
+    def docs_table(self) -> list[str]:
+        """The Markdown table of the settings (for the generated docs)."""
+        lines = [
+            "| setting | flag | type | default | meaning |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for setting in self.settings:
+            lines.append(
+                f"| `{setting.name}` | `{setting.option}` | {setting.type} | "
+                f"`{format_default(setting)}` | {setting.help} |"
+            )
+        return lines
+
+
+AGENT = SettingsTable(SETTINGS, SECTION)
+
+
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """Resolved settings; attribute names are the setting names."""
+class BaseConfig:
+    """Resolved settings of one table; attribute names are the setting names."""
 
     values: dict[str, Any]
+    table: ClassVar[SettingsTable]
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -228,11 +437,30 @@ class Config:
         except KeyError:
             raise AttributeError(name) from None
 
-    def replace(self, **changes: Any) -> Config:
-        unknown = set(changes) - set(BY_NAME)
+    def replace(self, **changes: Any) -> Self:
+        unknown = set(changes) - set(self.table.by_name)
         if unknown:
             raise SettingsError(f"unknown settings: {', '.join(sorted(unknown))}")
-        return Config({**self.values, **changes})
+        return type(self)({**self.values, **changes})
+
+    @classmethod
+    def defaults(cls) -> Self:
+        return cls(cls.table.default_values())
+
+    @classmethod
+    def resolve(cls, config_file: str | None, flags: argparse.Namespace) -> Self:
+        """Defaults, then the config file, then flags that were given."""
+        config = cls.defaults()
+        if config_file:
+            config = config.replace(**cls.table.read_config_file(config_file))
+        return config.replace(**cls.table.given_flags(flags))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(BaseConfig):
+    """The agent's resolved settings."""
+
+    table: ClassVar[SettingsTable] = AGENT
 
     @property
     def state_path(self) -> Path:
@@ -247,15 +475,7 @@ class Config:
 
 
 def defaults() -> Config:
-    values: dict[str, Any] = {}
-    for setting in SETTINGS:
-        default = setting.default
-        values[setting.name] = (
-            [setting.parse(item) for item in default] if setting.repeatable
-            else setting.parse(str(default)) if not isinstance(default, bool)
-            else default
-        )
-    return Config(values)
+    return Config.defaults()
 
 
 def _convert(setting: Setting, raw: Iterable[str], origin: str) -> Any:
@@ -268,53 +488,17 @@ def _convert(setting: Setting, raw: Iterable[str], origin: str) -> Any:
 
 
 def read_config_file(path: str) -> dict[str, Any]:
-    parser = configparser.ConfigParser(interpolation=None)
-    try:
-        with open(path, encoding="utf-8") as stream:
-            parser.read_file(stream)
-    except OSError as exc:
-        raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from None
-    except configparser.Error as exc:
-        raise SettingsError(f"config file {path}: {exc}") from None
-    values: dict[str, Any] = {}
-    if not parser.has_section(SECTION):
-        return values
-    for key, raw in parser.items(SECTION):
-        setting = BY_NAME.get(key)
-        if setting is None:
-            raise SettingsError(f"config file {path}: unknown setting {key!r} in [{SECTION}]")
-        lines = raw.splitlines() if setting.repeatable else [raw]
-        values[key] = _convert(setting, lines, f"config file {path}")
-    return values
+    return AGENT.read_config_file(path)
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """Add one flag per setting (values stay strings until ``resolve``)."""
-    for setting in SETTINGS:
-        parser.add_argument(
-            setting.option,
-            dest=setting.name,
-            action="append" if setting.repeatable else "store",
-            metavar=setting.type.upper().replace(" ", "_"),
-            # argparse treats "%" in help as a format directive.
-            help=f"{setting.help} (default: {format_default(setting)})".replace("%", "%%"),
-        )
+    AGENT.add_flags(parser)
 
 
 def resolve(config_file: str | None, flags: argparse.Namespace) -> Config:
     """Defaults, then the config file, then flags that were given."""
-    config = defaults()
-    if config_file:
-        config = config.replace(**read_config_file(config_file))
-    given: dict[str, Any] = {}
-    for setting in SETTINGS:
-        raw = getattr(flags, setting.name, None)
-        if raw is None:
-            continue
-        given[setting.name] = _convert(
-            setting, raw if setting.repeatable else [raw], f"flag {setting.option}"
-        )
-    return config.replace(**given)
+    return Config.resolve(config_file, flags)
 
 
 def format_default(setting: Setting) -> str:
@@ -339,14 +523,8 @@ def render_docs(settings: Sequence[Setting] = SETTINGS) -> str:
         "wins over the file. List settings take one value per line in the file and a",
         "repeated flag on the command line.",
         "",
-        "| setting | flag | type | default | meaning |",
-        "| --- | --- | --- | --- | --- |",
+        *SettingsTable(settings, SECTION).docs_table(),
     ]
-    for setting in settings:
-        lines.append(
-            f"| `{setting.name}` | `{setting.option}` | {setting.type} | "
-            f"`{format_default(setting)}` | {setting.help} |"
-        )
     lines += [
         "",
         "Example:",
@@ -359,6 +537,16 @@ def render_docs(settings: Sequence[Setting] = SETTINGS) -> str:
         "allowed_roots =",
         "    /var/lib/vdsm-agent/images",
         "    /srv/images",
+        "tls_listen = 0.0.0.0:54322",
+        "tls_cert = /etc/pki/vdsm-agent/server.pem",
+        "tls_key = /etc/pki/vdsm-agent/server.key",
+        "tls_ca = /etc/pki/vdsm-agent/ca.pem",
+        "",
+        "[roles]",
+        "# identity = role (none, read, operate, admin); see docs/security.md",
+        "engine.example.com = operate",
+        "monitor.example.com = read",
+        "user:alice = read",
         "```",
         "",
     ]

@@ -7,14 +7,14 @@ already been validated against ``rpc_schema``; errors are raised as
 
 from __future__ import annotations
 
-from vdsm_agent.api import connections, devices, host, tasks
+from vdsm_agent.api import connections, devices, events, host, tasks
 from vdsm_agent.server.jsonrpc import Handler
 
 
 def methods_table() -> dict[str, Handler]:
     """A fresh methods table for one application (no global registry)."""
     table: dict[str, Handler] = {}
-    for module in (host, devices, tasks, connections):
+    for module in (host, devices, tasks, connections, events):
         for name, handler in module.HANDLERS.items():
             if name in table:
                 raise RuntimeError(f"verb {name} registered twice")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vdsm_agent import errors
 from vdsm_agent.agent import Agent
 from vdsm_agent.tasks.manager import TaskManager
 
@@ -43,6 +44,12 @@ async def delete_task(agent: Agent, taskID: str) -> dict[str, Any]:
 
 async def wait_task(agent: Agent, taskID: str,
                     timeout: float = 30.0) -> dict[str, Any]:
+    limit = float(agent.config.task_max_wait)
+    if timeout > limit:
+        # The schema cannot know the setting (like getEvents and events_max_wait).
+        raise errors.InvalidParams(
+            f"params.timeout must be at most {limit:g} seconds (setting task_max_wait)",
+            field="params.timeout", rule="maximum", maximum=limit)
     return await _tasks(agent).wait(taskID, timeout)
 
 

@@ -33,15 +33,17 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from vdsm_agent.connections import uri as uris
 from vdsm_agent.connections.backends import BACKENDS, BackendClass
 from vdsm_agent.connections.backends.base import (
+    Attachment,
     Backend,
     BackendContext,
     BackendError,
@@ -49,6 +51,7 @@ from vdsm_agent.connections.backends.base import (
     Runner,
     SystemRunner,
 )
+from vdsm_agent.connections.backends.file import FileEndpoint
 from vdsm_agent.connections.backends.mounts import MountBackend
 from vdsm_agent.connections.backoff import Backoff
 from vdsm_agent.connections.monitor import (
@@ -66,6 +69,7 @@ from vdsm_agent.errors import (
     ResourceBusy,
     UnsupportedScheme,
 )
+from vdsm_agent.security import redact
 from vdsm_agent.settings import Config
 from vdsm_agent.store import Store
 from vdsm_agent.store.models import StorageConnectionRow
@@ -136,7 +140,8 @@ class ConnectionManager:
             dev_root=dev_root, mountinfo=mountinfo, proc_root=proc_root,
             sshfs_identity_file=config.sshfs_identity_file,
             sshfs_host_key_checking=config.sshfs_host_key_checking,
-            sshfs_known_hosts_file=config.sshfs_known_hosts_file)
+            sshfs_known_hosts_file=config.sshfs_known_hosts_file,
+            allowed_roots=tuple(config.allowed_roots))
         self.backends: dict[str, Backend[Any]] = {
             scheme: cls(self.context) for scheme, cls in (backends or BACKENDS).items()}
         self.pool = ProbePool(config.probe_workers)
@@ -172,7 +177,7 @@ class ConnectionManager:
                 endpoint = self.parse(uri)
             except AgentError as exc:
                 log.error("connection %s: stored URI %s cannot be managed any more: %s",
-                          connection_id, uri, exc)
+                          connection_id, redact.uri(uri), exc)
                 continue
             self._register(Registration(connection_id, endpoint, options, created_at))
         if rows:
@@ -202,6 +207,7 @@ class ConnectionManager:
     async def manage(self, connection_id: str, uri: str,
                      options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         endpoint = self.parse(uri)
+        self.backends[endpoint.scheme].authorize(endpoint)
         async with self._lock:
             existing = self._registrations.get(connection_id)
             if existing is not None:
@@ -238,6 +244,23 @@ class ConnectionManager:
         error = await asyncio.shield(task)
         return {"connectionID": connection_id, "disconnected": error is None,
                 "sharedWith": [], "lastError": error.to_json() if error else None}
+
+    async def resources_for_paths(self, paths: Collection[str]) -> list[str]:
+        """``connection:<id>`` of every managed ID whose target holds one of ``paths``.
+
+        ``paths`` are resolved (a task kind's ``file:``/``device:`` resources). A
+        path is on a target when it is at or under its mount point (a ``file://``
+        connection's directory counts as one), or is its block device (loop, iSCSI
+        LUN). Every ID naming that target counts. The filesystem work (resolving
+        the mount points' parents, iSCSI sysfs) runs in a worker thread.
+        """
+        targets = [_Footprint(tuple(sorted(monitor.ids)), monitor.backend, monitor.endpoint,
+                              monitor.attachment)
+                   for monitor in self._monitors.values() if monitor.ids]
+        if not paths or not targets:
+            return []
+        held = await asyncio.to_thread(_ids_holding, list(paths), targets)
+        return sorted(resource_name(connection_id) for connection_id in held)
 
     def get(self, connection_id: str) -> dict[str, Any]:
         self._registration(connection_id)
@@ -280,7 +303,7 @@ class ConnectionManager:
         holder = await self.resource_holder(resource)
         if holder is not None:
             raise ResourceBusy(f"task {holder} uses connection {connection_id}",
-                               resource=resource, taskID=holder)
+                               resource=resource, taskID=holder, holder=holder)
 
     def _register(self, registration: Registration) -> None:
         endpoint = registration.endpoint
@@ -405,6 +428,56 @@ class ConnectionManager:
             "nextRetryAt": None,
             "connectionInfo": {"scheme": scheme, **found.info},
         }
+
+
+# -- which targets hold a path (run in a worker thread) ---------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Footprint:
+    """A target as ``resources_for_paths`` needs it, taken on the event loop."""
+
+    ids: tuple[str, ...]
+    backend: Backend[Any]
+    endpoint: uris.Endpoint
+    attachment: Attachment | None
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _resolved_parent(path: str) -> str:
+    # Symlinks above the mount point are resolved; the mount point itself is
+    # never touched (a stat of it waits for a hung server).
+    head, leaf = os.path.split(path.rstrip("/") or "/")
+    return os.path.join(os.path.realpath(head), leaf)
+
+
+def _ids_holding(paths: Sequence[str], targets: Sequence[_Footprint]) -> set[str]:
+    """Blocking: the IDs of the targets that hold any of ``paths``."""
+    held: set[str] = set()
+    for target in targets:
+        backend, endpoint = target.backend, target.endpoint
+        if isinstance(backend, MountBackend):
+            tree: str | None = backend.mount_point(endpoint)
+        elif isinstance(endpoint, FileEndpoint):
+            tree = endpoint.path
+        else:
+            tree = None
+        if tree is not None:
+            roots = {tree, _resolved_parent(tree)}
+            hit = any(_within(path, root) for path in paths for root in roots)
+        else:
+            try:
+                device = backend.describe(endpoint, target.attachment).get("device")
+            except Exception:
+                log.exception("connection %s: cannot tell its device", ", ".join(target.ids))
+                device = None
+            hit = isinstance(device, str) and os.path.realpath(device) in paths
+        if hit:
+            held.update(target.ids)
+    return held
 
 
 # -- store functions (run on the DB thread) -------------------------------------------------

@@ -24,6 +24,7 @@ import urllib.parse
 from collections.abc import Collection
 
 from vdsm_agent.errors import InvalidUri
+from vdsm_agent.security import redact
 
 MAX_URI_LENGTH = 4096
 # A mount point name is one path component.
@@ -52,8 +53,8 @@ class Endpoint:
 
 
 def invalid(uri: str, part: str, detail: str) -> InvalidUri:
-    """An InvalidUri naming the offending part (the URI is echoed, truncated)."""
-    return InvalidUri(detail, uri=uri[:256], part=part)
+    """An InvalidUri naming the offending part (the URI is echoed, redacted and truncated)."""
+    return InvalidUri(detail, uri=redact.uri(uri)[:256], part=part)
 
 
 def scheme_of(uri: str) -> str:

@@ -16,6 +16,12 @@ from vdsm_agent.agent import Agent
 from vdsm_agent.api import methods_table
 from vdsm_agent.connections.manager import ConnectionManager
 from vdsm_agent.devices.inventory import Inventory
+from vdsm_agent.events import web as events_web
+from vdsm_agent.events.feed import EventFeed
+from vdsm_agent.security import audit, gate
+from vdsm_agent.security.identity import Authenticator
+from vdsm_agent.security.limits import Limiter
+from vdsm_agent.security.roles import RolePolicy
 from vdsm_agent.server.jsonrpc import Dispatcher, error_response
 from vdsm_agent.settings import Config
 from vdsm_agent.store import Store
@@ -26,6 +32,8 @@ log = logging.getLogger(__name__)
 CONFIG = web.AppKey("config", Config)
 AGENT = web.AppKey("agent", Agent)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+LIMITER = web.AppKey("limiter", Limiter)
+AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 
 JSON = "application/json"
 
@@ -65,17 +73,25 @@ async def handle_health(request: web.Request) -> web.Response:
 async def _agent_context(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     state = config.state_path
-    state.mkdir(parents=True, exist_ok=True)
+    # Not readable by other users: the store holds task params and connections.
+    state.mkdir(mode=0o750, parents=True, exist_ok=True)
+    if state.stat().st_mode & 0o007:
+        log.warning("state directory %s is open to other users (mode %o): it holds task "
+                    "params and connections; chmod o-rwx it", state,
+                    state.stat().st_mode & 0o777)
     started = time.monotonic()
     store = await Store.open(state / "agent.db")
     schema = rpc_schema.load("agent").compile()
     agent = Agent(config=config, schema=schema, store=store, inventory=Inventory(config),
-                  started=started)
+                  started=started, events=EventFeed.from_config(config))
     app[AGENT] = agent
-    app[DISPATCHER] = Dispatcher(schema, methods_table(), agent, max_batch=config.max_batch)
+    app[DISPATCHER] = Dispatcher(schema, methods_table(), agent, max_batch=config.max_batch,
+                                 limiter=app[LIMITER])
+    audit_file = audit.install(config.audit_log)
     try:
         yield
     finally:
+        audit.remove(audit_file)
         await store.close()
 
 
@@ -83,23 +99,57 @@ async def _connections_context(app: web.Application) -> AsyncIterator[None]:
     """Storage connections: manage the persisted ones again; stop monitoring at exit
     (targets stay attached so that the next start adopts them)."""
     agent = app[AGENT]
-    # The task manager's resource lookup is wired here once tasks hold connections:
-    # ConnectionManager(..., resource_holder=<async (resource) -> task ID | None>).
-    manager = ConnectionManager(agent.config, agent.store)
+    # The tasks context (tasks_web.install) runs before this one, so the task
+    # manager exists: unmanage asks it who holds "connection:<id>", and it asks
+    # us which connections a task's paths are on (it then holds those too).
+    tasks = agent.tasks
+    if tasks is None:
+        raise RuntimeError("the tasks context must be set up before the connections context")
+    manager = ConnectionManager(agent.config, agent.store, resource_holder=tasks.holder_of)
     agent.connections = manager
+    manager.listeners.append(agent.events.on_connection)  # before start: miss no change
     await manager.start()
+    tasks.resource_resolver = manager.resources_for_paths
     try:
         yield
     finally:
+        tasks.resource_resolver = None
         await manager.close()
 
 
+async def _events_context(app: web.Application) -> AsyncIterator[None]:
+    """The events feed follows the task manager (transitions and progress); the
+    connection manager is followed from _connections_context. Closed at exit."""
+    agent = app[AGENT]
+    if agent.tasks is not None:
+        agent.tasks.add_listener(agent.events.on_task_transition)
+        agent.tasks.add_progress_listener(agent.events.on_task_progress)
+    try:
+        yield
+    finally:
+        agent.events.close()
+
+
 def make_app(config: Config) -> web.Application:
-    app = web.Application(client_max_size=config.max_body_size)
+    # Who may do what (docs/security.md): every request passes the gate, which
+    # identifies the connection's caller; the dispatcher checks each verb's role.
+    policy = RolePolicy.build(config.roles, config.default_role, config.loopback_role)
+    # peewee's debug lines carry SQL parameters, i.e. task params as stored (secrets
+    # included, security/redact.py): never log them, even at log level debug.
+    logging.getLogger("peewee").setLevel(logging.INFO)
+    authenticator = Authenticator(policy)
+    limiter = Limiter(config.max_concurrent_requests, config.max_requests_per_connection)
+    app = web.Application(client_max_size=config.max_body_size,
+                          middlewares=[gate.middleware(authenticator, limiter)])
     app[CONFIG] = config
+    app[AUTHENTICATOR] = authenticator
+    app[LIMITER] = limiter
     app.cleanup_ctx.append(_agent_context)
     tasks_web.install(app, AGENT)  # after _agent_context: needs the agent and its store
-    app.cleanup_ctx.append(_connections_context)  # after _agent_context: needs the store
+    app.cleanup_ctx.append(_events_context)  # after the tasks context: subscribes to it
+    events_web.install(app, AGENT)  # GET /events; ends long-polls and streams at shutdown
+    # After _agent_context (the store) and the tasks context (resource wiring).
+    app.cleanup_ctx.append(_connections_context)
     app.router.add_post("/jsonrpc", handle_jsonrpc)
     app.router.add_get("/health", handle_health)
     return app

@@ -12,7 +12,15 @@ enough (see docs/design.md, "JSON-RPC dispatch"):
   any handler runs;
 * every handler is wrapped so that ``RpcError`` becomes its JSON-RPC error and
   anything unexpected becomes -32603 with a correlation ID that is logged,
-  never the exception text.
+  never the exception text;
+* access control and limits (``vdsm_agent.security``, docs/security.md): the
+  HTTP layer puts the connection's ``Caller`` in ``CURRENT_CALLER``; each call
+  takes an in-flight slot (a batch one per member, at once) or answers
+  ``LimitExceeded``; a verb beyond the caller's role (``"role"`` in the
+  schema, stronger for some params with ``"roleWhen"``) answers ``Forbidden``;
+  calls of mutating verbs (declared role operate or admin) and every refusal
+  are written to the audit log. Without a caller (in-process use: tests,
+  benchmarks; the engine's own API) none of this applies.
 
 The hot path is kept cheap (docs/benchmarks.md): the library's per-request
 ``inspect.signature(...).bind`` (about half the cost of a ``ping``) is replaced
@@ -45,6 +53,10 @@ from oslash.either import Left
 
 from rpc_schema import ApiSchema, ParamsInvalid, Verb
 from vdsm_agent import errors
+from vdsm_agent.security import audit, redact
+from vdsm_agent.security.identity import CURRENT_CALLER, Caller
+from vdsm_agent.security.limits import Limiter
+from vdsm_agent.security.roles import Role, parse_role
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +100,8 @@ def translate_errors(handler: Handler) -> Handler:
             return Success(await handler(*args, **kwargs))
         except errors.RpcError as exc:
             error = exc.to_error()
-            return Error(error["code"], error["message"], error["data"])
+            # Errors echo what the caller sent (a URI, a path): never a secret.
+            return Error(error["code"], error["message"], redact.value(error["data"]))
         except Exception:
             correlation_id = uuid.uuid4().hex[:16]
             log.exception("unexpected error in %s [correlation_id=%s]",
@@ -152,6 +165,33 @@ def _binding(method: Handler) -> _Binding | None:
                     clashes)
 
 
+_MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Elevation:
+    """A param value that needs a stronger role than the verb's (schema ``roleWhen``)."""
+
+    path: tuple[str, ...]  # "params.force" -> ("params", "force")
+    equals: Any
+    role: Role
+
+    def applies(self, params: Mapping[str, Any]) -> bool:
+        value: Any = params
+        for key in self.path:
+            if type(value) is not dict:
+                return False
+            value = value.get(key, _MISSING)
+        return value is not _MISSING and value == self.equals and type(value) is type(
+            self.equals)
+
+
+def _elevations(verb: Verb) -> tuple[_Elevation, ...]:
+    return tuple(_Elevation(tuple(str(rule["param"]).split(".")), rule.get("equals", True),
+                            parse_role(rule["role"]))
+                 for rule in verb.role_when)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Route:
     """Everything dispatch needs for one verb, looked up once per request."""
@@ -159,13 +199,25 @@ class _Route:
     verb: Verb
     method: Handler  # wrapped by translate_errors
     binding: _Binding | None
+    # The role a caller needs; a verb without one in the schema needs admin.
+    role: Role = Role.ADMIN
+    elevations: tuple[_Elevation, ...] = ()
+    # A mutating verb (declared role operate or admin): its calls go to the audit log.
+    audited: bool = False
+
+    def required(self, params: Mapping[str, Any]) -> Role:
+        needed = self.role
+        for elevation in self.elevations:
+            if elevation.role > needed and elevation.applies(params):
+                needed = elevation.role
+        return needed
 
 
 class Dispatcher:
     """Dispatches JSON-RPC bodies to one application's methods table."""
 
     def __init__(self, schema: ApiSchema, handlers: Mapping[str, Handler], context: Any,
-                 max_batch: int) -> None:
+                 max_batch: int, *, limiter: Limiter | None = None) -> None:
         missing = set(schema.verbs) - set(handlers)
         undocumented = set(handlers) - set(schema.verbs)
         if missing or undocumented:
@@ -176,8 +228,15 @@ class Dispatcher:
         self.methods = {name: translate_errors(fn) for name, fn in handlers.items()}
         self.context = context
         self.max_batch = max_batch
-        self._routes = {name: _Route(schema.verbs[name], method, _binding(method))
+        self.limiter = limiter
+        self._routes = {name: self._route(schema.verbs[name], method)
                         for name, method in self.methods.items()}
+
+    @staticmethod
+    def _route(verb: Verb, method: Handler) -> _Route:
+        role = parse_role(verb.role) if verb.role is not None else Role.ADMIN
+        return _Route(verb, method, _binding(method), role, _elevations(verb),
+                      audited=verb.role is not None and role >= Role.OPERATE)
 
     async def dispatch(self, body: bytes) -> bytes | None:
         """Answer a request body; None when nothing is to be sent back."""
@@ -185,12 +244,33 @@ class Dispatcher:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             return orjson.dumps(error_response(errors.PARSE_ERROR, "Parse error", str(exc)))
+        caller = CURRENT_CALLER.get()
         if type(payload) is list:
-            return await self._dispatch_batch(payload)
-        answer = await self.dispatch_one(payload)
+            return await self._dispatch_batch(payload, caller)
+        limiter = self.limiter
+        if caller is None or limiter is None:
+            answer = await self.dispatch_one(payload)
+        elif (limiter.in_flight < limiter.max_total
+              and caller.in_flight < limiter.max_per_connection):
+            # Limiter.admit(caller, 1) and release, inlined: this is the hot path.
+            limiter.in_flight += 1
+            caller.in_flight += 1
+            try:
+                answer = await self.dispatch_one(payload, caller)
+            finally:
+                limiter.in_flight -= 1
+                caller.in_flight -= 1
+        else:
+            answer = self._over_limit(payload, caller, limiter)
         return None if answer is None else orjson.dumps(answer)
 
-    async def _dispatch_batch(self, batch: list[Any]) -> bytes | None:
+    async def _admitted(self, member: Any, caller: Caller, limiter: Limiter) -> Any:
+        try:
+            return await self.dispatch_one(member, caller)
+        finally:
+            limiter.release(caller, 1)
+
+    async def _dispatch_batch(self, batch: list[Any], caller: Caller | None) -> bytes | None:
         if not batch:
             return orjson.dumps(error_response(
                 errors.INVALID_REQUEST, "Invalid request", "an empty batch is not a request"))
@@ -199,11 +279,56 @@ class Dispatcher:
                 errors.INVALID_REQUEST, "Invalid request",
                 {"name": "LimitExceeded", "limit": "max_batch", "max": self.max_batch,
                  "detail": f"a batch may hold at most {self.max_batch} members"}))
-        answers = await asyncio.gather(*(self.dispatch_one(member) for member in batch))
+        limiter = self.limiter
+        if caller is None or limiter is None:
+            answers = await asyncio.gather(*(self.dispatch_one(member) for member in batch))
+        else:
+            # Slots for the whole batch at once, in member order: the members
+            # beyond the free slots are refused, predictably (security/limits.py).
+            granted = limiter.admit(caller, len(batch))
+            refused = [self._over_limit(member, caller, limiter) for member in batch[granted:]]
+            answers = [*await asyncio.gather(*(self._admitted(member, caller, limiter)
+                                               for member in batch[:granted])), *refused]
         replies = [answer for answer in answers if answer is not None]
         return orjson.dumps(replies) if replies else None
 
-    async def dispatch_one(self, member: Any) -> dict[str, Any] | None:
+    def _over_limit(self, member: Any, caller: Caller, limiter: Limiter) -> dict[str, Any] | None:
+        """The answer to a member that got no in-flight slot (it is not run)."""
+        problem = _envelope_problem(member)
+        if problem is not None:
+            return error_response(errors.INVALID_REQUEST, "Invalid request", problem)
+        error = limiter.refusal(caller).to_error()
+        route = self._routes.get(member["method"])
+        if route is not None and route.audited:  # a caller exists here
+            audit.record(caller, route.verb.name, member.get("params"), event="limit",
+                         error=error)
+        ident = member.get("id", NOID)
+        return None if ident is NOID else error_response(
+            error["code"], error["message"], error["data"], ident)
+
+    def _refuse(self, route: _Route, caller: Caller | None, params: Any, ident: Any,
+                error: dict[str, Any]) -> dict[str, Any] | None:
+        """An error answer before the handler runs (audited for mutating verbs)."""
+        if route.audited and caller is not None:
+            audit.record(caller, route.verb.name, params, error=error)
+        return None if ident is NOID else error_response(
+            error["code"], error["message"], error.get("data"), ident)
+
+    def _forbidden(self, route: _Route, caller: Caller, params: Any, ident: Any,
+                   required: Role) -> dict[str, Any] | None:
+        name = route.verb.name
+        error = errors.Forbidden(
+            f"{caller} has role {caller.role}; {name} needs {required}"
+            + ("" if required == route.role else " with these params"),
+            method=name, identity=caller.identity, role=str(caller.role),
+            required=str(required)).to_error()
+        audit.record(caller, name, params, event="forbidden", error=error,
+                     required=str(required))
+        return None if ident is NOID else error_response(
+            error["code"], error["message"], error["data"], ident)
+
+    async def dispatch_one(self, member: Any, caller: Caller | None = None
+                           ) -> dict[str, Any] | None:
         problem = _envelope_problem(member)
         if problem is not None:
             return error_response(errors.INVALID_REQUEST, "Invalid request", problem)
@@ -214,6 +339,8 @@ class Dispatcher:
             if ident is NOID:
                 return None
             return error_response(errors.METHOD_NOT_FOUND, "Method not found", name, ident)
+        if caller is not None and route.role > caller.role:
+            return self._forbidden(route, caller, member.get("params"), ident, route.role)
         # A fresh dict when params are absent or []: the compiled validator fills
         # in schema defaults in place, and the handler gets what was validated.
         params = member.get("params")
@@ -221,18 +348,23 @@ class Dispatcher:
             params = {}
         elif type(params) is list:
             if params:
-                return None if ident is NOID else error_response(
-                    errors.INVALID_PARAMS, "Invalid params",
-                    {"name": "InvalidParams", "field": "params", "rule": "paramStructure",
-                     "detail": "params must be given by name (a JSON object)"}, ident)
+                return self._refuse(route, caller, params, ident, {
+                    "code": errors.INVALID_PARAMS, "message": "Invalid params",
+                    "data": {"name": "InvalidParams", "field": "params",
+                             "rule": "paramStructure",
+                             "detail": "params must be given by name (a JSON object)"}})
             params = {}
         try:
             route.verb.validate_params(params)
         except ParamsInvalid as exc:
-            return None if ident is NOID else error_response(
-                errors.INVALID_PARAMS, "Invalid params",
-                {"name": "InvalidParams", "field": exc.field, "rule": exc.rule,
-                 "detail": exc.message}, ident)
+            return self._refuse(route, caller, params, ident, {
+                "code": errors.INVALID_PARAMS, "message": "Invalid params",
+                "data": {"name": "InvalidParams", "field": exc.field, "rule": exc.rule,
+                         "detail": exc.message}})
+        if caller is not None and route.elevations:
+            required = route.required(params)
+            if required > caller.role:
+                return self._forbidden(route, caller, params, ident, required)
         request = Request(name, params, ident)
         binding = route.binding
         if binding is not None and binding.binds(params):
@@ -244,8 +376,20 @@ class Dispatcher:
             bound = validate_args(request, self.context, route.method)
             result = bound if isinstance(bound, Left) else await call(
                 request, self.context, route.method)
+        if route.audited and caller is not None:
+            _audit_outcome(route, caller, params, result)
         if ident is NOID:
             return None
         if isinstance(result, Left):
             return cast(dict[str, Any], to_serializable_one(to_response(request, result)))
         return {"jsonrpc": "2.0", "result": result._value.result, "id": ident}
+
+
+def _audit_outcome(route: _Route, caller: Caller | None, params: Any, result: Any) -> None:
+    if isinstance(result, Left):
+        failure = result._error
+        audit.record(caller, route.verb.name, params,
+                     error={"code": failure.code, "message": failure.message,
+                            "data": failure.data})
+    else:
+        audit.record(caller, route.verb.name, params, result=result._value.result)

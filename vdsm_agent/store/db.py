@@ -1,10 +1,14 @@
-"""The store: one sqlite connection owned by one thread.
+"""The store: one database connection owned by one thread.
 
 Every database access is a plain function submitted with ``await
 store.run(fn, ...)``; it runs on the DB thread and holds its whole
 transaction, so the event loop never waits on sqlite (measurements in
 shared/reference/libs-and-baseline.md §3: a multi-thread pool gave 84 ms p99
 under FULL sync through write-lock contention; one thread gave < 1 ms loop lag).
+
+``DatabaseThread`` is that machinery, shared with the engine's store
+(``vdsm_agent.engine.store.db``): a subclass gives its database factory, its
+models' proxy and its migrations.
 """
 
 from __future__ import annotations
@@ -38,37 +42,62 @@ class StoreClosed(RuntimeError):
     """The store was used after ``close``."""
 
 
-class Store:
-    def __init__(self, path: Path) -> None:
-        self.path = path
+class DatabaseThread:
+    """One peewee database on one DB thread: ``run``, ``atomic``, ``close``.
+
+    Subclasses set ``proxy`` (their models' ``DatabaseProxy``),
+    ``thread_name_prefix`` and ``logger``, and give ``_make_database``,
+    ``_migrate`` and ``_describe``.
+    """
+
+    proxy: peewee.DatabaseProxy
+    thread_name_prefix = "vdsm-db"
+    logger = log
+
+    def __init__(self) -> None:
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="vdsm-db")
-        self._db: peewee.SqliteDatabase | None = None
+            max_workers=1, thread_name_prefix=self.thread_name_prefix)
+        self._db: peewee.Database | None = None
         self._thread_id: int | None = None
 
-    @classmethod
-    async def open(cls, path: Path) -> Store:
-        store = cls(path)
-        await store.run(store._open_on_thread)
-        return store
+    def _make_database(self) -> peewee.Database:
+        """A new, unconnected database (called on the DB thread)."""
+        raise NotImplementedError
+
+    def _migrate(self, db: peewee.Database) -> list[int]:
+        """Apply the pending migrations; the versions applied."""
+        raise NotImplementedError
+
+    def _describe(self) -> str:
+        """What to call this store in the log."""
+        raise NotImplementedError
+
+    async def _open(self) -> None:
+        try:
+            await self.run(self._open_on_thread)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            raise
 
     def _open_on_thread(self) -> None:
         self._thread_id = threading.get_ident()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = peewee.SqliteDatabase(str(self.path), pragmas=PRAGMAS,
-                                         check_same_thread=True)
-        database_proxy.initialize(self._db)
+        self._db = self._make_database()
+        self.proxy.initialize(self._db)
         self._db.connect()
-        applied = migrations.migrate(self._db)
+        applied = self._migrate(self._db)
         if applied:
-            log.info("store %s migrated to schema version %s", self.path, applied[-1])
+            self.logger.info("%s migrated to schema version %s", self._describe(), applied[-1])
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` on the DB thread; subclasses may wrap it (reconnects)."""
+        return fn(*args, **kwargs)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` on the DB thread and return its result."""
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(
-                self._executor, functools.partial(fn, *args, **kwargs))
+                self._executor, functools.partial(self._call, fn, *args, **kwargs))
         except RuntimeError as exc:
             if "shutdown" in str(exc):
                 raise StoreClosed("the store is closed") from None
@@ -86,3 +115,29 @@ class Store:
             await self.run(db.close)
             self._db = None
         self._executor.shutdown(wait=True)
+
+
+class Store(DatabaseThread):
+    """The agent's store: sqlite (WAL) at ``path``."""
+
+    proxy = database_proxy
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        super().__init__()
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        store = cls(path)
+        await store._open()
+        return store
+
+    def _make_database(self) -> peewee.Database:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return peewee.SqliteDatabase(str(self.path), pragmas=PRAGMAS, check_same_thread=True)
+
+    def _migrate(self, db: peewee.Database) -> list[int]:
+        return migrations.migrate(db)
+
+    def _describe(self) -> str:
+        return f"store {self.path}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import peewee
 
@@ -81,24 +82,39 @@ MIGRATIONS: list[tuple[int, str, Migration]] = [
 ]
 
 
-def current_version(db: peewee.Database) -> int:
-    db.create_tables([SchemaVersion])
-    row = SchemaVersion.select(peewee.fn.MAX(SchemaVersion.version)).scalar()
+def current_version(db: peewee.Database, version_model: Any = SchemaVersion,
+                    create_table: Callable[[peewee.Database], None] | None = None) -> int:
+    """The highest applied version (0: none), creating the version table if needed."""
+    if create_table is None:
+        db.create_tables([version_model])
+    else:
+        create_table(db)
+    row = version_model.select(peewee.fn.MAX(version_model.version)).scalar()
     return int(row or 0)
+
+
+def apply(db: peewee.Database, migrations: list[tuple[int, str, Migration]],
+          version_model: Any,
+          create_table: Callable[[peewee.Database], None] | None = None) -> list[int]:
+    """Apply pending ``migrations``, each in its own transaction with its row in
+    ``version_model`` (a SchemaVersion-like model: version, description,
+    applied_at; its table made by ``create_table``, else from the model);
+    return their versions. Shared with the engine's store."""
+    applied = []
+    for version, description, migration in migrations:
+        if version <= current_version(db, version_model, create_table):
+            continue
+        with db.atomic():
+            migration(db)
+            version_model.create(version=version, description=description,
+                                 applied_at=time.time())
+        applied.append(version)
+    return applied
 
 
 def migrate(db: peewee.Database) -> list[int]:
     """Apply pending migrations, each in its own transaction; return their versions."""
-    applied = []
-    for version, description, migration in MIGRATIONS:
-        if version <= current_version(db):
-            continue
-        with db.atomic():
-            migration(db)
-            SchemaVersion.create(version=version, description=description,
-                                 applied_at=time.time())
-        applied.append(version)
-    return applied
+    return apply(db, MIGRATIONS, SchemaVersion)
 
 
 def latest_version() -> int:

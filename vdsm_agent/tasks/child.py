@@ -25,7 +25,7 @@ from typing import Any
 
 from vdsm_agent import errors
 from vdsm_agent.tasks import clock, files, output
-from vdsm_agent.tasks.kinds import KINDS
+from vdsm_agent.tasks.kinds import KINDS, priority
 from vdsm_agent.tasks.kinds.base import Canceled, KindEnv, TaskFailure, TaskKind
 
 # Progress samples kept for the rate estimate (udisks keeps a window too).
@@ -51,7 +51,8 @@ class ChildContext:
         self.files = task_files
         self.task_id: str = spec["taskID"]
         self.env = KindEnv(allowed_roots=tuple(spec.get("allowedRoots", ())),
-                           io_rate_limit=int(spec.get("ioRateLimit", 0)))
+                           io_rate_limit=int(spec.get("ioRateLimit", 0)),
+                           task_id=self.task_id, task_dir=str(task_files.dir))
         self.heartbeat_interval = float(spec["heartbeatInterval"])
         self.writer = output.Writer(task_files.output, int(spec["outputMaxBytes"]))
         self.warnings: list[str] = []
@@ -185,6 +186,12 @@ def run(ctx: ChildContext, spec: dict[str, Any]) -> dict[str, Any]:
         return {"state": "failed", "error": {"name": "UnknownTaskKind",
                                              "detail": f"no kind {spec['kind']!r}"}}
     ctx.print(f"task {ctx.task_id} ({kind_cls.name}) starting, pid {os.getpid()}")
+    # Niceness and I/O class: inherited by every tool the kind runs.
+    running_at, problems = priority.apply(int(spec.get("nice", 0)),
+                                          str(spec.get("ioniceClass", "none")))
+    ctx.print(f"running at {running_at}")
+    for problem in problems:
+        ctx.warn(problem)
     kind: TaskKind | None = None
     try:
         kind = _prepare(kind_cls, ctx, spec)

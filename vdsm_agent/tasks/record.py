@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 
+from vdsm_agent.security import redact
 from vdsm_agent.tasks import clock
 from vdsm_agent.tasks.states import State
 
@@ -45,7 +46,7 @@ class TaskRecord:
         return {
             "id": self.id,
             "kind": self.kind,
-            "params": self.params,
+            "params": redact.value(self.params),  # secrets never leave the store
             "state": str(self.state),
             "progress": dict(self.progress),
             "result": self.result,

@@ -57,13 +57,14 @@ async def stream_output(request: web.Request, manager: TaskManager) -> web.Strea
     })
     await response.prepare(request)
     try:
-        async for data in manager.stream_output(task_id, offset, follow):
-            await response.write(data)
-    except errors.TaskNotFound:
-        pass  # deleted while we streamed: end the stream
-    except ConnectionResetError:
-        return response  # the client went away
-    await response.write_eof()
+        try:
+            async for data in manager.stream_output(task_id, offset, follow):
+                await response.write(data)
+        except errors.TaskNotFound:
+            pass  # deleted while we streamed: end the stream
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client went away (also while ending the stream)
     return response
 
 

@@ -67,6 +67,9 @@ class BackendContext:
     sshfs_identity_file: str = ""
     sshfs_host_key_checking: str = "yes"
     sshfs_known_hosts_file: str = ""
+    # Where local images may live (setting allowed_roots): a loop:// image elsewhere
+    # would let a caller attach, and then wipe, any file on the host.
+    allowed_roots: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -125,6 +128,12 @@ class Backend(abc.ABC, Generic[E]):
     @abc.abstractmethod
     def parse(self, uri: str) -> E:
         """Validate ``uri`` (InvalidUri) and return its endpoint."""
+
+    def authorize(self, endpoint: E) -> None:
+        """Refuse a new managed target this agent may not use (``errors.*``).
+
+        Only for manage: discovery and adoption of what is already there skip it.
+        """
 
     @abc.abstractmethod
     async def connect(self, endpoint: E) -> Attachment:

@@ -11,10 +11,12 @@ Discovery lists every bound loop device the agent does not manage.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 from typing import Any
 
+from vdsm_agent import errors
 from vdsm_agent.connections import uri as uris
 from vdsm_agent.connections.backends.base import (
     Attachment,
@@ -66,6 +68,16 @@ class LoopBackend(Backend[LoopEndpoint]):
             raise uris.invalid(uri, "image", "the image must be a file")
         canonical = "loop://" + uris.quote_path(image)
         return LoopEndpoint(scheme=self.scheme, uri=canonical, key=canonical, image=image)
+
+    def authorize(self, endpoint: LoopEndpoint) -> None:
+        """The image must be a file under an allowed root (symlinks and .. resolved)."""
+        real = os.path.realpath(endpoint.image)
+        roots = [os.path.realpath(root) for root in self.context.allowed_roots]
+        if not any(real == root or real.startswith(root.rstrip("/") + "/") for root in roots):
+            raise errors.PathNotAllowed(
+                f"{endpoint.image} is not under an allowed root "
+                f"(configured: {', '.join(roots) or 'none'})",
+                field="uri", path=endpoint.image)
 
     def _backing_file(self, device: str) -> str | None:
         match = _DEVICE.match(device)

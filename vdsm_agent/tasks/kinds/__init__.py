@@ -9,9 +9,14 @@ from __future__ import annotations
 
 from vdsm_agent.tasks.kinds.base import KindEnv, TaskKind
 from vdsm_agent.tasks.kinds.checksum import Checksum
+from vdsm_agent.tasks.kinds.copy import Copy
+from vdsm_agent.tasks.kinds.format import Format
+from vdsm_agent.tasks.kinds.fsck import Fsck
 from vdsm_agent.tasks.kinds.sleep import Sleep
+from vdsm_agent.tasks.kinds.wipe import Wipe
 
-KINDS: dict[str, type[TaskKind]] = {kind.name: kind for kind in (Checksum, Sleep)}
+KINDS: dict[str, type[TaskKind]] = {
+    kind.name: kind for kind in (Checksum, Copy, Format, Fsck, Sleep, Wipe)}
 
 
 def enabled(enable_test_kinds: bool) -> dict[str, type[TaskKind]]:

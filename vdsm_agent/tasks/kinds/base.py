@@ -30,6 +30,10 @@ class KindEnv:
 
     allowed_roots: tuple[str, ...] = ()
     io_rate_limit: int = 0  # bytes per second for data-moving kinds; 0 = unlimited
+    # The task being run or verified (set in the child and for verify; None
+    # in submit-time checks): lets a kind keep notes for verify (kinds/notes.py).
+    task_id: str | None = None
+    task_dir: str | None = None
 
 
 class TaskFailure(Exception):

@@ -8,8 +8,14 @@ import time
 from typing import Any, ClassVar
 
 from vdsm_agent import errors
-from vdsm_agent.tasks.kinds import paths
-from vdsm_agent.tasks.kinds.base import KindEnv, TaskContext, TaskFailure, TaskKind
+from vdsm_agent.tasks.kinds import notes, paths
+from vdsm_agent.tasks.kinds.base import (
+    KindEnv,
+    TaskContext,
+    TaskFailure,
+    TaskKind,
+    Verification,
+)
 
 ALGORITHMS = ("sha256", "sha1", "md5", "blake2b")
 CHUNK = 1024 * 1024
@@ -73,6 +79,50 @@ class Checksum(TaskKind):
     @classmethod
     def resources(cls, params: dict[str, Any], env: KindEnv) -> list[str]:
         return [cls._target(params, env).resource]
+
+    @classmethod
+    def verify(cls, params: dict[str, Any], env: KindEnv) -> Verification:
+        try:
+            return cls._verify(params, env)
+        except (errors.RpcError, TaskFailure, OSError) as exc:
+            return notes.cannot_verify(exc)
+
+    @classmethod
+    def _verify(cls, params: dict[str, Any], env: KindEnv) -> Verification:
+        """Recompute the digest (reads the whole range: as long as the task itself).
+
+        A digest cannot be checked without computing it, so "verified" means
+        "computed now"; when the task's process had recorded a result before
+        it was reset, the two must agree.
+        """
+        target = cls._target(params, env)
+        fd = paths.open_checked(target)
+        try:
+            size = os.lseek(fd, 0, os.SEEK_END)
+            offset = params.get("offset", 0)
+            length = params.get("length")
+            total = size - offset if length is None else length
+            if offset + total > size:
+                return Verification(False, f"{target.path} has only {size} bytes now")
+            digest = hashlib.new(params["algorithm"])
+            os.posix_fadvise(fd, offset, total, os.POSIX_FADV_SEQUENTIAL)
+            done = 0
+            while done < total:
+                data = os.pread(fd, min(CHUNK, total - done), offset + done)
+                if not data:
+                    return Verification(False, f"{target.path}: short read at {done} bytes")
+                digest.update(data)
+                done += len(data)
+        finally:
+            os.close(fd)
+        result = {"checksum": digest.hexdigest(), "algorithm": params["algorithm"],
+                  "bytes": done}
+        recorded = notes.outcome_result(env)
+        if recorded is not None and recorded.get("checksum") != result["checksum"]:
+            return Verification(False, f"recomputed {result['checksum']}, the task recorded "
+                                       f"{recorded.get('checksum')}: the data changed")
+        return Verification(True, f"recomputed the {params['algorithm']} digest of "
+                                  f"{target.path}", result)
 
     # -- child side --------------------------------------------------------------------
 

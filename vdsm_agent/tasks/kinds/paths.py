@@ -67,8 +67,13 @@ def _device(path: str, real: str, field: str) -> Target:
 
 
 def size_of(target: Target) -> int:
-    """Bytes in a file or a block device."""
-    fd = os.open(target.path, os.O_RDONLY | os.O_CLOEXEC)
+    """Bytes in a file or a block device; InvalidParams (rule "open") when it cannot be
+    opened (EACCES, EPERM from a device cgroup, gone meanwhile, ...)."""
+    try:
+        fd = os.open(target.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise errors.InvalidParams(f"cannot open {target.path}: {exc.strerror or exc}",
+                                   rule="open", path=target.path) from None
     try:
         return os.lseek(fd, 0, os.SEEK_END)
     finally:

@@ -1,0 +1,35 @@
+"""Starting real agent processes for the benchmarks (shared by bench_engine and
+bench_tasks): a free loopback port, the agent's command line, the spawn."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def agent_argv(state_dir: Path, port: int, images: Path, log_level: str,
+               **flags: Any) -> list[str]:
+    """An agent on 127.0.0.1:port, no Unix socket, test kinds on, ``images`` allowed;
+    each flag as ``--name value`` (underscores in names become dashes)."""
+    argv = [sys.executable, "-m", "vdsm_agent.main", "--state-dir", str(state_dir),
+            "--listen", f"127.0.0.1:{port}", "--unix-socket", "none",
+            "--allowed-root", str(images), "--log-level", log_level,
+            "--enable-test-kinds", "true"]
+    for name, value in flags.items():
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    return argv
+
+
+def spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``argv`` with its stdout and stderr in ``log_path``."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)

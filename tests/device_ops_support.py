@@ -1,0 +1,189 @@
+"""Helpers for the device-operation tests: an in-process agent and data checks.
+
+The agent is the real app (pytest-aiohttp) with real task processes, like
+tests/test_tasks_api.py; every task process is killed at teardown. Loop
+devices, mounts and swap come from tests/devices_fixtures.py (``lab``) and
+are undone whatever the test did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import RpcClient, RpcFailure, check_result
+from tests.tasks_support import async_until, kill_task_processes, task_config
+from vdsm_agent.server.app import make_app
+
+FINAL = {"done", "failed", "canceled", "interrupted"}
+MiB = 1024 * 1024
+
+
+class Agent:
+    """An in-process agent plus the paths a test needs."""
+
+    def __init__(self, rpc: RpcClient, root: Path, config: Any) -> None:
+        self.rpc = rpc
+        self.root = root
+        self.images = root / "images"
+        self.state = config.state_path
+        self.config = config
+        self._next_id = 0
+
+    async def call(self, method: str, **params: Any) -> Any:
+        self._next_id += 1
+        ident = self._next_id
+        answer = await self.rpc.raw(json.dumps({"jsonrpc": "2.0", "method": method,
+                                                "params": params, "id": ident}))
+        assert answer["id"] == ident
+        if "error" in answer:
+            raise RpcFailure(answer["error"])
+        check_result(method, answer["result"])
+        return answer["result"]
+
+    async def fails(self, method: str, **params: Any) -> RpcFailure:
+        with pytest.raises(RpcFailure) as info:
+            await self.call(method, **params)
+        return info.value
+
+    async def refused(self, kind: str, **params: Any) -> RpcFailure:
+        """startTask that must be refused at submit."""
+        return await self.fails("startTask", kind=kind, params=params)
+
+    async def start(self, kind: str, **params: Any) -> str:
+        answer = await self.call("startTask", kind=kind, params=params)
+        assert answer["state"] == "accepted"
+        return str(answer["taskID"])
+
+    async def finish(self, task_id: str, timeout: float = 60) -> dict[str, Any]:
+        task = await self.call("waitTask", taskID=task_id, timeout=timeout)
+        assert task["state"] in FINAL, task
+        return dict(task)
+
+    async def run(self, kind: str, **params: Any) -> dict[str, Any]:
+        return await self.finish(await self.start(kind, **params))
+
+    async def task(self, task_id: str) -> dict[str, Any]:
+        return dict(await self.call("getTask", taskID=task_id))
+
+    async def reach(self, task_id: str, *states: str, timeout: float = 20) -> dict[str, Any]:
+        async def check() -> dict[str, Any] | None:
+            task = await self.task(task_id)
+            return task if task["state"] in states else None
+        return dict(await async_until(check, timeout=timeout))
+
+    async def output(self, task_id: str) -> str:
+        text = ""
+        offset = 0
+        while True:
+            chunk = await self.call("getTaskOutput", taskID=task_id, offset=offset)
+            text += chunk["data"]
+            offset = chunk["nextOffset"]
+            if not chunk["data"]:
+                return text
+
+    async def device(self, path: str) -> dict[str, Any]:
+        devices = (await self.call("getDeviceList"))["devices"]
+        name = os.path.basename(os.path.realpath(path))
+        return dict(next(device for device in devices if device["name"] == name))
+
+
+@pytest.fixture
+async def agents(aiohttp_client: Any, tmp_path: Path) -> Any:
+    """Factory of in-process agents with task settings; kills task processes after."""
+    made: list[Agent] = []
+
+    async def make(**overrides: Any) -> Agent:
+        root = tmp_path / f"agent{len(made)}"
+        root.mkdir()
+        config = task_config(root, **overrides)
+        client = await aiohttp_client(make_app(config))
+        agent = Agent(RpcClient(client), root, config)
+        made.append(agent)
+        return agent
+
+    yield make
+    for agent in made:
+        kill_task_processes(agent.state)
+
+
+@pytest.fixture
+async def agent(agents: Any) -> Agent:
+    made: Agent = await agents()
+    return made
+
+
+def digest(path: str | Path, offset: int = 0, length: int | None = None) -> str:
+    """sha256 of a byte range of a file or block device (read without O_DIRECT)."""
+    sha = hashlib.sha256()
+    with open(path, "rb", buffering=0) as stream:
+        stream.seek(offset)
+        left = length
+        while left is None or left > 0:
+            data = stream.read(MiB if left is None else min(MiB, left))
+            if not data:
+                break
+            sha.update(data)
+            if left is not None:
+                left -= len(data)
+    return sha.hexdigest()
+
+
+def size_of(path: str | Path) -> int:
+    with open(path, "rb") as stream:
+        return stream.seek(0, os.SEEK_END)
+
+
+def is_zero(path: str | Path, offset: int, length: int) -> bool:
+    zeros = bytes(MiB)
+    with open(path, "rb", buffering=0) as stream:
+        stream.seek(offset)
+        while length > 0:
+            data = stream.read(min(MiB, length))
+            if not data:
+                return False
+            if data != zeros[:len(data)]:
+                return False
+            length -= len(data)
+    return True
+
+
+def fill(path: str | Path, size: int, seed: int = 1) -> None:
+    """Pseudo-random bytes over ``size`` bytes of a file or device (no zero block)."""
+    block = hashlib.sha512(str(seed).encode()).digest() * 2048  # 128 KiB
+    with open(path, "r+b" if os.path.exists(path) else "wb", buffering=0) as stream:
+        counter = 0
+        left = size
+        while left > 0:
+            chunk = (hashlib.sha256(counter.to_bytes(8, "little")).digest() + block)
+            chunk = chunk[:min(left, len(chunk))]
+            stream.write(chunk)
+            left -= len(chunk)
+            counter += 1
+        os.fsync(stream.fileno())
+
+
+def blkid(device: str) -> dict[str, str]:
+    result = subprocess.run(["blkid", "-p", "-o", "export", "--", device],
+                            capture_output=True, text=True, check=False, timeout=30)
+    values = {}
+    for line in result.stdout.splitlines():
+        key, _, value = line.partition("=")
+        values[key] = value
+    return values
+
+
+def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False,
+                          timeout=120)
+
+
+def drop_caches(device: str) -> None:
+    """Forget cached pages of a block device (so a read sees what is on it)."""
+    subprocess.run(["blockdev", "--flushbufs", device], check=True, timeout=30)

@@ -1,0 +1,106 @@
+"""JSON-RPC calls to one host's agent over aiohttp (HTTP, or HTTPS with client certs).
+
+Each host gets its own ``ClientSession`` and connection pool, so a frozen
+host can only hold its own connections; every call has its own timeout
+(``aiohttp.ClientTimeout``). Outcomes are sorted in two:
+
+* ``AgentError``: the agent answered with a JSON-RPC error (it is alive);
+* ``AgentUnreachable``: no usable answer (refused, reset, timeout, not
+  JSON-RPC) — a failed attempt that counts towards non-responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import ssl
+from typing import Any
+
+import aiohttp
+import orjson
+
+
+class AgentUnreachable(Exception):
+    """No usable answer from the agent; the message says why."""
+
+
+class AgentError(Exception):
+    """A JSON-RPC error answer from the agent."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        self.error = error
+        self.code = int(error.get("code", 0))
+        data = error.get("data")
+        self.data: dict[str, Any] = data if isinstance(data, dict) else {}
+        self.name = str(self.data.get("name") or error.get("message") or "Error")
+        super().__init__(f"{self.code} {self.name}: {error.get('message')}")
+
+    def to_record(self) -> dict[str, Any]:
+        """What a step keeps of it."""
+        return {"code": self.code, "name": self.name, "message": self.error.get("message"),
+                **{k: v for k, v in self.data.items() if k != "name"}}
+
+
+METHOD_NOT_FOUND = -32601
+
+
+def ssl_context(ca_file: str | None, cert_file: str | None,
+                key_file: str | None) -> ssl.SSLContext:
+    """Verify the agent with ``ca_file`` (else the system CAs); present a client cert."""
+    context = ssl.create_default_context(cafile=ca_file)
+    if cert_file:
+        context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+class AgentClient:
+    """Calls one agent's verbs; ``close`` when the host is removed or the engine stops."""
+
+    def __init__(self, url: str, *, connect_timeout: float, request_timeout: float,
+                 ssl_context: ssl.SSLContext | None = None, pool_size: int = 8) -> None:
+        self.url = url
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self._ids = itertools.count(1)
+        connector = aiohttp.TCPConnector(limit=pool_size, ssl=ssl_context or True,
+                                         enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(
+            connector=connector, json_serialize=lambda obj: orjson.dumps(obj).decode())
+
+    async def call(self, method: str, params: dict[str, Any] | None = None,
+                   timeout: float | None = None) -> Any:
+        """The verb's result; AgentError for an error answer, AgentUnreachable otherwise."""
+        total = self.request_timeout if timeout is None else timeout
+        request_id = next(self._ids)
+        body = orjson.dumps({"jsonrpc": "2.0", "method": method, "params": params or {},
+                             "id": request_id})
+        client_timeout = aiohttp.ClientTimeout(total=total, sock_connect=self.connect_timeout)
+        try:
+            async with self._session.post(
+                    self.url, data=body, timeout=client_timeout,
+                    headers={"Content-Type": "application/json"}) as response:
+                payload = await response.read()
+                status = response.status
+        except TimeoutError:
+            raise AgentUnreachable(f"{method}: no answer within {total:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise AgentUnreachable(f"{method}: {type(exc).__name__}: {exc}") from None
+        except OSError as exc:
+            raise AgentUnreachable(f"{method}: {exc.strerror or exc}") from None
+        try:
+            answer = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise AgentUnreachable(
+                f"{method}: HTTP {status}, not JSON: {payload[:120]!r}") from None
+        if not isinstance(answer, dict) or answer.get("jsonrpc") != "2.0":
+            raise AgentUnreachable(f"{method}: HTTP {status}, not a JSON-RPC answer")
+        if "error" in answer and isinstance(answer["error"], dict):
+            raise AgentError(answer["error"])
+        if "result" not in answer:
+            raise AgentUnreachable(f"{method}: a JSON-RPC answer without a result")
+        return answer["result"]
+
+    async def close(self) -> None:
+        await self._session.close()
+        # Let the connector's transports finish closing (no ResourceWarning).
+        await asyncio.sleep(0)

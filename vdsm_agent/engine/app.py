@@ -1,0 +1,88 @@
+"""The engine's aiohttp application: POST /jsonrpc, GET /health, and its life cycle."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import orjson
+from aiohttp import web
+
+import rpc_schema
+from vdsm_agent import __version__, errors
+from vdsm_agent.engine.api import methods_table
+from vdsm_agent.engine.engine import Engine
+from vdsm_agent.engine.settings import EngineConfig, redact_url
+from vdsm_agent.engine.store import EngineStore
+from vdsm_agent.server.jsonrpc import Dispatcher, error_response
+
+log = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("engine_config", EngineConfig)
+ENGINE = web.AppKey("engine", Engine)
+DISPATCHER = web.AppKey("engine_dispatcher", Dispatcher)
+
+JSON = "application/json"
+
+
+def _json(payload: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), status=status, content_type=JSON)
+
+
+async def handle_jsonrpc(request: web.Request) -> web.Response:
+    dispatcher = request.app[DISPATCHER]
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[CONFIG].max_body_size
+        return _json(error_response(
+            errors.INVALID_REQUEST, "Invalid request",
+            {"name": "LimitExceeded", "limit": "max_body_size", "max": limit,
+             "detail": f"request body larger than {limit} bytes"}), status=413)
+    try:
+        answer = await dispatcher.dispatch(body)
+    except Exception:
+        correlation_id = uuid.uuid4().hex[:16]
+        log.exception("dispatch failed [correlation_id=%s]", correlation_id)
+        return _json(error_response(errors.INTERNAL_ERROR, "Internal error",
+                                    {"name": "InternalError", "correlationId": correlation_id}))
+    if answer is None:
+        return web.Response(status=204)
+    return web.Response(body=answer, content_type=JSON)
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    statuses: dict[str, int] = {}
+    for worker in engine.workers.values():
+        statuses[str(worker.status)] = statuses.get(str(worker.status), 0) + 1
+    return _json({"status": "ok", "version": __version__, "uptime": round(engine.uptime, 3),
+                  "database": engine.store.kind, "hosts": statuses})
+
+
+async def _engine_context(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    config.state_path.mkdir(parents=True, exist_ok=True)
+    url = config.database_url
+    log.info("engine store: %s", redact_url(url))
+    store = await EngineStore.open(url)
+    schema = rpc_schema.load("engine").compile()
+    engine = Engine(config=config, schema=schema, store=store)
+    app[ENGINE] = engine
+    app[DISPATCHER] = Dispatcher(schema, methods_table(), engine, max_batch=config.max_batch)
+    try:
+        await engine.start()
+        yield
+    finally:
+        await engine.close()
+        await store.close()
+
+
+def make_app(config: EngineConfig) -> web.Application:
+    app = web.Application(client_max_size=config.max_body_size)
+    app[CONFIG] = config
+    app.cleanup_ctx.append(_engine_context)
+    app.router.add_post("/jsonrpc", handle_jsonrpc)
+    app.router.add_get("/health", handle_health)
+    return app

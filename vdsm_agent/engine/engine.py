@@ -1,0 +1,109 @@
+"""The engine's runtime context: what every verb handler receives first."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable
+
+from rpc_schema import ApiSchema
+from vdsm_agent.engine.jobs import Jobs, StepRunner
+from vdsm_agent.engine.poller import HostWorker
+from vdsm_agent.engine.settings import EngineConfig
+from vdsm_agent.engine.states import HostStatus
+from vdsm_agent.engine.store import EngineStore, repository
+from vdsm_agent.engine.store.models import HostRow
+
+log = logging.getLogger(__name__)
+
+# Retention sweeps run at least this often (and at most every half retention).
+SWEEP_INTERVAL = 60.0
+
+
+@dataclasses.dataclass(eq=False)
+class Engine:
+    config: EngineConfig
+    schema: ApiSchema
+    store: EngineStore
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    workers: dict[str, HostWorker] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.jobs = Jobs(self)
+        self.steps = StepRunner(self)
+        self._jobs_event = asyncio.Event()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def uptime(self) -> float:
+        return time.monotonic() - self.started
+
+    @staticmethod
+    def now() -> float:
+        return round(time.time(), 6)
+
+    # -- life cycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        rows = await self.store.run(repository.list_hosts)
+        for row in rows:
+            await self.add_worker(row)
+        self._sweeper = asyncio.create_task(self._sweep_loop(), name="engine retention")
+        log.info("engine started with %d hosts", len(rows))
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        workers, self.workers = list(self.workers.values()), {}
+        await asyncio.gather(*(worker.stop() for worker in workers))
+
+    async def add_worker(self, row: HostRow) -> HostWorker:
+        worker = HostWorker(self, row)
+        self.workers[worker.name] = worker
+        await worker.start()
+        return worker
+
+    async def remove_worker(self, name: str) -> None:
+        worker = self.workers.pop(name, None)
+        if worker is not None:
+            await worker.stop()
+
+    # -- what the views need to know ----------------------------------------------------
+
+    def not_current(self) -> list[str]:
+        """Hosts whose state the engine does not currently see (shown as unknown)."""
+        return sorted(name for name, worker in self.workers.items() if not worker.current)
+
+    def unreachable(self) -> list[str]:
+        """Hosts that should answer and do not (yet): the partial-result list."""
+        return sorted(name for name, worker in self.workers.items()
+                      if worker.status in (HostStatus.CONNECTING, HostStatus.NON_RESPONSIVE))
+
+    # -- job change notifications (waitJob) ----------------------------------------------
+
+    def jobs_changed(self, job_ids: Iterable[str]) -> None:
+        if job_ids:
+            event, self._jobs_event = self._jobs_event, asyncio.Event()
+            event.set()
+
+    def jobs_event(self) -> asyncio.Event:
+        """Set at the next change of any job (take it before reading the job)."""
+        return self._jobs_event
+
+    async def _sweep_loop(self) -> None:
+        retention = self.config.job_retention
+        interval = min(SWEEP_INTERVAL, max(retention / 2, 0.05))
+        while True:
+            try:
+                removed = await self.store.run(repository.delete_finished_jobs,
+                                               self.now() - retention)
+                if removed:
+                    log.info("retention: removed %d finished jobs", removed)
+            except Exception:
+                log.exception("retention sweep failed")
+            await asyncio.sleep(interval)

@@ -1,0 +1,103 @@
+"""``vdsm-engine``: the engine daemon and its command-line client.
+
+    vdsm-engine serve [--config FILE] [--state-dir DIR] [--listen HOST:PORT]
+                      [--database URL] [any setting as a flag]
+    vdsm-engine call [--url URL] [options] VERB [name=value ...]
+
+See docs/engine.md. ``serve`` runs until SIGTERM/SIGINT; ``call`` exits with
+the client's codes (0 ok, 1 application error, 2 usage, 3 protocol error, 4
+unreachable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from vdsm_agent import __version__, logs
+from vdsm_agent.engine import settings
+from vdsm_agent.server import listeners
+from vdsm_agent.server.runner import run_daemon, serve_until_signalled
+from vdsm_agent.settings import SettingsError
+
+log = logging.getLogger("vdsm_agent.engine")
+PROG = "vdsm-engine"
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser,
+                            argparse.ArgumentParser]:
+    """The top-level parser and its ``serve`` and ``call`` sub-parsers."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="The central engine of vdsm-agent hosts: a registry of hosts, "
+                    "aggregated views of their tasks and storage connections, and fan-out "
+                    "jobs; JSON-RPC 2.0 over HTTP. 'serve' runs the daemon, 'call' calls "
+                    "one of its verbs.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve", help="run the engine daemon",
+        description="Run the engine daemon. Every setting of the config file (section "
+                    "[engine]) can also be given as a flag; flags win.")
+    serve.add_argument("--config", metavar="FILE", help="INI config file (section [engine])")
+    settings.ENGINE.add_flags(serve)
+    call = commands.add_parser(
+        "call", help="call a verb of a running engine (VERB --help for its params)",
+        usage=f"{PROG} call [--url URL] [options] VERB [name=value ...]",
+        formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False,
+        allow_abbrev=False)
+    return parser, serve, call
+
+
+def check_listen_address(config: settings.EngineConfig) -> None:
+    """Plain HTTP only on loopback: the agent's listeners check, for the engine's address."""
+    listeners.check_plain_http(config.listen[0])
+
+
+async def serve(config: settings.EngineConfig) -> None:
+    from vdsm_agent.engine.app import make_app
+
+    app = make_app(config)
+    runner, url = await listeners.start_tcp(app, config.listen,
+                                            log if config.access_log else None)
+    await serve_until_signalled(runner, log, PROG, [url],
+                                f"{PROG} is ready on {url}. Try:\n"
+                                f"  {PROG} call --url {url} listHosts")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, _serve, call_parser = build_parser()
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["call"]:
+        import rpc_schema
+        from vdsm_agent.engine import cli
+
+        cli.add_arguments(call_parser, rpc_schema.load("engine"))
+        try:
+            return cli.call_main(call_parser, args[1:])
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else cli.EXIT_USAGE
+        except KeyboardInterrupt:
+            return 130
+    try:
+        options = parser.parse_args(args)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    if options.command != "serve":
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        config = settings.EngineConfig.resolve(options.config, options)
+        check_listen_address(config)
+    except (SettingsError, listeners.ListenError) as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(config.log_level)
+    # failure_log: any failure to start (e.g. the database cannot be opened) is 1.
+    return run_daemon(PROG, serve(config), failure_log=log)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

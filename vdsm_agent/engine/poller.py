@@ -1,0 +1,419 @@
+"""One worker per host: what the engine learns of it, and its status.
+
+Each host has its own asyncio tasks, its own ``AgentClient`` (connection pool)
+and its own timeouts, so a slow, frozen or dead host never delays another:
+
+* the **events loop** long-polls the agent's ``getEvents`` and applies task
+  and connection events as they come (within a second); on first contact and
+  after every gap (the agent restarted, or the engine fell behind its bound)
+  it takes the feed's position and asks for a full resynchronisation;
+* the **sync loop** does the full resynchronisation (every page of
+  ``listTasks`` and ``getStorageConnectionList``) every ``resync_interval``,
+  at once when asked, and every ``poll_interval`` for an agent without an
+  events feed;
+* the **steps loop** runs the host's pending job steps (``jobs.StepRunner``)
+  when kicked (a new job, the host came back) and after a retry delay while
+  any is left.
+
+Every failed call (no answer, refused, timeout) is a failed attempt; after
+``unresponsive_after`` in a row the host is non-responsive, and the first
+call that succeeds makes it up again (and refreshes its state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from vdsm_agent.engine.agentclient import (
+    METHOD_NOT_FOUND,
+    AgentClient,
+    AgentError,
+    AgentUnreachable,
+    ssl_context,
+)
+from vdsm_agent.engine.states import TASK_FINAL, HostStatus
+from vdsm_agent.engine.store import repository
+from vdsm_agent.engine.store.models import HostRow
+
+if TYPE_CHECKING:
+    from vdsm_agent.engine.engine import Engine
+
+log = logging.getLogger(__name__)
+
+LIST_PAGE_SIZE = 1000
+MAX_EVENTS = 1000
+PERSIST_EVERY = 30.0  # seconds between writes of a host's lastSeen/syncedAt at resync
+
+
+def now() -> float:
+    return round(time.time(), 6)
+
+
+class HostWorker:
+    """Learns one host's state and runs its steps; ``start``/``stop`` it."""
+
+    def __init__(self, engine: Engine, row: HostRow) -> None:
+        self.engine = engine
+        self.config = engine.config
+        self.name: str = row.name
+        self.url: str = row.url
+        self.tls = (row.ca_file, row.cert_file, row.key_file)
+        self.maintenance: bool = bool(row.maintenance)
+        self.status = HostStatus.MAINTENANCE if self.maintenance else HostStatus.CONNECTING
+        self.failures = 0
+        self.last_seen: float | None = row.last_seen
+        self.last_error: str | None = row.last_error
+        self.agent_version: str | None = row.agent_version
+        self.synced_at: float | None = row.synced_at
+        self.events_supported: bool | None = None
+        self.epoch: str | None = None
+        self.since = 0
+        self.client: AgentClient | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._resync = asyncio.Event()
+        self._kick = asyncio.Event()
+        self._status_lock = asyncio.Lock()
+        self._need_version = True
+        self._persisted_version: str | None = row.agent_version
+        self._persisted_at: float | None = None
+        self._snapshot_digest: bytes | None = None
+        self._changes = 0
+        self._running = False
+        # Set after every completed resynchronisation (tests and benchmarks wait on it).
+        self.synced = asyncio.Event()
+        self.sync_count = 0
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.maintenance or self._tasks:
+            return
+        self._running = True
+        self.status = HostStatus.CONNECTING
+        self.failures = 0
+        self.epoch = None
+        self._need_version = True
+        for name, loop in (("events", self._events_loop), ("sync", self._sync_loop),
+                           ("steps", self._steps_loop)):
+            task = asyncio.create_task(self._guard(name, loop), name=f"host {self.name} {name}")
+            self._tasks.add(task)
+
+    async def stop(self) -> None:
+        self._running = False
+        tasks, self._tasks = self._tasks, set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.client is not None:
+            client, self.client = self.client, None
+            await client.close()
+
+    async def set_maintenance(self, maintenance: bool) -> None:
+        if maintenance == self.maintenance:
+            return
+        self.maintenance = maintenance
+        if maintenance:
+            await self.stop()
+            self.status = HostStatus.MAINTENANCE
+        else:
+            await self.start()
+
+    async def _guard(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run one loop for ever: a bug in one iteration is logged, never fatal."""
+        while True:
+            try:
+                await loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("host %s: %s loop failed; restarting it", self.name, name)
+                await asyncio.sleep(self.config.retry_interval)
+
+    # -- status ---------------------------------------------------------------------------
+
+    @property
+    def current(self) -> bool:
+        """Whether what the engine knows of the host is current (it answers)."""
+        return self.status == HostStatus.UP
+
+    def retry_delay(self) -> float:
+        exponent = max(self.failures - 1, 0)
+        return float(min(self.config.retry_interval * 2 ** min(exponent, 16),
+                         self.config.retry_max))
+
+    async def succeeded(self) -> None:
+        self.failures = 0
+        self.last_seen = now()
+        if self.current:
+            return
+        async with self._status_lock:
+            if self.current or self.maintenance:
+                return
+            previous = self.status
+            self.status = HostStatus.UP
+            self.last_error = None
+            log.info("host %s is up (was %s)", self.name, previous)
+            await self.engine.store.run(
+                repository.update_host, self.name, status=self.status.value, failures=0,
+                last_seen=self.last_seen, last_error=None)
+        if previous == HostStatus.NON_RESPONSIVE:
+            self.request_resync()  # its state while we could not see it
+        self.kick()
+
+    async def failed(self, exc: Exception) -> None:
+        self.failures += 1
+        self.last_error = str(exc)
+        log.debug("host %s: failed attempt %d: %s", self.name, self.failures, exc)
+        if self.failures < self.config.unresponsive_after or self.maintenance:
+            return
+        async with self._status_lock:
+            if self.status == HostStatus.NON_RESPONSIVE or self.maintenance:
+                return
+            self.status = HostStatus.NON_RESPONSIVE
+            log.warning("host %s is non-responsive after %d failed attempts: %s",
+                        self.name, self.failures, exc)
+            await self.engine.store.run(
+                repository.update_host, self.name, status=self.status.value,
+                failures=self.failures, last_error=self.last_error)
+
+    async def _client(self) -> AgentClient:
+        """The host's client, made on first use (TLS files are read off the loop)."""
+        if self.client is None:
+            context = None
+            if self.url.startswith("https:"):
+                try:
+                    context = await asyncio.to_thread(ssl_context, *self.tls)
+                except (OSError, ssl.SSLError) as exc:
+                    raise AgentUnreachable(f"TLS files of host {self.name}: {exc}") from None
+            if self.client is None and self._running:
+                self.client = AgentClient(
+                    self.url, connect_timeout=self.config.connect_timeout,
+                    request_timeout=self.config.request_timeout, ssl_context=context)
+        if self.client is None:
+            raise AgentUnreachable("the host is not polled (maintenance, or removed)")
+        return self.client
+
+    async def call(self, method: str, params: dict[str, Any] | None = None,
+                   timeout: float | None = None) -> Any:
+        """One call to the agent, counted as a success or a failed attempt."""
+        if self.maintenance:
+            raise AgentUnreachable("the host is in maintenance (not polled)")
+        try:
+            client = await self._client()
+        except AgentUnreachable as exc:
+            await self.failed(exc)
+            raise
+        try:
+            result = await client.call(method, params, timeout)
+        except AgentUnreachable as exc:
+            await self.failed(exc)
+            raise
+        except AgentError:
+            await self.succeeded()  # an error answer is an answer
+            raise
+        await self.succeeded()
+        return result
+
+    def request_resync(self) -> None:
+        self._resync.set()
+
+    def kick(self) -> None:
+        """Run the pending steps now."""
+        self._kick.set()
+
+    # -- full resynchronisation ------------------------------------------------------------
+
+    def changed(self) -> None:
+        """Something other than a resync wrote what the engine knows of this host."""
+        self._changes += 1
+        self._snapshot_digest = None
+
+    async def resync(self) -> None:
+        """Every task (all pages) and every connection of the host, into the store.
+
+        A listing identical to the last one applied, with no other change since,
+        is already in the store: it costs no database work."""
+        started = now()
+        changes = self._changes
+        if self._need_version:
+            ping = await self.call("ping")
+            self.agent_version = str(ping.get("version")) if isinstance(ping, dict) else None
+            self._need_version = False
+        # Both at once; both always end (their own timeouts) before either's error counts.
+        answers = await asyncio.gather(self._all_tasks(), self.call("getStorageConnectionList"),
+                                       return_exceptions=True)
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+        tasks_result, connections = answers
+        digest = hashlib.blake2b(
+            orjson.dumps([tasks_result, connections], option=orjson.OPT_SORT_KEYS),
+            digest_size=16).digest()
+        synced = now()
+        if digest == self._snapshot_digest and changes == self._changes:
+            self.synced_at = synced
+            self.sync_count += 1
+            self.synced.set()
+            return
+        host_fields: dict[str, Any] = {}
+        # The in-memory values serve the views; the row keeps them for a restarted
+        # engine, written when they change meaning (not at every resync).
+        if (self._persisted_version != self.agent_version
+                or synced - (self._persisted_at or 0) >= PERSIST_EVERY):
+            host_fields = {"synced_at": synced, "last_seen": self.last_seen,
+                           "agent_version": self.agent_version}
+        outcome = await self.engine.store.run(
+            repository.apply_resync, self.name, tasks_result, connections, started, synced,
+            host_fields)
+        if host_fields:
+            self._persisted_version = self.agent_version
+            self._persisted_at = synced
+        self.synced_at = synced
+        if changes == self._changes:
+            self._snapshot_digest = digest
+        self.engine.jobs_changed(outcome.jobs)
+        self.sync_count += 1
+        self.synced.set()
+        if outcome.inserted or outcome.updated or outcome.deleted or outcome.connections:
+            log.debug("host %s resynchronised: %d new, %d changed, %d gone tasks; "
+                      "%d connections changed", self.name, outcome.inserted, outcome.updated,
+                      outcome.deleted, outcome.connections)
+
+    async def _all_tasks(self) -> list[dict[str, Any]]:
+        tasks: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            params: dict[str, Any] = {"pageSize": LIST_PAGE_SIZE}
+            if token:
+                params["pageToken"] = token
+            page = await self.call("listTasks", params)
+            tasks += page["tasks"]
+            token = page.get("nextPageToken")
+            if not token:
+                return tasks
+
+    async def _sync_loop(self) -> None:
+        while True:
+            self._resync.clear()
+            try:
+                await self.resync()
+                delay = (self.config.resync_interval if self.events_supported is not False
+                         else min(self.config.poll_interval, self.config.resync_interval))
+            except AgentUnreachable:
+                delay = self.retry_delay()
+            except AgentError as exc:
+                log.warning("host %s: resynchronisation refused: %s", self.name, exc)
+                delay = self.retry_delay()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._resync.wait()
+
+    # -- the events feed -------------------------------------------------------------------
+
+    async def _events_loop(self) -> None:
+        config = self.config
+        while True:
+            if self.events_supported is False:
+                # An agent without the feed: probe again after a while (an upgrade
+                # restarts it); the sync loop polls meanwhile.
+                await asyncio.sleep(max(config.resync_interval, config.poll_interval))
+            first = self.epoch is None
+            params: dict[str, Any] = {"since": self.since, "timeout": config.events_timeout,
+                                      "maxEvents": MAX_EVENTS}
+            if first:
+                # Only the feed's position: what came before is in the resync.
+                params = {"since": 0, "timeout": 0, "maxEvents": 1}
+            else:
+                params["epoch"] = self.epoch
+            try:
+                answer = await self.call(
+                    "getEvents", params, timeout=config.request_timeout + params["timeout"])
+            except AgentUnreachable:
+                await asyncio.sleep(self.retry_delay())
+                continue
+            except AgentError as exc:
+                if exc.code == METHOD_NOT_FOUND:
+                    if self.events_supported is not False:
+                        log.info("host %s has no events feed; polling every %g s",
+                                 self.name, config.poll_interval)
+                    self.events_supported = False
+                    self.request_resync()
+                else:
+                    log.warning("host %s: getEvents refused: %s", self.name, exc)
+                    self.epoch = None
+                    await asyncio.sleep(self.retry_delay())
+                continue
+            if self.events_supported is not True:
+                self.events_supported = True
+                log.info("host %s: following its events feed", self.name)
+            await self._take_events(answer, first)
+
+    async def _take_events(self, answer: Mapping[str, Any], first: bool) -> None:
+        epoch = str(answer.get("epoch"))
+        if first:
+            self.epoch = epoch
+            self.since = int(answer.get("lastSeq") or 0)
+            self.request_resync()
+            return
+        gap = bool(answer.get("gap")) or epoch != self.epoch
+        self.epoch = epoch
+        self.since = int(answer.get("nextSince") or self.since)
+        if gap:
+            log.info("host %s: gap in its events feed; resynchronising", self.name)
+            self._need_version = True
+            self.request_resync()
+        for event in answer.get("events") or ():
+            try:
+                await self._apply_event(event)
+            except AgentUnreachable:
+                # The task's details could not be fetched: the resync will have them.
+                self.request_resync()
+
+    async def _apply_event(self, event: Mapping[str, Any]) -> None:
+        store = self.engine.store
+        self.changed()
+        kind = event.get("type")
+        if kind == "task" and event.get("taskID"):
+            task_id = str(event["taskID"])
+            doc = None
+            # A task new to the engine, or one that ended: its whole document
+            # (params, resources; result, error, warnings), not only its state.
+            if (str(event.get("state")) in TASK_FINAL
+                    or not await store.run(repository.knows_task, self.name, task_id)):
+                try:
+                    doc = await self.call("getTask", {"taskID": task_id})
+                except AgentError:
+                    doc = None  # deleted meanwhile: record what the event says
+            if doc is not None:
+                jobs = await store.run(repository.apply_task_doc, self.name, doc, now())
+            else:
+                jobs = await store.run(repository.apply_task_event, self.name, event, None,
+                                       now())
+            self.engine.jobs_changed(jobs)
+        elif kind == "connection":
+            unknown = await store.run(repository.apply_connection_event, self.name, event,
+                                      now())
+            if unknown:
+                self.request_resync()
+
+    # -- steps ---------------------------------------------------------------------------
+
+    async def _steps_loop(self) -> None:
+        runner = self.engine.steps
+        while True:
+            self._kick.clear()
+            left = await runner.run_pending(self)
+            timeout = self.retry_delay() if left else self.config.resync_interval
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._kick.wait()

@@ -1,0 +1,143 @@
+"""The engine's settings table (section ``[engine]``), on the agent's machinery.
+
+Precedence: built-in default < config file (``--config``, section
+``[engine]``) < command line. The table in docs/engine.md is generated from
+``SETTINGS`` (``python -m vdsm_agent.engine.settings``); a test fails when it
+is stale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import urllib.parse
+from pathlib import Path
+from typing import ClassVar
+
+from vdsm_agent.settings import (
+    LOG_LEVELS,
+    BaseConfig,
+    Setting,
+    SettingsTable,
+    parse_bool,
+    parse_host_port,
+    parse_log_level,
+    parse_path,
+    parse_positive_int,
+    parse_seconds,
+)
+
+SECTION = "engine"
+DEFAULT_PORT = 54322
+DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres")
+
+
+def parse_database_url(text: str) -> str:
+    """``sqlite:////abs/path.db``, ``postgresql://user:pass@host:port/db`` or empty."""
+    url = text.strip()
+    if not url:
+        return ""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in DATABASE_SCHEMES:
+        raise ValueError(f"the scheme must be one of {', '.join(DATABASE_SCHEMES)}")
+    if not parts.path.strip("/"):
+        raise ValueError("no database name (sqlite:////abs/file.db, postgresql://.../name)")
+    if parts.scheme != "sqlite" and not parts.hostname:
+        raise ValueError("no host (postgresql://user:password@host:port/name)")
+    return url
+
+
+def parse_events_timeout(text: str) -> float:
+    number = parse_seconds(text)
+    if number > 60:
+        raise ValueError(f"must be at most 60 seconds (the agent's limit), got {number}")
+    return number
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("state_dir", "path", "./vdsm-engine-state",
+            "Directory for the engine's state: its sqlite database unless --database "
+            "says otherwise (created if missing).", parse_path),
+    Setting("listen", "HOST:PORT", f"127.0.0.1:{DEFAULT_PORT}",
+            "TCP address for the engine's own HTTP API. Plain HTTP is refused on any "
+            "non-loopback address.", parse_host_port),
+    Setting("database", "URL", "",
+            "Database URL: sqlite:////abs/path/engine.db or "
+            "postgresql://user:password@host:port/name. Empty: sqlite in STATE_DIR "
+            "(engine.db).", parse_database_url),
+    Setting("log_level", "choice", "info",
+            "Log level: " + ", ".join(LOG_LEVELS) + ".", parse_log_level),
+    Setting("access_log", "boolean", False, "Log every HTTP request of the engine's API.",
+            parse_bool),
+    Setting("max_body_size", "integer", 1024 * 1024,
+            "Largest accepted HTTP request body, in bytes.", parse_positive_int),
+    Setting("max_batch", "integer", 100,
+            "Largest accepted JSON-RPC batch (number of members).", parse_positive_int),
+    # -- talking to agents (vdsm_agent/engine/agentclient.py, poller.py) --
+    Setting("connect_timeout", "seconds", 5.0,
+            "Timeout for opening a connection to an agent.", parse_seconds),
+    Setting("request_timeout", "seconds", 10.0,
+            "Timeout for one short call to an agent (everything but the events long-poll, "
+            "which gets events_timeout more).", parse_seconds),
+    Setting("events_timeout", "seconds", 30.0,
+            "The long-poll timeout passed to an agent's getEvents (at most 60).",
+            parse_events_timeout),
+    Setting("resync_interval", "seconds", 60.0,
+            "Full resynchronisation of every host (listTasks, getStorageConnectionList) "
+            "this often, besides after every gap in its events feed.", parse_seconds),
+    Setting("poll_interval", "seconds", 5.0,
+            "For an agent without an events feed: resynchronise this often instead.",
+            parse_seconds),
+    Setting("unresponsive_after", "integer", 3,
+            "Failed attempts in a row (calls that time out or cannot connect) that make a "
+            "host non-responsive; it is up again as soon as a call succeeds.",
+            parse_positive_int),
+    Setting("retry_interval", "seconds", 2.0,
+            "Delay before retrying a host after a failed attempt, doubled after each "
+            "further failure up to retry_max.", parse_seconds),
+    Setting("retry_max", "seconds", 30.0,
+            "Longest delay between attempts to reach a failing host.", parse_seconds),
+    # -- jobs (vdsm_agent/engine/jobs.py) --
+    Setting("job_retention", "seconds", 86400.0,
+            "Finished jobs (and their steps) are deleted this long after they end.",
+            parse_seconds),
+)
+
+ENGINE = SettingsTable(SETTINGS, SECTION)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig(BaseConfig):
+    """The engine's resolved settings; attribute names are the setting names."""
+
+    table: ClassVar[SettingsTable] = ENGINE
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.values["state_dir"]).resolve()
+
+    @property
+    def database_url(self) -> str:
+        configured: str = self.values["database"]
+        return configured or f"sqlite:///{self.state_path / 'engine.db'}"
+
+
+def defaults() -> EngineConfig:
+    return EngineConfig.defaults()
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def render_docs_table() -> str:
+    """The settings table of docs/engine.md (between its generated-table markers)."""
+    return "\n".join(ENGINE.docs_table()) + "\n"
+
+
+if __name__ == "__main__":
+    print(render_docs_table(), end="")

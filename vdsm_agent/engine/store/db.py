@@ -1,0 +1,101 @@
+"""The engine's store: one database connection owned by one thread.
+
+The agent's ``vdsm_agent.store.db.DatabaseThread``: every database
+access is a plain function submitted with ``await store.run(fn, ...)``; it
+runs on the DB thread and holds its whole transaction, so the event loop never
+waits on the database. The database comes from a URL: sqlite (WAL) by
+default, PostgreSQL (psycopg2) when configured.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import peewee
+from playhouse import db_url
+
+from vdsm_agent.engine.settings import redact_url
+from vdsm_agent.engine.store import migrations
+from vdsm_agent.engine.store.models import engine_proxy
+from vdsm_agent.store.db import DatabaseThread, StoreClosed
+
+__all__ = ["EngineStore", "StoreClosed", "make_database"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SQLITE_PRAGMAS = {
+    "journal_mode": "wal",
+    "synchronous": "normal",
+    "foreign_keys": 1,
+    "busy_timeout": 5000,
+}
+# A PostgreSQL server that does not answer must not hang the DB thread forever.
+PG_CONNECT_TIMEOUT = 10
+
+
+def make_database(url: str) -> peewee.Database:
+    """An unconnected peewee database for a ``sqlite:`` or ``postgresql:`` URL."""
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme == "sqlite":
+        database = db_url.connect(url, pragmas=SQLITE_PRAGMAS, check_same_thread=True)
+        Path(database.database).parent.mkdir(parents=True, exist_ok=True)
+        return database  # type: ignore[no-any-return]
+    if scheme in ("postgresql", "postgres"):
+        # unquote: a password may hold URL-escaped characters (%40 for @).
+        return db_url.connect(  # type: ignore[no-any-return]
+            url, unquote_password=True, unquote_user=True,
+            connect_timeout=PG_CONNECT_TIMEOUT)
+    raise ValueError(f"unsupported database URL scheme {scheme!r}")
+
+
+class EngineStore(DatabaseThread):
+    proxy = engine_proxy
+    thread_name_prefix = "engine-db"
+    logger = log
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.kind = "sqlite" if url.startswith("sqlite:") else "postgresql"
+        super().__init__()
+
+    @classmethod
+    async def open(cls, url: str) -> EngineStore:
+        store = cls(url)
+        await store._open()
+        return store
+
+    def _make_database(self) -> peewee.Database:
+        return make_database(self.url)
+
+    def _migrate(self, db: peewee.Database) -> list[int]:
+        return migrations.migrate(db)
+
+    def _describe(self) -> str:
+        return f"engine store {redact_url(self.url)}"
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        db = self._db
+        if db is not None and db.is_closed():
+            db.connect()  # PostgreSQL: the connection was dropped; a new one
+        try:
+            return fn(*args, **kwargs)
+        except (peewee.InterfaceError, peewee.OperationalError):
+            if db is not None and self.kind == "postgresql" and not _usable(db):
+                log.warning("database connection lost; reconnecting on the next call")
+                try:
+                    db.close()
+                except peewee.PeeweeException:
+                    pass
+            raise
+
+
+def _usable(db: peewee.Database) -> bool:
+    try:
+        return bool(db.is_connection_usable())
+    except Exception:
+        return False

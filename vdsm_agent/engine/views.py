@@ -1,0 +1,252 @@
+"""Aggregated views across hosts, served from the engine's store.
+
+Views never wait for a host: they read what the engine has learned, and say
+which hosts they could not see (``unreachableHosts``) instead of failing. A
+task or connection of a host whose state is not current (non-responsive,
+not yet reached, in maintenance) is shown as ``unknown``, with its last known
+state beside it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from vdsm_agent import errors
+from vdsm_agent.engine.agentclient import AgentError, AgentUnreachable
+from vdsm_agent.engine.engine import Engine
+from vdsm_agent.engine.poller import HostWorker
+from vdsm_agent.engine.states import UNKNOWN, HostStatus
+from vdsm_agent.engine.store import repository
+from vdsm_agent.engine.store.models import HostRow, HostTaskRow
+from vdsm_agent.tasks.clock import rfc3339
+
+# -- hosts ------------------------------------------------------------------------------
+
+
+def host_document(row: HostRow, worker: HostWorker | None,
+                  counts: Mapping[str, Mapping[str, int]] | None) -> dict[str, Any]:
+    status = worker.status if worker is not None else (
+        HostStatus.MAINTENANCE if row.maintenance else HostStatus(row.status))
+    return {
+        "name": row.name,
+        "url": row.url,
+        "status": str(status),
+        "maintenance": bool(row.maintenance),
+        "lastSeen": rfc3339(worker.last_seen if worker else row.last_seen),
+        "lastError": worker.last_error if worker else row.last_error,
+        "failures": worker.failures if worker else row.failures,
+        "agentVersion": worker.agent_version if worker else row.agent_version,
+        "syncedAt": rfc3339(worker.synced_at if worker else row.synced_at),
+        "eventsFeed": worker.events_supported if worker else None,
+        "tls": {"caFile": row.ca_file, "certFile": row.cert_file, "keyFile": row.key_file},
+        "counts": {"tasks": dict((counts or {}).get("tasks", {})),
+                   "connections": dict((counts or {}).get("connections", {}))},
+        "createdAt": rfc3339(row.created_at),
+    }
+
+
+async def list_hosts(engine: Engine) -> dict[str, Any]:
+    rows = await engine.store.run(repository.list_hosts)
+    counts = await engine.store.run(repository.host_counts)
+    return {"hosts": [host_document(row, engine.workers.get(row.name), counts.get(row.name))
+                      for row in rows]}
+
+
+async def get_host(engine: Engine, name: str) -> dict[str, Any]:
+    row = await engine.store.run(repository.get_host, name)
+    counts = await engine.store.run(repository.host_counts)
+    return host_document(row, engine.workers.get(name), counts.get(name))
+
+
+# -- tasks --------------------------------------------------------------------------------
+
+
+def task_item(row: HostTaskRow, current: bool, host_status: str) -> dict[str, Any]:
+    return {
+        "host": row.host,
+        "id": row.task_id,
+        "kind": row.kind,
+        "state": row.state if current else UNKNOWN,
+        "lastKnownState": row.state,
+        "external": bool(row.external),
+        "progress": repository.loads(row.progress),
+        "createdAt": rfc3339(row.created_at),
+        "startedAt": rfc3339(row.started_at),
+        "endedAt": rfc3339(row.ended_at),
+        "updatedAt": rfc3339(row.updated_at),
+        "jobID": row.job_id,
+        "stepID": row.step_id,
+        "hostStatus": host_status,
+    }
+
+
+def _status_of(engine: Engine, host: str) -> tuple[bool, str]:
+    worker = engine.workers.get(host)
+    if worker is None:
+        return False, UNKNOWN
+    return worker.current, str(worker.status)
+
+
+def _as_tuple(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _fingerprint(query: Mapping[str, Any]) -> str:
+    return hashlib.sha256(orjson.dumps(query, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+def encode_token(key: list[Any], fingerprint: str) -> str:
+    raw = orjson.dumps({"k": key, "f": fingerprint})
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_token(token: str, fingerprint: str, size: int) -> list[Any]:
+    bad = errors.InvalidParams("pageToken is not a token of this list with this filter",
+                               field="params.pageToken", rule="pageToken")
+    try:
+        payload = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        key, owner = payload["k"], payload["f"]
+    except (ValueError, TypeError, KeyError):
+        raise bad from None
+    if owner != fingerprint or not isinstance(key, list) or len(key) != size:
+        raise bad
+    return key
+
+
+async def list_tasks(engine: Engine, where: Mapping[str, Any] | None, page_size: int,
+                     page_token: str | None) -> dict[str, Any]:
+    where = dict(where or {})
+    query = repository.TaskQuery(
+        hosts=_as_tuple(where.get("host")), states=_as_tuple(where.get("state")),
+        kind=where.get("kind"), external=where.get("external"), job_id=where.get("jobID"))
+    fingerprint = _fingerprint(where)
+    after = None
+    if page_token:
+        created, host, task_id = decode_token(page_token, fingerprint, 3)
+        after = (float(created), str(host), str(task_id))
+    not_current = engine.not_current()
+    unreachable = engine.unreachable()
+    rows = await engine.store.run(repository.list_tasks_page, query, not_current, after,
+                                  page_size + 1)
+    page = rows[:page_size]
+    token = None
+    if len(rows) > page_size:
+        last = page[-1]
+        token = encode_token([last.created_at, last.host, last.task_id], fingerprint)
+    items = [task_item(row, *_status_of(engine, row.host)) for row in page]
+    return {"tasks": items, "nextPageToken": token, "unreachableHosts": unreachable}
+
+
+async def get_task(engine: Engine, host: str, task_id: str, refresh: bool) -> dict[str, Any]:
+    await engine.store.run(repository.get_host, host)
+    worker = engine.workers.get(host)
+    refreshed = False
+    if refresh and worker is not None and not worker.maintenance:
+        try:
+            doc = await worker.call("getTask", {"taskID": task_id})
+        except AgentUnreachable:
+            pass
+        except AgentError as exc:
+            if exc.name != "TaskNotFound":
+                raise errors.HostUnreachable(f"host {host} refused getTask: {exc}",
+                                             host=host) from None
+            raise errors.TaskNotFound(f"no task {task_id} on host {host}", host=host,
+                                      taskID=task_id) from None
+        else:
+            worker.changed()
+            engine.jobs_changed(await engine.store.run(repository.apply_task_doc, host, doc,
+                                                       engine.now()))
+            refreshed = True
+    row = await engine.store.run(repository.get_task, host, task_id)
+    unreachable = [host] if host in engine.unreachable() else []
+    if row is None:
+        if host in engine.not_current():
+            raise errors.HostUnreachable(
+                f"host {host} does not answer and the engine has no task {task_id} there",
+                host=host)
+        raise errors.TaskNotFound(f"no task {task_id} on host {host}", host=host,
+                                  taskID=task_id)
+    item = task_item(row, *_status_of(engine, host))
+    item["detail"] = repository.loads(row.detail)
+    return {"task": item, "refreshed": refreshed, "unreachableHosts": unreachable}
+
+
+# -- connections ------------------------------------------------------------------------------
+
+HEALTH_OF_STATE = {
+    "connected": "connected",
+    "degraded": "degraded",
+    "connecting": "degraded",
+    "disconnected": "disconnected",
+}
+HEALTH_BUCKETS = ("connected", "degraded", "disconnected", "unknown")
+
+
+async def connection_health(engine: Engine, connection_id: str | None) -> dict[str, Any]:
+    rows = await engine.store.run(repository.list_connections, connection_id)
+    steps = await engine.store.run(repository.pending_connection_steps, connection_id)
+    by_id: dict[str, dict[str, Any]] = {}
+
+    def entry(cid: str) -> dict[str, Any]:
+        return by_id.setdefault(cid, {"connectionID": cid, "uris": [], "hosts": {}})
+
+    for row in rows:
+        current, _ = _status_of(engine, row.host)
+        item = entry(row.connection_id)
+        if row.uri not in item["uris"]:
+            item["uris"].append(row.uri)
+        item["hosts"][row.host] = {
+            "health": HEALTH_OF_STATE.get(row.state, UNKNOWN) if current else UNKNOWN,
+            "state": row.state if current else UNKNOWN,
+            "lastKnownState": row.state,
+            "lastError": repository.loads(row.last_error),
+            "updatedAt": rfc3339(row.updated_at),
+        }
+    for step in steps:
+        # A host still to be told to manage it: unknown until it is.
+        item = entry(str(step.connection_id))
+        uri = repository.loads(step.request).get("uri")
+        if uri and uri not in item["uris"]:
+            item["uris"].append(uri)
+        item["hosts"].setdefault(step.host, {
+            "health": UNKNOWN, "state": UNKNOWN, "lastKnownState": None, "lastError": None,
+            "updatedAt": None})
+    connections = []
+    for cid in sorted(by_id):
+        item = by_id[cid]
+        for bucket in HEALTH_BUCKETS:
+            item[bucket] = sorted(host for host, value in item["hosts"].items()
+                                  if value["health"] == bucket)
+        connections.append(item)
+    return {"connections": connections, "unreachableHosts": engine.unreachable()}
+
+
+# -- jobs ------------------------------------------------------------------------------------
+
+
+async def list_jobs(engine: Engine, where: Mapping[str, Any] | None, page_size: int,
+                    page_token: str | None) -> dict[str, Any]:
+    where = dict(where or {})
+    query = repository.JobQuery(states=_as_tuple(where.get("state")),
+                                action=where.get("action"), host=where.get("host"))
+    fingerprint = _fingerprint(where)
+    after = None
+    if page_token:
+        created, job_id = decode_token(page_token, fingerprint, 2)
+        after = (float(created), str(job_id))
+    jobs = await engine.store.run(repository.list_jobs_page, query, after, page_size + 1)
+    page = jobs[:page_size]
+    token = None
+    if len(jobs) > page_size:
+        last = page[-1]
+        token = encode_token([last["_createdAt"], last["jobID"]], fingerprint)
+    for job in jobs:
+        job.pop("_createdAt", None)
+    return {"jobs": page, "nextPageToken": token}

@@ -1,0 +1,83 @@
+"""HTTP side of the events feed: ``GET /events``, and its stop at shutdown.
+
+``GET /events[?since=N][&epoch=E][&follow=1]`` answers newline-delimited JSON
+(``application/x-ndjson``, chunked): a ``hello`` line, then one event per
+line. Without ``follow`` it sends the retained events after ``since`` and
+ends; with ``follow`` it goes on sending new events as they come until the
+client goes away or the agent shuts down, so ``curl -N '.../events?follow=1'``
+prints them live. A reader that falls behind the bound gets a ``gap`` line and
+continues from the oldest retained event. Bad query values are HTTP 400 with a
+JSON body.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from aiohttp import web
+
+from vdsm_agent import errors
+from vdsm_agent.agent import Agent
+from vdsm_agent.events.feed import EventFeed
+
+log = logging.getLogger(__name__)
+
+ROUTE = "/events"
+CONTENT_TYPE = "application/x-ndjson"
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
+def _bad_request(detail: str, field: str) -> web.Response:
+    error = errors.InvalidParams(detail, field=field, rule="query")
+    body = {"error": {"code": error.code, "message": error.message, **error.to_error()["data"]}}
+    return web.Response(body=orjson.dumps(body), status=400, content_type="application/json")
+
+
+async def stream_events(request: web.Request, feed: EventFeed) -> web.StreamResponse:
+    query = request.query
+    try:
+        since = int(query.get("since", "0"))
+    except ValueError:
+        return _bad_request("since must be an integer", "since")
+    if since < 0:
+        return _bad_request("since must be 0 or more", "since")
+    follow_text = query.get("follow", "0").lower()
+    if follow_text not in _TRUE | _FALSE:
+        return _bad_request("follow must be 1 or 0", "follow")
+    follow = follow_text in _TRUE
+    epoch = query.get("epoch") or None
+    response = web.StreamResponse(headers={
+        "Content-Type": CONTENT_TYPE,
+        "Cache-Control": "no-cache",
+        "X-Content-Type-Options": "nosniff",
+    })
+    await response.prepare(request)
+
+    def alive() -> bool:
+        transport = request.transport
+        return transport is not None and not transport.is_closing()
+
+    try:
+        async for batch in feed.stream(since, epoch, follow, alive):
+            await response.write(b"".join(orjson.dumps(event) + b"\n" for event in batch))
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client went away
+    return response
+
+
+def install(app: web.Application, agent_key: web.AppKey[Agent]) -> None:
+    """Add the route, and end long-polls and streams when the agent shuts down."""
+
+    async def on_shutdown(app: web.Application) -> None:
+        # Runs before the server waits for open requests.
+        if agent_key in app:
+            app[agent_key].events.close()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await stream_events(request, request.app[agent_key].events)
+
+    app.on_shutdown.append(on_shutdown)
+    app.router.add_get(ROUTE, handler)

@@ -1,0 +1,50 @@
+"""Running a daemon (the agent's or the engine's) until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+from aiohttp import web
+
+from vdsm_agent import __version__
+from vdsm_agent.server.listeners import ListenError
+
+
+async def serve_until_signalled(runner: web.AppRunner, log: logging.Logger, prog: str,
+                                urls: list[str], how_to_reach: str) -> None:
+    """Stop on SIGTERM/SIGINT; say where ``runner`` serves (log, and stderr for people);
+    wait for the signal, then clean the runner up."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    log.info("%s %s serving on %s", prog, __version__, ", ".join(urls))
+    print(how_to_reach, file=sys.stderr, flush=True)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await runner.cleanup()
+
+
+def run_daemon(prog: str, serve: Coroutine[Any, Any, None],
+               failure_log: logging.Logger | None = None) -> int:
+    """Run ``serve`` to its end: 0, or 1 when it cannot listen (and, with
+    ``failure_log``, when anything else stops it from starting)."""
+    try:
+        asyncio.run(serve)
+    except ListenError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if failure_log is None:
+            raise
+        failure_log.exception("%s failed to start", prog)
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    return 0
