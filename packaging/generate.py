@@ -336,10 +336,13 @@ def page_generic(name: str, target: str) -> str:
     manual = "System Administration" if section == "8" else "User Commands"
     module_name = target.split(":")[0]
     parser = None
+    subcommands: list[argparse.ArgumentParser] = []
     try:
         build = getattr(importlib.import_module(module_name), "build_parser", None)
         if callable(build):
             parser = build()
+            if isinstance(parser, tuple):  # (top parser, *sub-command parsers)
+                parser, *subcommands = parser
     except Exception:  # a stub is better than no page; the stub says where to look
         parser = None
     lines = _title(name, section, manual)
@@ -348,6 +351,10 @@ def page_generic(name: str, target: str) -> str:
         lines += _synopsis(parser)
         lines += [".SH DESCRIPTION", roff_text(parser.description or "")]
         lines += render_options(parser)
+        for sub in subcommands:
+            lines += [f".SH COMMAND {roff_text(sub.prog.split()[-1].upper())}",
+                      roff_text(sub.description or ""),
+                      *render_options(sub)[1:]]
     else:
         lines += _name_line(name, "part of vdsm-agent")
         lines += [".SH SYNOPSIS", f"\\fB{roff_word(name)}\\fR [\\fIOPTION\\fR]...",
