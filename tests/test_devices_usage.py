@@ -485,3 +485,18 @@ async def test_a_failed_collection_reaches_every_caller(monkeypatch: pytest.Monk
     inv = inventory.Inventory(config)
     outcomes = await asyncio.gather(inv.list(), inv.list(), return_exceptions=True)
     assert all(isinstance(outcome, OSError) for outcome in outcomes)
+
+
+def test_loop_over_a_mounted_disk_is_in_use() -> None:
+    # losetup /dev/loop6 /dev/sda while sda1 is mounted: writing loop6 writes sda.
+    loop6 = Node("loop6", (7, 6), backing=LoopBacking("loop6", "/dev/sda", (8, 0)))
+    result = verdict([DISK, PART1, loop6], HostState(mounts={(8, 1): ("/mnt/x",)}))
+    codes = [code for code, _ in result["loop6"]]
+    assert codes == ["partition-mounted"]
+    assert "backing device sda" in result["loop6"][0][1]
+
+
+def test_loop_over_a_file_does_not_inherit_the_filesystems_verdict() -> None:
+    loop5 = Node("loop5", (7, 5), backing=LoopBacking("loop5", "/mnt/x/img", (8, 1)))
+    result = verdict([DISK, PART1, loop5], HostState(mounts={(8, 1): ("/mnt/x",)}))
+    assert result["loop5"] == []

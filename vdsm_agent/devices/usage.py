@@ -197,7 +197,30 @@ def evaluate(nodes: Sequence[Node], host: HostState) -> dict[str, list[Reason]]:
         verdicts[node.name].extend(
             inherited_from_disk(disk, own[disk], whole_root=roots.get(disk) is True,
                                 own_root=node.name in roots))
+    for node in nodes:
+        verdicts[node.name].extend(inherited_from_backing_device(node, by_devnum, verdicts))
     return verdicts
+
+
+def inherited_from_backing_device(loop: Node, by_devnum: Mapping[DevNum, Node],
+                                  verdicts: Mapping[str, Sequence[Reason]]) -> list[Reason]:
+    """A loop device over a block device is in use when that device is.
+
+    Writing to the loop device writes to the device under it, so a loop over a
+    mounted disk must not look free. A backing "file" under /dev is a device node
+    (images never live on devtmpfs). The backing device's own note that it backs
+    this loop device is not carried back.
+    """
+    backing = loop.backing
+    if backing is None or not backing.file.startswith("/dev/"):
+        return []
+    device = by_devnum.get(backing.device)
+    if device is None:
+        return []
+    itself = loop_path(loop.name)
+    return [Reason(reason.code, f"backing device {device.name} {reason.message}")
+            for reason in verdicts.get(device.name, ())
+            if not (reason.code == BACKS_LOOP and itself in reason.message)]
 
 
 def inherited_from_disk(disk: str, disk_reasons: Sequence[Reason], whole_root: bool,
