@@ -39,6 +39,7 @@ from vdsm_agent.tasks.kinds.base import (
     TaskKind,
     Verification,
 )
+from vdsm_agent.tasks.kinds.device import guarded_verify
 
 FORMATS = ("raw", "qcow2")
 INFO_TIMEOUT = 60.0
@@ -210,10 +211,7 @@ class Copy(TaskKind):
 
     @classmethod
     def verify(cls, params: dict[str, Any], env: KindEnv) -> Verification:
-        try:
-            return cls._verify(params, env)
-        except (errors.RpcError, TaskFailure, OSError) as exc:
-            return notes.cannot_verify(exc)
+        return guarded_verify(cls._verify, params, env)
 
     @classmethod
     def _verify(cls, params: dict[str, Any], env: KindEnv) -> Verification:

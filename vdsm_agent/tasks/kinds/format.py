@@ -18,7 +18,8 @@ from typing import Any, ClassVar
 
 from vdsm_agent import errors
 from vdsm_agent.tasks.kinds import notes, paths, safety, tools
-from vdsm_agent.tasks.kinds.base import KindEnv, TaskContext, TaskFailure, TaskKind, Verification
+from vdsm_agent.tasks.kinds.base import KindEnv, TaskContext, TaskFailure, Verification
+from vdsm_agent.tasks.kinds.device import DeviceKind
 
 FSTYPES = ("ext4", "xfs")
 LABEL_MAX = {"ext4": 16, "xfs": 12}
@@ -52,7 +53,7 @@ def signature_error(path: str, device: dict[str, Any]) -> errors.InvalidParams |
                                 probeError=device["probeError"])
 
 
-class Format(TaskKind):
+class Format(DeviceKind):
     name = "format"
     description = ("Make an ext4 or xfs filesystem on a block device; refuses a device in use, "
                    "and one with a signature unless force.")
@@ -87,10 +88,6 @@ class Format(TaskKind):
     }
 
     @classmethod
-    def _target(cls, params: dict[str, Any]) -> paths.Target:
-        return safety.resolve_device(params["device"], "params.params.device")
-
-    @classmethod
     def _check(cls, params: dict[str, Any]) -> tuple[paths.Target, dict[str, Any]]:
         fstype = params["fstype"]
         label = params.get("label")
@@ -107,24 +104,6 @@ class Format(TaskKind):
         if refusal is not None:
             raise refusal
         return target, device
-
-    @classmethod
-    def validate(cls, params: dict[str, Any], env: KindEnv) -> None:
-        if safety.in_child(env):
-            cls._target(params)
-            return  # pre() repeats every check right before the work
-        cls._check(params)
-
-    @classmethod
-    def resources(cls, params: dict[str, Any], env: KindEnv) -> list[str]:
-        return [cls._target(params).resource]
-
-    @classmethod
-    def verify(cls, params: dict[str, Any], env: KindEnv) -> Verification:
-        try:
-            return cls._verify(params, env)
-        except (errors.RpcError, TaskFailure, OSError) as exc:
-            return notes.cannot_verify(exc)
 
     @classmethod
     def _verify(cls, params: dict[str, Any], env: KindEnv) -> Verification:

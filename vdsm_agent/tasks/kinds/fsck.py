@@ -25,14 +25,14 @@ import re
 from typing import Any, ClassVar
 
 from vdsm_agent import errors
-from vdsm_agent.tasks.kinds import notes, paths, safety, tools
+from vdsm_agent.tasks.kinds import paths, safety, tools
 from vdsm_agent.tasks.kinds.base import (
     KindEnv,
     TaskContext,
     TaskFailure,
-    TaskKind,
     Verification,
 )
+from vdsm_agent.tasks.kinds.device import DeviceKind
 
 EXT = ("ext2", "ext3", "ext4")
 FSTYPES = (*EXT, "xfs")
@@ -56,7 +56,7 @@ def e2fsck_percent(line: str) -> float | None:
     return start + share * min(current, maximum) / maximum
 
 
-class Fsck(TaskKind):
+class Fsck(DeviceKind):
     name = "fsck"
     description = ("Check the ext2/3/4 or xfs filesystem of a block device, read-only unless "
                    "repair (then the device must not be in use).")
@@ -88,10 +88,6 @@ class Fsck(TaskKind):
     }
 
     @classmethod
-    def _target(cls, params: dict[str, Any]) -> paths.Target:
-        return safety.resolve_device(params["device"], "params.params.device")
-
-    @classmethod
     def _check(cls, params: dict[str, Any]) -> tuple[paths.Target, dict[str, Any]]:
         target = cls._target(params)
         device = safety.check_target(target.path, params.get("expect"),
@@ -107,24 +103,6 @@ class Fsck(TaskKind):
                                        f"{', '.join(FSTYPES)}", field="params.params.device",
                                        rule="fstype", fstype=fstype)
         return target, device
-
-    @classmethod
-    def validate(cls, params: dict[str, Any], env: KindEnv) -> None:
-        if safety.in_child(env):
-            cls._target(params)
-            return  # pre() repeats every check right before the work
-        cls._check(params)
-
-    @classmethod
-    def resources(cls, params: dict[str, Any], env: KindEnv) -> list[str]:
-        return [cls._target(params).resource]
-
-    @classmethod
-    def verify(cls, params: dict[str, Any], env: KindEnv) -> Verification:
-        try:
-            return cls._verify(params, env)
-        except (errors.RpcError, TaskFailure, OSError) as exc:
-            return notes.cannot_verify(exc)
 
     @classmethod
     def _verify(cls, params: dict[str, Any], env: KindEnv) -> Verification:

@@ -29,9 +29,9 @@ from vdsm_agent.tasks.kinds.base import (
     KindEnv,
     TaskContext,
     TaskFailure,
-    TaskKind,
     Verification,
 )
+from vdsm_agent.tasks.kinds.device import DeviceKind
 from vdsm_agent.tasks.kinds.tools import ProgressLines, human_bytes
 
 CHUNK = 8 * 1024 * 1024  # bytes per direct write
@@ -59,7 +59,7 @@ def check_range(params: dict[str, Any], size: int) -> tuple[int, int]:
     return offset, length
 
 
-class Wipe(TaskKind):
+class Wipe(DeviceKind):
     name = "wipe"
     description = ("Zero (direct I/O) or discard a block device or a byte range of it; "
                    "refuses a device in use; progress in bytes.")
@@ -92,27 +92,9 @@ class Wipe(TaskKind):
     }
 
     @classmethod
-    def _target(cls, params: dict[str, Any]) -> paths.Target:
-        return safety.resolve_device(params["device"], "params.params.device")
-
-    @classmethod
-    def validate(cls, params: dict[str, Any], env: KindEnv) -> None:
-        target = cls._target(params)
-        if safety.in_child(env):
-            return  # pre() checks the device right before the work
-        device = safety.check_target(target.path, params.get("expect"))
+    def _check(cls, params: dict[str, Any]) -> None:
+        device = safety.check_target(cls._target(params).path, params.get("expect"))
         check_range(params, device["size"])
-
-    @classmethod
-    def resources(cls, params: dict[str, Any], env: KindEnv) -> list[str]:
-        return [cls._target(params).resource]
-
-    @classmethod
-    def verify(cls, params: dict[str, Any], env: KindEnv) -> Verification:
-        try:
-            return cls._verify(params, env)
-        except (errors.RpcError, TaskFailure, OSError) as exc:
-            return notes.cannot_verify(exc)
 
     @classmethod
     def _verify(cls, params: dict[str, Any], env: KindEnv) -> Verification:
