@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator
 
-import orjson
 from aiohttp import web
 
 import rpc_schema
-from vdsm_agent import __version__, errors
+from vdsm_agent import __version__
 from vdsm_agent.engine.api import methods_table
 from vdsm_agent.engine.engine import Engine
 from vdsm_agent.engine.settings import EngineConfig, redact_url
 from vdsm_agent.engine.store import EngineStore
-from vdsm_agent.server.jsonrpc import Dispatcher, error_response
+from vdsm_agent.server.http import json_response, jsonrpc_response
+from vdsm_agent.server.jsonrpc import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -23,33 +22,10 @@ CONFIG = web.AppKey("engine_config", EngineConfig)
 ENGINE = web.AppKey("engine", Engine)
 DISPATCHER = web.AppKey("engine_dispatcher", Dispatcher)
 
-JSON = "application/json"
-
-
-def _json(payload: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(payload), status=status, content_type=JSON)
-
 
 async def handle_jsonrpc(request: web.Request) -> web.Response:
-    dispatcher = request.app[DISPATCHER]
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[CONFIG].max_body_size
-        return _json(error_response(
-            errors.INVALID_REQUEST, "Invalid request",
-            {"name": "LimitExceeded", "limit": "max_body_size", "max": limit,
-             "detail": f"request body larger than {limit} bytes"}), status=413)
-    try:
-        answer = await dispatcher.dispatch(body)
-    except Exception:
-        correlation_id = uuid.uuid4().hex[:16]
-        log.exception("dispatch failed [correlation_id=%s]", correlation_id)
-        return _json(error_response(errors.INTERNAL_ERROR, "Internal error",
-                                    {"name": "InternalError", "correlationId": correlation_id}))
-    if answer is None:
-        return web.Response(status=204)
-    return web.Response(body=answer, content_type=JSON)
+    return await jsonrpc_response(request, request.app[DISPATCHER],
+                                  request.app[CONFIG].max_body_size)
 
 
 async def handle_health(request: web.Request) -> web.Response:
@@ -57,7 +33,7 @@ async def handle_health(request: web.Request) -> web.Response:
     statuses: dict[str, int] = {}
     for worker in engine.workers.values():
         statuses[str(worker.status)] = statuses.get(str(worker.status), 0) + 1
-    return _json({"status": "ok", "version": __version__, "uptime": round(engine.uptime, 3),
+    return json_response({"status": "ok", "version": __version__, "uptime": round(engine.uptime, 3),
                   "database": engine.store.kind, "hosts": statuses})
 
 

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 
-import orjson
 from aiohttp import web
 
 import rpc_schema
-from vdsm_agent import __version__, errors
+from vdsm_agent import __version__
 from vdsm_agent.agent import Agent
 from vdsm_agent.api import methods_table
 from vdsm_agent.connections.manager import ConnectionManager
@@ -22,7 +20,8 @@ from vdsm_agent.security import audit, gate
 from vdsm_agent.security.identity import Authenticator
 from vdsm_agent.security.limits import Limiter
 from vdsm_agent.security.roles import RolePolicy
-from vdsm_agent.server.jsonrpc import Dispatcher, error_response
+from vdsm_agent.server.http import json_response, jsonrpc_response
+from vdsm_agent.server.jsonrpc import Dispatcher
 from vdsm_agent.settings import Config
 from vdsm_agent.store import Store
 from vdsm_agent.tasks import web as tasks_web
@@ -35,39 +34,15 @@ DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 LIMITER = web.AppKey("limiter", Limiter)
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 
-JSON = "application/json"
-
-
-def _json(payload: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(payload), status=status, content_type=JSON)
-
 
 async def handle_jsonrpc(request: web.Request) -> web.Response:
-    dispatcher = request.app[DISPATCHER]
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[CONFIG].max_body_size
-        return _json(error_response(
-            errors.INVALID_REQUEST, "Invalid request",
-            {"name": "LimitExceeded", "limit": "max_body_size", "max": limit,
-             "detail": f"request body larger than {limit} bytes"}), status=413)
-    try:
-        answer = await dispatcher.dispatch(body)
-    except Exception:
-        # Dispatch itself failed (a bug): still a JSON-RPC answer, never HTTP 500.
-        correlation_id = uuid.uuid4().hex[:16]
-        log.exception("dispatch failed [correlation_id=%s]", correlation_id)
-        return _json(error_response(errors.INTERNAL_ERROR, "Internal error",
-                                    {"name": "InternalError", "correlationId": correlation_id}))
-    if answer is None:
-        return web.Response(status=204)
-    return web.Response(body=answer, content_type=JSON)
+    return await jsonrpc_response(request, request.app[DISPATCHER],
+                                  request.app[CONFIG].max_body_size)
 
 
 async def handle_health(request: web.Request) -> web.Response:
     agent = request.app[AGENT]
-    return _json({"status": "ok", "version": __version__, "uptime": round(agent.uptime, 3)})
+    return json_response({"status": "ok", "version": __version__, "uptime": round(agent.uptime, 3)})
 
 
 async def _agent_context(app: web.Application) -> AsyncIterator[None]:

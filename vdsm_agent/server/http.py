@@ -1,0 +1,44 @@
+"""HTTP answers shared by the agent's and the engine's aiohttp applications."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import orjson
+from aiohttp import web
+
+from vdsm_agent import errors
+from vdsm_agent.server.jsonrpc import Dispatcher, error_response
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+
+
+def json_response(payload: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), status=status, content_type=JSON)
+
+
+async def jsonrpc_response(request: web.Request, dispatcher: Dispatcher,
+                           max_body_size: int) -> web.Response:
+    """Answer one ``POST /jsonrpc``: always a JSON-RPC answer (or 204), never HTTP 500."""
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return json_response(error_response(
+            errors.INVALID_REQUEST, "Invalid request",
+            {"name": "LimitExceeded", "limit": "max_body_size", "max": max_body_size,
+             "detail": f"request body larger than {max_body_size} bytes"}), status=413)
+    try:
+        answer = await dispatcher.dispatch(body)
+    except Exception:
+        # Dispatch itself failed (a bug): still a JSON-RPC answer.
+        correlation_id = uuid.uuid4().hex[:16]
+        log.exception("dispatch failed [correlation_id=%s]", correlation_id)
+        return json_response(error_response(
+            errors.INTERNAL_ERROR, "Internal error",
+            {"name": "InternalError", "correlationId": correlation_id}))
+    if answer is None:
+        return web.Response(status=204)
+    return web.Response(body=answer, content_type=JSON)
