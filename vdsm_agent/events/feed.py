@@ -41,6 +41,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from vdsm_agent.tasks.runtime import Pulse, wait_event
 from vdsm_agent.tasks.states import FINAL
 
 if TYPE_CHECKING:
@@ -69,29 +70,6 @@ def connection_time(timestamp: float) -> str:
     """As ``lastError.time`` of getStorageConnectionList (milliseconds)."""
     moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-class _Pulse:
-    """Wakes every current waiter at once; later waiters wait for the next pulse."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def fire(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
-
-    def current(self) -> asyncio.Event:
-        """The event the next ``fire`` sets (take it *before* looking at the feed)."""
-        return self._event
-
-
-async def _wait(event: asyncio.Event, timeout: float) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            await event.wait()
-    except TimeoutError:
-        pass
 
 
 @dataclasses.dataclass(eq=False)
@@ -141,7 +119,7 @@ class EventFeed:
         self._wall_clock = wall_clock
         self._events: collections.deque[Event] = collections.deque(maxlen=max_events)
         self._last_seq = 0
-        self._pulse = _Pulse()
+        self._pulse = Pulse()
         self._closed = False
         self._throttles: dict[str, _Throttle] = {}
 
@@ -304,7 +282,7 @@ class EventFeed:
             remaining = deadline - loop.time()
             if page.events or page.gap or self._closed or remaining <= 0:
                 return page
-            await _wait(pulse, remaining)
+            await wait_event(pulse, remaining)
 
     async def stream(self, since: int, epoch: str | None = None, follow: bool = False,
                      alive: Callable[[], bool] = lambda: True) -> AsyncIterator[list[Event]]:
@@ -331,4 +309,4 @@ class EventFeed:
                 continue
             if not follow or self._closed or not alive():
                 return
-            await _wait(pulse, STREAM_IDLE_CHECK)
+            await wait_event(pulse, STREAM_IDLE_CHECK)
