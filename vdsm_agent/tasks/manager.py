@@ -938,6 +938,9 @@ class TaskManager:
         job = asyncio.create_task(self._logged(coro))
         self._background.add(job)
         job.add_done_callback(self._background.discard)
+        # A job cancelled at shutdown before its first step never starts ``coro``:
+        # close it so it is not reported as "never awaited" (a no-op once it ran).
+        job.add_done_callback(lambda _: coro.close())
 
     async def _logged(self, coro: Coroutine[Any, Any, None]) -> None:
         try:
