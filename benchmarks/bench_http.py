@@ -151,7 +151,7 @@ def _server(name: str, argv: Sequence[str], port: int, workdir: Path) -> Iterato
             proc.wait()
 
 
-def _cpu_seconds(pid: int) -> float | None:
+def cpu_seconds(pid: int) -> float | None:
     """User plus system CPU time of a process, from /proc/PID/stat."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -192,17 +192,22 @@ def parse_wrk(output: str) -> tuple[float, float, float, int, int]:
             int(total.group(1)), errors)
 
 
-def run_wrk(port: int, duration_s: float, connections: int, pid: int | None = None) -> WrkRun:
-    """One wrk run on the load CPU; CPU per request measured on ``pid`` if given."""
+def run_wrk(port: int, duration_s: float, connections: int, pid: int | None = None,
+            script: Path = POST_LUA, script_args: Sequence[str] = ()) -> WrkRun:
+    """One wrk run on the load CPU; CPU per request measured on ``pid`` if given.
+    A line ``ERROR ...`` printed by the script counts as an error."""
     argv = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}",
-            f"-d{max(1, round(duration_s))}s", "--latency", "-s", str(POST_LUA),
+            f"-d{max(1, round(duration_s))}s", "--latency", "-s", str(script),
             f"http://127.0.0.1:{port}/jsonrpc"]
-    cpu_before = _cpu_seconds(pid) if pid is not None else None
+    if script_args:
+        argv += ["--", *script_args]
+    cpu_before = cpu_seconds(pid) if pid is not None else None
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    cpu_after = _cpu_seconds(pid) if pid is not None else None
+    cpu_after = cpu_seconds(pid) if pid is not None else None
     if done.returncode != 0:
         raise BenchError(f"wrk failed ({done.returncode}): {done.stderr.strip()}")
     rps, p50, p99, total, errors = parse_wrk(done.stdout)
+    errors += done.stdout.count("\nERROR ") + done.stdout.startswith("ERROR ")
     cpu_us = None
     if cpu_before is not None and cpu_after is not None and total:
         cpu_us = (cpu_after - cpu_before) / total * 1e6

@@ -280,6 +280,30 @@ async def test_retried_submit_with_the_same_id_is_idempotent(agent: Agent) -> No
     assert [t["id"] for t in listed] == [task_id]
 
 
+async def test_retry_is_answered_even_when_its_checks_would_now_fail(agent: Agent) -> None:
+    # The store is asked about a submitted ID only when the checks fail (or at
+    # the commit): a retry of an ended task must still get the first answer.
+    task_id = str(uuid.uuid4())
+    await agent.call("startTask", kind="test.sleep", taskID=task_id,
+                     params={"seconds": 0.1, "resources": ["disk1"]})
+    assert (await agent.finish(task_id))["state"] == "done"
+    holder = await agent.start(seconds=30, resources=["disk1"])
+    again = await agent.call("startTask", kind="test.sleep", taskID=task_id,
+                             params={"seconds": 0.1, "resources": ["disk1"]})
+    assert again == {"taskID": task_id, "state": "done"}
+    # A different request under that ID is a conflict, not the check's error.
+    failure = await agent.fails("startTask", kind="test.sleep", taskID=task_id,
+                                params={"seconds": 9, "resources": ["disk1"]})
+    assert failure.name == "TaskIdConflict"
+    # A new ID meets the check's error.
+    busy = await agent.fails("startTask", kind="test.sleep",
+                             params={"seconds": 0.1, "resources": ["disk1"]})
+    assert busy.name == "ResourceBusy"
+    assert busy.data["holder"] == holder
+    await agent.call("cancelTask", taskID=holder)
+    assert len((await agent.call("listTasks"))["tasks"]) == 2
+
+
 async def test_concurrent_identical_submits_make_one_task(agent: Agent) -> None:
     task_id = str(uuid.uuid4())
     answers = await asyncio.gather(*(

@@ -240,11 +240,15 @@ async def test_batch_inserter_groups_concurrent_inserts_and_isolates_failures() 
 
     batches: list[list[str]] = []
 
-    async def write(records: list[TaskRecord]) -> None:
+    stored = TaskRecord(id="old", kind="k", params={}, request_hash="h", state=State.DONE,
+                        created_at=0.0)
+
+    async def write(records: list[TaskRecord]) -> dict[str, TaskRecord]:
         await asyncio.sleep(0.01)  # an fsync
         if any(r.id == "bad" for r in records):
             raise ValueError("constraint")
-        batches.append([r.id for r in records])
+        batches.append([r.id for r in records if r.id != "old"])
+        return {r.id: stored for r in records if r.id == "old"}
 
     inserter = runtime.BatchInserter(write)
 
@@ -262,3 +266,24 @@ async def test_batch_inserter_groups_concurrent_inserts_and_isolates_failures() 
     assert isinstance(results[1], ValueError)
     assert results[2] is None
     assert sorted(i for batch in batches for i in batch) == ["a", "b"]
+    # An ID already stored is not written: its insert answers with the stored record.
+    batches.clear()
+    results = await asyncio.gather(inserter.insert(record("c")), inserter.insert(record("old")))
+    assert results == [None, stored]
+    assert [i for batch in batches for i in batch] == ["c"]
+
+
+def test_rfc3339_matches_datetime_formatting() -> None:
+    import datetime
+    import random
+
+    from vdsm_agent.tasks import clock
+
+    rng = random.Random(7)
+    edges = [0.0, 0.9999995, 1.0000005, 1700000000.1234565, 1700000000.9999999, 2e9 + 0.5e-6]
+    samples = edges + [rng.uniform(0, 4e9) for _ in range(20000)]
+    for timestamp in samples:
+        expected = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC).strftime(
+            "%Y-%m-%dT%H:%M:%S.%fZ")
+        assert clock.rfc3339(timestamp) == expected, timestamp
+    assert clock.rfc3339(None) is None

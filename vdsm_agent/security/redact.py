@@ -19,6 +19,7 @@ as its shape allows) and never changes its argument.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -32,6 +33,7 @@ _PEM_PRIVATE = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
+@functools.lru_cache(maxsize=4096)  # few distinct names; every audited call asks
 def is_secret_name(name: str) -> bool:
     flat = name.lower().replace("_", "").replace("-", "").replace(".", "")
     if flat.endswith("token"):

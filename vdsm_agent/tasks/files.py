@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,14 @@ OUTCOME = "outcome.json"
 CHILD_LOG = "child.log"
 OUTPUT = "output"
 
+# What str(uuid.UUID(...)) gives: the only form a task directory is named in.
+_CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
 
 def canonical_task_id(text: str) -> str:
     """The canonical (lower-case, hyphenated) form of a UUID; ValueError otherwise."""
+    if _CANONICAL.fullmatch(text) is not None:
+        return text  # already canonical (the usual case): no need to parse it
     return str(uuid.UUID(text))
 
 
@@ -63,7 +69,7 @@ def tasks_root(state_dir: Path) -> Path:
 
 
 def task_files(state_dir: Path, task_id: str) -> TaskFiles:
-    if canonical_task_id(task_id) != task_id:
+    if _CANONICAL.fullmatch(task_id) is None:
         raise ValueError(f"not a canonical task ID: {task_id!r}")
     return TaskFiles(tasks_root(state_dir) / task_id)
 

@@ -32,7 +32,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import orjson
-import peewee
 
 from vdsm_agent import errors
 from vdsm_agent.security import redact
@@ -109,6 +108,11 @@ class TaskManager:
         self.env = KindEnv(tuple(config.allowed_roots), int(config.task_io_rate_limit))
         self._loop = asyncio.get_running_loop()
         self._active: dict[str, Active] = {}
+        # Subsets of _active the monitor looks at, so that its rounds cost what
+        # runs, not what is queued: tasks with a process watched at some point,
+        # and tasks with a deadline.
+        self._launched: dict[str, Active] = {}
+        self._with_deadline: dict[str, Active] = {}
         self._queue: collections.deque[str] = collections.deque()  # accepted, FIFO
         self._holders: dict[str, str] = {}  # resource -> unfinished task holding it
         self._counts: collections.Counter[State] = collections.Counter()  # of self._active
@@ -195,21 +199,31 @@ class TaskManager:
         deadline_at = self._parse_deadline(deadline)
         task_id = _submitted_id(task_id)
         digest = request_hash(kind_name, checked, deadline_at)
-        known = await self._existing(task_id, digest)
-        if known is not None:
-            return known
-        if deadline_at is not None and deadline_at <= clock.now():
-            raise errors.InvalidParams("the deadline has already passed", field="params.deadline",
-                                       rule="future")
-        resources = await asyncio.to_thread(self._validate, kind, checked)
-        resources = await self._with_derived(resources)
-        # From here to the reservation nothing awaits, so the checks and the
-        # reservation are atomic on the event loop (no lock needed). Only this
-        # process creates tasks, so memory is enough to see a concurrent twin.
         if task_id in self._active or task_id in self._pending:
             return await self._twin(task_id, digest)
-        self._check_resources(resources)
-        self._check_queue()
+        # A new ID is the common case, so the store is not asked up front whether
+        # the ID is known: the group commit finds out in the same transaction
+        # (``repository.insert_new``). Only a submit that fails its checks asks
+        # first, so that a retry is answered as the first attempt was even when
+        # the checks would now fail (a copy's destination exists: the first
+        # attempt made it).
+        try:
+            if deadline_at is not None and deadline_at <= clock.now():
+                raise errors.InvalidParams("the deadline has already passed",
+                                           field="params.deadline", rule="future")
+            resources = await self._with_derived(await self._validate(kind, checked))
+            # From here to the reservation nothing awaits, so the checks and the
+            # reservation are atomic on the event loop (no lock needed). Only this
+            # process creates tasks, so memory is enough to see a concurrent twin.
+            if task_id in self._active or task_id in self._pending:
+                return await self._twin(task_id, digest)
+            self._check_resources(resources)
+            self._check_queue()
+        except errors.RpcError:
+            known = await self._existing(task_id, digest)
+            if known is not None:
+                return known
+            raise
         record = TaskRecord(id=task_id, kind=kind_name, params=checked, request_hash=digest,
                             state=State.ACCEPTED, created_at=clock.now(),
                             deadline=deadline_at, resources=resources)
@@ -221,21 +235,23 @@ class TaskManager:
     async def _record_new(self, record: TaskRecord, committed: asyncio.Event) -> dict[str, Any]:
         """Commit a reserved new task (group commit), then adopt and schedule it."""
         try:
-            await self._inserter.insert(record)
-        except peewee.IntegrityError:
-            # A twin was created, ran and ended while we validated.
-            self._release_reservation(record)
-            committed.set()
-            return await self._twin(record.id, record.request_hash)
+            stored = await self._inserter.insert(record)
         except BaseException:
             self._release_reservation(record)
             committed.set()
             raise
+        if stored is not None:
+            # The ID was stored already: a retry of a task that ended and left
+            # memory, or an ID taken by another request.
+            self._release_reservation(record)
+            committed.set()
+            return self._known_answer(stored, record.request_hash)
         del self._pending[record.id]
         self._adopt(record, reserved=True)
         committed.set()
-        log.info("task %s: accepted %s params=%s", record.id, record.kind,
-                 orjson.dumps(redact.value(record.params)).decode())
+        if log.isEnabledFor(logging.DEBUG):  # the audit log has the call at INFO
+            log.debug("task %s: accepted %s params=%s", record.id, record.kind,
+                      orjson.dumps(redact.value(record.params)).decode())
         self._emit(None, record)
         self._wake_scheduler.set()
         return {"taskID": record.id, "state": str(State.ACCEPTED)}
@@ -388,8 +404,8 @@ class TaskManager:
             raise errors.InvalidParams(f"deadline: {exc}", field="params.deadline",
                                        rule="format") from None
 
-    async def _insert_batch(self, records: list[TaskRecord]) -> None:
-        await self.store.run(repository.insert_batch, records)
+    async def _insert_batch(self, records: list[TaskRecord]) -> dict[str, TaskRecord]:
+        return await self.store.run(repository.insert_new, records)
 
     def _reserve(self, record: TaskRecord) -> asyncio.Event:
         """Hold a new task's resources and queue place while its row is committed."""
@@ -426,13 +442,23 @@ class TaskManager:
         record = active.record if active else await self.store.run(repository.get, task_id)
         if record is None:
             return None
+        return self._known_answer(record, digest)
+
+    @staticmethod
+    def _known_answer(record: TaskRecord, digest: str) -> dict[str, Any]:
         if record.request_hash != digest:
             raise errors.TaskIdConflict(
-                f"task {task_id} exists with a different request", taskID=task_id)
-        return {"taskID": task_id, "state": str(record.state)}
+                f"task {record.id} exists with a different request", taskID=record.id)
+        return {"taskID": record.id, "state": str(record.state)}
 
-    def _validate(self, kind: type[TaskKind], params: dict[str, Any]) -> list[str]:
-        """Blocking (filesystem): the kind's checks; the resources it will lock."""
+    async def _validate(self, kind: type[TaskKind], params: dict[str, Any]) -> list[str]:
+        """The kind's checks; the resources it will lock. Kinds that look at the
+        filesystem are checked on a worker thread (a stat may hang on NFS)."""
+        if kind.checks_filesystem:
+            return await asyncio.to_thread(self._validate_now, kind, params)
+        return self._validate_now(kind, params)
+
+    def _validate_now(self, kind: type[TaskKind], params: dict[str, Any]) -> list[str]:
         kind.validate(params, self.env)
         return sorted(set(kind.resources(params, self.env)))
 
@@ -472,6 +498,8 @@ class TaskManager:
             self._holders[resource] = record.id
         if record.state is State.ACCEPTED:
             self._queue.append(record.id)
+        if record.deadline is not None:
+            self._with_deadline[record.id] = active
         return active
 
     # -- state changes ---------------------------------------------------------------------
@@ -524,6 +552,8 @@ class TaskManager:
         self._unwatch(active)
         if self._active.pop(active.id, None) is not None:
             self._counts[active.record.state] -= 1
+        self._launched.pop(active.id, None)
+        self._with_deadline.pop(active.id, None)
         for resource in active.record.resources:
             if self._holders.get(resource) == active.id:
                 del self._holders[resource]
@@ -614,6 +644,7 @@ class TaskManager:
     def _watch(self, active: Active, pidfd: int, own_child: bool) -> None:
         active.pidfd = pidfd
         active.own_child = own_child
+        self._launched[active.id] = active
         active.last_beat = time.monotonic()
         self._loop.add_reader(pidfd, self._on_exit, active)
 
@@ -739,7 +770,7 @@ class TaskManager:
         interval = self._monitor_interval()
         while True:
             await asyncio.sleep(interval)
-            watched = [a for a in self._active.values() if a.pidfd is not None]
+            watched = [a for a in self._launched.values() if a.pidfd is not None]
             if watched:
                 snapshots = await asyncio.to_thread(read_snapshots, [a.files for a in watched])
                 for active, snapshot in zip(watched, snapshots, strict=True):
@@ -783,7 +814,7 @@ class TaskManager:
 
     async def _enforce_deadlines(self) -> None:
         now = clock.now()
-        for active in list(self._active.values()):
+        for active in list(self._with_deadline.values()):
             record = active.record
             if record.deadline is None or record.deadline > now or active.finalizing:
                 continue

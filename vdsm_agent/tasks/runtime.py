@@ -130,41 +130,45 @@ class BatchInserter:
     Each ``insert`` waits until its record is committed (with synchronous=FULL),
     but while one commit (an fsync) is in flight the next records gather and
     go together in the following one, so throughput grows with concurrency
-    instead of being one fsync per task.
+    instead of being one fsync per task. ``write_batch`` returns the records
+    already stored under one of the batch's IDs (those are not written);
+    ``insert`` returns the stored record for its ID, or None once it wrote it.
     """
 
-    def __init__(self, write_batch: Callable[[list[TaskRecord]], Awaitable[None]]) -> None:
+    def __init__(self, write_batch: Callable[[list[TaskRecord]],
+                                             Awaitable[dict[str, TaskRecord]]]) -> None:
         self._write_batch = write_batch
-        self._waiting: list[tuple[TaskRecord, asyncio.Future[None]]] = []
+        self._waiting: list[tuple[TaskRecord, asyncio.Future[TaskRecord | None]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    async def insert(self, record: TaskRecord) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def insert(self, record: TaskRecord) -> TaskRecord | None:
+        future: asyncio.Future[TaskRecord | None] = asyncio.get_running_loop().create_future()
         self._waiting.append((record, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        await future
+        return await future
 
     async def _flush(self) -> None:
         while self._waiting:
             batch, self._waiting = self._waiting, []
             try:
-                await self._write_batch([record for record, _ in batch])
+                stored = await self._write_batch([record for record, _ in batch])
             except Exception:
                 # One bad record must not fail its neighbours: retry one by one.
                 for record, future in batch:
                     await self._write_one(record, future)
                 continue
-            for _, future in batch:
+            for record, future in batch:
                 if not future.done():
-                    future.set_result(None)
+                    future.set_result(stored.get(record.id))
 
-    async def _write_one(self, record: TaskRecord, future: asyncio.Future[None]) -> None:
+    async def _write_one(self, record: TaskRecord,
+                         future: asyncio.Future[TaskRecord | None]) -> None:
         try:
-            await self._write_batch([record])
+            stored = await self._write_batch([record])
         except Exception as exc:
             if not future.done():
                 future.set_exception(exc)
         else:
             if not future.done():
-                future.set_result(None)
+                future.set_result(stored.get(record.id))

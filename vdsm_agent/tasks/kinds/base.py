@@ -121,6 +121,10 @@ class TaskKind(abc.ABC):
     destructive: ClassVar[bool] = False
     # Test-only kinds are registered only when the enable_test_kinds setting is on.
     test_only: ClassVar[bool] = False
+    # Whether validate()/resources() look at the filesystem or devices: the agent
+    # then runs them on a worker thread, since a stat can hang (NFS). A kind that
+    # only inspects its params sets False and is checked on the event loop.
+    checks_filesystem: ClassVar[bool] = True
 
     # -- agent side (classmethods: no instance, no process) ------------------------
 

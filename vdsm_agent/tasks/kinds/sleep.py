@@ -19,6 +19,7 @@ class Sleep(TaskKind):
     name = "test.sleep"
     description = "Test kind: sleeps, prints, fails or crashes on request."
     test_only = True
+    checks_filesystem = False  # its checks and resources come from its params alone
     params_schema: ClassVar[dict[str, Any]] = {
         "type": "object",
         "additionalProperties": False,
