@@ -3,11 +3,16 @@ bench_tasks): a free loopback port, the agent's command line, the spawn."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import psutil  # type: ignore[import-untyped]
 
 
 def free_port() -> int:
@@ -33,3 +38,15 @@ def spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     """Start ``argv`` with its stdout and stderr in ``log_path``."""
     with open(log_path, "wb") as log:
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+
+
+def kill_task_processes(state_dirs: tuple[str, ...]) -> None:
+    """SIGKILL the process group of every task process (spawned, or forked by a
+    zygote) and every zygote of agents with these state dirs, found by command
+    line: a spawned one names its task dir, a zygote and its forks the state dir."""
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = proc.info.get("cmdline") or []
+        if (("vdsm_agent.tasks.child" in cmdline or "vdsm_agent.tasks.zygote" in cmdline)
+                and any(arg.startswith(state_dirs) for arg in cmdline)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)

@@ -40,7 +40,7 @@ import orjson
 import psutil  # type: ignore[import-untyped]
 
 import rpc_schema
-from benchmarks.agents import agent_argv, free_port, spawn
+from benchmarks.agents import agent_argv, free_port, kill_task_processes, spawn
 from vdsm_agent.engine.agentclient import AgentClient, AgentUnreachable
 from vdsm_agent.engine.engine import Engine
 from vdsm_agent.engine.poller import HostWorker
@@ -112,13 +112,7 @@ def stop_agents(agents: Sequence[Agent]) -> None:
     for agent in agents:
         with contextlib.suppress(subprocess.TimeoutExpired):
             agent.proc.wait(timeout=30)
-    prefixes = tuple(str(agent.state_dir) for agent in agents)
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = proc.info.get("cmdline") or []
-        if "vdsm_agent.tasks.child" in cmdline and any(
-                arg.startswith(prefixes) for arg in cmdline):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+    kill_task_processes(tuple(str(agent.state_dir) for agent in agents))
 
 
 @contextlib.contextmanager

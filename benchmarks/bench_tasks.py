@@ -52,7 +52,7 @@ import aiohttp
 import psutil  # type: ignore[import-untyped]
 
 from benchmarks import bench_http
-from benchmarks.agents import agent_argv, free_port, spawn
+from benchmarks.agents import agent_argv, free_port, kill_task_processes, spawn
 from vdsm_agent.store import Store
 from vdsm_agent.tasks import clock, repository
 from vdsm_agent.tasks.record import TaskRecord, request_hash
@@ -137,15 +137,8 @@ def stop_agent(agent: Agent, sig: int = signal.SIGTERM) -> None:
 
 
 def kill_tasks(state_dir: Path) -> None:
-    """SIGKILL every task process group of this state dir (found by command line)."""
-    prefix = str(state_dir)
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = proc.info.get("cmdline") or []
-        if "vdsm_agent.tasks.child" in cmdline and any(a.startswith(prefix) for a in cmdline):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    """SIGKILL every task process group of this state dir, and its agent's zygote."""
+    kill_task_processes((str(state_dir),))
 
 
 @contextmanager
@@ -287,7 +280,7 @@ async def _submit_at_rate(port: int, rate: float, seconds: float,
         when = began + index / rate
         # Spin (yielding to the connections) instead of sleeping: the loop's
         # timers wake up to a millisecond late, which would be counted as latency.
-        while time.perf_counter() < when:
+        while time.perf_counter() < when:  # noqa: ASYNC110
             await asyncio.sleep(0)
         due.put_nowait((when, request))
     for _ in workers:

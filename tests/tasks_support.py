@@ -31,6 +31,7 @@ from vdsm_agent import settings
 
 PR_SET_CHILD_SUBREAPER = 36
 CHILD_MODULE = "vdsm_agent.tasks.child"
+ZYGOTE_MODULE = "vdsm_agent.tasks.zygote"
 
 # Short timings so the suite stays fast (see the brief: stale 1.5 s, heartbeat 0.2 s).
 FAST = {
@@ -66,7 +67,10 @@ def task_processes(state_dir: Path) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmdline = proc.info.get("cmdline") or []
-        if CHILD_MODULE in cmdline and any(arg.startswith(prefix) for arg in cmdline):
+        # Spawned task processes name their task dir; the zygote and the task
+        # processes it forked share its command line, which names the state dir.
+        if ((CHILD_MODULE in cmdline or ZYGOTE_MODULE in cmdline)
+                and any(arg.startswith(prefix) for arg in cmdline)):
             found.append(proc)
     return found
 

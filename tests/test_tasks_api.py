@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psutil  # type: ignore[import-untyped]
 import pytest
 
 from tests.support import RpcClient, RpcFailure, check_result
@@ -30,7 +31,7 @@ from tests.tasks_support import (
     task_pid,
 )
 from vdsm_agent.server.app import AGENT, make_app
-from vdsm_agent.tasks import repository
+from vdsm_agent.tasks import process, repository
 
 FINAL = {"done", "failed", "canceled", "interrupted"}
 
@@ -618,6 +619,56 @@ async def test_many_waiters_all_wake_at_the_end(agent: Agent) -> None:
 
 
 # -- outcomes: failure, warnings, crash, deadline -------------------------------------------------
+
+
+# -- how task processes start: forked by the zygote, or spawned ------------------------------
+
+
+async def test_task_processes_are_forked_by_the_zygote(agent: Agent) -> None:
+    task_id = await agent.start(seconds=30)
+    await agent.reach(task_id, "running")
+    pid = agent.pid(task_id)
+    task_process = psutil.Process(pid)
+    zygote = task_process.parent()
+    assert "vdsm_agent.tasks.zygote" in zygote.cmdline()
+    assert zygote.ppid() == os.getpid()  # started by the (in-process) agent
+    # Set up as a spawned one: its own session, its task dir as working directory.
+    assert os.getsid(pid) == os.getpgid(pid) == pid
+    task_dir = agent.state / "tasks" / task_id
+    assert task_process.cwd() == str(task_dir)
+    found = process.find_by_task_dir(task_dir)
+    assert found is not None
+    assert found.pid == pid
+    assert (await agent.call("getTask", taskID=task_id))["pid"] == pid
+    await agent.call("cancelTask", taskID=task_id)
+    assert (await agent.finish(task_id))["state"] == "canceled"
+
+
+async def test_task_processes_are_spawned_with_the_zygote_off(agents: Any) -> None:
+    agent = await agents(task_zygote=False)
+    task_id = await agent.start(seconds=30)
+    await agent.reach(task_id, "running")
+    task_process = psutil.Process(agent.pid(task_id))
+    assert "vdsm_agent.tasks.child" in task_process.cmdline()
+    assert task_process.ppid() == os.getpid()
+    await agent.call("cancelTask", taskID=task_id)
+    assert (await agent.finish(task_id))["state"] == "canceled"
+
+
+async def test_a_killed_zygote_loses_no_task(agent: Agent) -> None:
+    running = await agent.start(seconds=1.5)
+    await agent.reach(running, "running")
+    zygote = psutil.Process(agent.pid(running)).parent()
+    zygote.kill()
+    zygote.wait(timeout=5)
+    # The task records its own outcome: it ends as it would have.
+    assert (await agent.finish(running))["state"] == "done"
+    # Later tasks are spawned instead.
+    later = await agent.start(seconds=30)
+    await agent.reach(later, "running")
+    assert "vdsm_agent.tasks.child" in psutil.Process(agent.pid(later)).cmdline()
+    await agent.call("cancelTask", taskID=later)
+    assert (await agent.finish(later))["state"] == "canceled"
 
 
 async def test_failure_warnings_and_crash_outcomes(agent: Agent) -> None:

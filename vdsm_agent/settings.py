@@ -195,6 +195,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_queued_tasks", "integer", 1000,
             "Tasks that may wait in state accepted; beyond it startTask answers QueueFull.",
             parse_positive_int),
+    Setting("task_zygote", "boolean", True,
+            "Start task processes by forking a pre-started Python process (the zygote, "
+            "python -m vdsm_agent.tasks.zygote) rather than starting Python for each: "
+            "0.1-0.15 s less per task. Off: each is spawned as python -m "
+            "vdsm_agent.tasks.child.", parse_bool),
     Setting("heartbeat_interval", "seconds", 2.0,
             "How often a task process rewrites its status file (heartbeat and progress).",
             parse_seconds),

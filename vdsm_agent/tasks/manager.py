@@ -53,6 +53,7 @@ from vdsm_agent.tasks.runtime import (
     write_spec,
 )
 from vdsm_agent.tasks.states import FINAL, RUNNING_SLOT, State
+from vdsm_agent.tasks.zygote import Zygote, ZygoteGone
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class TaskManager:
         # connection resources are added.
         self.resource_resolver: ResourceResolver | None = None
         self.closing = asyncio.Event()
+        self._zygote: Zygote | None = None
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -142,6 +144,11 @@ class TaskManager:
         await asyncio.to_thread(files.tasks_root(manager.state_dir).mkdir,
                                 mode=0o750, parents=True, exist_ok=True)
         await manager._reconcile()
+        if config.task_zygote:
+            try:
+                manager._zygote = await Zygote.start(manager.state_dir)
+            except ZygoteGone as exc:
+                log.warning("%s; task processes are spawned instead", exc)
         manager._loops = [
             asyncio.create_task(manager._guard(manager._monitor_loop), name="tasks-monitor"),
             asyncio.create_task(manager._guard(manager._scheduler_loop), name="tasks-scheduler"),
@@ -166,6 +173,8 @@ class TaskManager:
         await asyncio.gather(*pending, return_exceptions=True)
         for active in self._active.values():
             self._unwatch(active)
+        if self._zygote is not None:
+            await self._zygote.close()
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener({taskID, kind, from, to, at, progress})`` after each persisted
@@ -630,7 +639,7 @@ class TaskManager:
             await self._commit(active, dataclasses.replace(
                 record, state=State.INITIALIZING, started_at=clock.now()))
             try:
-                identity, pidfd = await asyncio.to_thread(process.spawn, active.files)
+                identity, pidfd, forked = await self._start_process(active)
             except OSError as exc:
                 await self._finish_unstarted(active, State.FAILED, {
                     "name": "SpawnFailed", "detail": f"cannot start the task process: {exc}"})
@@ -638,8 +647,23 @@ class TaskManager:
             # Recorded so that a restarted agent can re-attach (PID + start time).
             await self._commit(active, dataclasses.replace(
                 active.record, pid=identity.pid, pid_create_time=identity.create_time))
+            active.zygote_child = forked
             self._watch(active, pidfd, own_child=True)
         log.info("task %s: started pid %s", record.id, identity.pid)
+
+    async def _start_process(self, active: Active) -> tuple[process.Identity, int, bool]:
+        """Fork the task process from the zygote, or spawn it: its identity, a
+        pidfd, and whether the zygote forked it."""
+        zygote = self._zygote
+        if zygote is not None and zygote.alive:
+            try:
+                pid, create_time, pidfd = await zygote.spawn(active.files.dir)
+            except ZygoteGone:
+                pass  # it said why in the log; spawn this one and the next
+            else:
+                return process.Identity(pid, create_time), pidfd, True
+        identity, pidfd = await asyncio.to_thread(process.spawn, active.files)
+        return identity, pidfd, False
 
     def _watch(self, active: Active, pidfd: int, own_child: bool) -> None:
         active.pidfd = pidfd
@@ -693,7 +717,7 @@ class TaskManager:
         if active.finalizing:
             return
         active.finalizing = True
-        exit_status = self._release_process(active)
+        exit_status = await self._release_process(active)
         final = await asyncio.to_thread(read_final, active.files)
         async with active.lock:
             record = self._concluded(active.record, final, exit_status)
@@ -701,14 +725,20 @@ class TaskManager:
                                and record.stop.get("reason") == "reset")
             self._retire(active)
 
-    def _release_process(self, active: Active) -> int | None:
-        """Close the pidfd; for our own child, kill leftover helpers and reap it."""
+    async def _release_process(self, active: Active) -> int | None:
+        """Close the pidfd; for our own child, kill leftover helpers and reap it (the
+        zygote does both for those it forked, and tells their status)."""
         if active.kill_timer is not None:
             active.kill_timer.cancel()
             active.kill_timer = None
         pidfd, active.pidfd = active.pidfd, None
         if pidfd is None:
             return None
+        if active.zygote_child:
+            os.close(pidfd)
+            pid = active.record.pid
+            zygote = self._zygote
+            return await zygote.exit_status(pid) if zygote and pid is not None else None
         try:
             if active.own_child and active.record.pid is not None:
                 process.kill_stragglers(active.record.pid)

@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]
 
 from vdsm_agent.tasks.files import TaskFiles
+from vdsm_agent.tasks.zygote import ZYGOTE_MODULE
 
 CHILD_MODULE = "vdsm_agent.tasks.child"
 # psutil derives create_time from clock ticks since boot: it is stable for a
@@ -138,16 +139,27 @@ def describe_exit(status: int | None) -> str:
 
 
 def find_by_task_dir(task_dir: Path) -> Identity | None:
-    """A live child process for this task dir, found by its command line.
+    """A live task process for this task dir: a spawned one by its command line,
+    one forked by the zygote (whose command line it shares) by its working
+    directory, which it sets to the task dir first thing.
 
     Used at start-up for a task whose PID was never recorded (the agent died
-    between spawning it and storing the PID, before the child wrote its status).
+    between starting it and storing the PID, before the child wrote its status).
     """
     wanted = str(task_dir)
     for proc in psutil.process_iter(["pid", "cmdline", "create_time", "status"]):
         info = proc.info
         cmdline = info.get("cmdline") or []
-        if (CHILD_MODULE in cmdline and wanted in cmdline
-                and info.get("status") != psutil.STATUS_ZOMBIE):
+        if info.get("status") == psutil.STATUS_ZOMBIE:
+            continue
+        if (CHILD_MODULE in cmdline and wanted in cmdline) or (
+                ZYGOTE_MODULE in cmdline and _cwd(proc) == wanted):
             return Identity(int(info["pid"]), float(info["create_time"]))
     return None
+
+
+def _cwd(proc: psutil.Process) -> str | None:
+    try:
+        return str(proc.cwd())
+    except (psutil.Error, OSError):
+        return None

@@ -49,6 +49,7 @@ class Active:
     output_pulse: Pulse = dataclasses.field(default_factory=Pulse)
     pidfd: int | None = None
     own_child: bool = False  # spawned by this agent process (so we reap it)
+    zygote_child: bool = False  # forked by our zygote (it reaps it and tells the status)
     last_seq: int = -1
     last_beat: float = dataclasses.field(default_factory=time.monotonic)
     kill_timer: asyncio.TimerHandle | None = None
