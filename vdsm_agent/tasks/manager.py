@@ -131,6 +131,7 @@ class TaskManager:
         self.resource_resolver: ResourceResolver | None = None
         self.closing = asyncio.Event()
         self._zygote: Zygote | None = None
+        self._zygote_start: asyncio.Task[Zygote] | None = None
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -145,10 +146,10 @@ class TaskManager:
                                 mode=0o750, parents=True, exist_ok=True)
         await manager._reconcile()
         if config.task_zygote:
-            try:
-                manager._zygote = await Zygote.start(manager.state_dir)
-            except ZygoteGone as exc:
-                log.warning("%s; task processes are spawned instead", exc)
+            # In the background: the agent serves (and re-attaches) without
+            # waiting for the zygote's imports; only launches wait for it.
+            manager._zygote_start = asyncio.create_task(Zygote.start(manager.state_dir),
+                                                        name="tasks-zygote-start")
         manager._loops = [
             asyncio.create_task(manager._guard(manager._monitor_loop), name="tasks-monitor"),
             asyncio.create_task(manager._guard(manager._scheduler_loop), name="tasks-scheduler"),
@@ -173,8 +174,9 @@ class TaskManager:
         await asyncio.gather(*pending, return_exceptions=True)
         for active in self._active.values():
             self._unwatch(active)
-        if self._zygote is not None:
-            await self._zygote.close()
+        zygote = await self._ready_zygote()
+        if zygote is not None:
+            await zygote.close()
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener({taskID, kind, from, to, at, progress})`` after each persisted
@@ -654,8 +656,8 @@ class TaskManager:
     async def _start_process(self, active: Active) -> tuple[process.Identity, int, bool]:
         """Fork the task process from the zygote, or spawn it: its identity, a
         pidfd, and whether the zygote forked it."""
-        zygote = self._zygote
-        if zygote is not None and zygote.alive:
+        zygote = await self._ready_zygote()
+        if zygote is not None:
             try:
                 pid, create_time, pidfd = await zygote.spawn(active.files.dir)
             except ZygoteGone:
@@ -664,6 +666,23 @@ class TaskManager:
                 return process.Identity(pid, create_time), pidfd, True
         identity, pidfd = await asyncio.to_thread(process.spawn, active.files)
         return identity, pidfd, False
+
+    async def _ready_zygote(self) -> Zygote | None:
+        """The zygote once it has started, None without one. Waiting for it to start
+        costs a launch nothing: spawning instead takes as long."""
+        starting = self._zygote_start
+        if starting is not None:
+            try:
+                zygote: Zygote | None = await asyncio.shield(starting)
+            except Exception as exc:  # ZygoteGone, or it could not even try
+                if self._zygote_start is starting:
+                    log.warning("%s; task processes are spawned instead", exc)
+                zygote = None
+            if self._zygote_start is starting:
+                self._zygote_start = None
+                self._zygote = zygote
+        zygote = self._zygote
+        return zygote if zygote is not None and zygote.alive else None
 
     def _watch(self, active: Active, pidfd: int, own_child: bool) -> None:
         active.pidfd = pidfd
