@@ -644,6 +644,28 @@ async def test_task_processes_are_forked_by_the_zygote(agent: Agent) -> None:
     assert (await agent.finish(task_id))["state"] == "canceled"
 
 
+async def test_a_forked_task_process_inherits_no_descriptor(agents: Any) -> None:
+    # The agent (here: this test process) may hold descriptors without
+    # close-on-exec; the zygote inherits them, its task processes must not.
+    read_end, write_end = os.pipe()
+    os.set_inheritable(write_end, True)
+    try:
+        agent = await agents()
+        task_id = await agent.start(seconds=30)
+        await agent.reach(task_id, "running")
+        pid = agent.pid(task_id)
+        assert "vdsm_agent.tasks.zygote" in psutil.Process(pid).cmdline()  # forked
+        held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        assert os.readlink(f"/proc/self/fd/{write_end}") not in held
+        assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
+        assert os.readlink(f"/proc/{pid}/fd/2").endswith(f"{task_id}/child.log")
+        await agent.call("cancelTask", taskID=task_id)
+        assert (await agent.finish(task_id))["state"] == "canceled"
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
 async def test_task_processes_are_spawned_with_the_zygote_off(agents: Any) -> None:
     agent = await agents(task_zygote=False)
     task_id = await agent.start(seconds=30)

@@ -11,7 +11,7 @@ A forked task process is set up as a spawned one is: its own session, the
 signal state of a fresh Python, stdin ``/dev/null``, stdout and stderr
 appended to ``child.log``, the task directory as its working directory (that
 is how ``process.find_by_task_dir`` knows it: its command line is the
-zygote's), nothing of the zygote's open but those; then it runs
+zygote's), no other file descriptor open; then it runs
 ``tasks.child.main``.
 
 The zygote is single-threaded (so forking it is safe) and talks to the agent
@@ -262,7 +262,8 @@ def _become_task(sock: socket.socket, wakeup: tuple[int, int], task_dir: str) ->
                          os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         os.dup2(output, 1)
         os.dup2(output, 2)
-        os.close(output)
+        # Nothing else of the zygote's, nor what it inherited without close-on-exec.
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         from vdsm_agent.tasks import child
 
         code = child.main(["--task-dir", task_dir])
