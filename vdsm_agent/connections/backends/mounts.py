@@ -22,6 +22,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import re
@@ -79,7 +80,14 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
 
 
 def read_mounts(path: Path) -> list[MountEntry]:
-    return parse_mountinfo(path.read_text(errors="replace"))
+    return list(_parsed_mountinfo(path.read_text(errors="replace")))
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed_mountinfo(text: str) -> tuple[MountEntry, ...]:
+    # Keyed by the text itself, so never stale: three backends parse the same
+    # table in every getStorageConnectionList, and it rarely changes between calls.
+    return tuple(parse_mountinfo(text))
 
 
 def find_mount(path: Path, mount_point: str) -> MountEntry | None:
