@@ -666,6 +666,30 @@ async def test_a_forked_task_process_inherits_no_descriptor(agents: Any) -> None
         os.close(write_end)
 
 
+async def test_a_dead_zygote_is_replaced(agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vdsm_agent.tasks import manager
+
+    monkeypatch.setattr(manager, "ZYGOTE_RESTART_INTERVAL", 0.0)
+    first = await agent.start(seconds=30)
+    await agent.reach(first, "running")
+    old_zygote = psutil.Process(agent.pid(first)).parent()
+    old_zygote.kill()
+    old_zygote.wait(timeout=5)
+    # The launch that finds it dead is spawned and starts a new zygote ...
+    spawned = await agent.start(seconds=30)
+    await agent.reach(spawned, "running")
+    assert "vdsm_agent.tasks.child" in psutil.Process(agent.pid(spawned)).cmdline()
+    # ... which forks the next ones.
+    forked = await agent.start(seconds=30)
+    await agent.reach(forked, "running")
+    new_zygote = psutil.Process(agent.pid(forked)).parent()
+    assert "vdsm_agent.tasks.zygote" in new_zygote.cmdline()
+    assert new_zygote.pid != old_zygote.pid
+    for task_id in (first, spawned, forked):
+        await agent.call("cancelTask", taskID=task_id)
+        assert (await agent.finish(task_id))["state"] == "canceled"
+
+
 async def test_task_processes_are_spawned_with_the_zygote_off(agents: Any) -> None:
     agent = await agents(task_zygote=False)
     task_id = await agent.start(seconds=30)

@@ -63,6 +63,9 @@ MAX_OUTPUT_READ = 1024 * 1024  # getTaskOutput.maxBytes cap (also in the schema)
 STREAM_CHUNK = MAX_OUTPUT_READ
 RESET_KILL_WAIT = 10.0  # seconds to wait for a SIGKILLed process before giving up
 RETENTION_GAP = 1.0  # at most one retention sweep per second, however busy
+# A zygote that died is replaced at the next launch, but not more often than this
+# (a zygote that keeps dying must not cost every launch a Python start-up).
+ZYGOTE_RESTART_INTERVAL = 60.0
 
 Listener = Callable[[dict[str, Any]], None]
 # Resolved paths a task uses -> more resources it must hold (the connections the
@@ -132,6 +135,7 @@ class TaskManager:
         self.closing = asyncio.Event()
         self._zygote: Zygote | None = None
         self._zygote_start: asyncio.Task[Zygote] | None = None
+        self._zygote_started_at = 0.0  # time.monotonic() of the last start
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -146,10 +150,7 @@ class TaskManager:
                                 mode=0o750, parents=True, exist_ok=True)
         await manager._reconcile()
         if config.task_zygote:
-            # In the background: the agent serves (and re-attaches) without
-            # waiting for the zygote's imports; only launches wait for it.
-            manager._zygote_start = asyncio.create_task(Zygote.start(manager.state_dir),
-                                                        name="tasks-zygote-start")
+            manager._start_zygote()
         manager._loops = [
             asyncio.create_task(manager._guard(manager._monitor_loop), name="tasks-monitor"),
             asyncio.create_task(manager._guard(manager._scheduler_loop), name="tasks-scheduler"),
@@ -682,7 +683,24 @@ class TaskManager:
                 self._zygote_start = None
                 self._zygote = zygote
         zygote = self._zygote
-        return zygote if zygote is not None and zygote.alive else None
+        if zygote is not None and zygote.alive:
+            return zygote
+        if (self.config.task_zygote and not self.closing.is_set()
+                and self._zygote_start is None
+                and time.monotonic() - self._zygote_started_at >= ZYGOTE_RESTART_INTERVAL):
+            if zygote is not None:
+                await zygote.close()  # reap the dead one
+                self._zygote = None
+            log.info("starting a new task zygote")
+            self._start_zygote()  # for the next launches; this one is spawned
+        return None
+
+    def _start_zygote(self) -> None:
+        """Start a zygote in the background: the agent serves (and re-attaches)
+        without waiting for its imports; only launches wait for it."""
+        self._zygote_started_at = time.monotonic()
+        self._zygote_start = asyncio.create_task(Zygote.start(self.state_dir),
+                                                 name="tasks-zygote-start")
 
     def _watch(self, active: Active, pidfd: int, own_child: bool) -> None:
         active.pidfd = pidfd
