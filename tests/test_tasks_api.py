@@ -667,9 +667,9 @@ async def test_a_forked_task_process_inherits_no_descriptor(agents: Any) -> None
 
 
 async def test_a_dead_zygote_is_replaced(agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
-    from vdsm_agent.tasks import manager
+    from vdsm_agent.tasks import zygote
 
-    monkeypatch.setattr(manager, "ZYGOTE_RESTART_INTERVAL", 0.0)
+    monkeypatch.setattr(zygote, "RESTART_INTERVAL", 0.0)
     first = await agent.start(seconds=30)
     await agent.reach(first, "running")
     old_zygote = psutil.Process(agent.pid(first)).parent()

@@ -53,7 +53,7 @@ from vdsm_agent.tasks.runtime import (
     write_spec,
 )
 from vdsm_agent.tasks.states import FINAL, RUNNING_SLOT, State
-from vdsm_agent.tasks.zygote import Zygote, ZygoteGone
+from vdsm_agent.tasks.zygote import ZygoteGone, ZygoteKeeper
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,6 @@ MAX_OUTPUT_READ = 1024 * 1024  # getTaskOutput.maxBytes cap (also in the schema)
 STREAM_CHUNK = MAX_OUTPUT_READ
 RESET_KILL_WAIT = 10.0  # seconds to wait for a SIGKILLed process before giving up
 RETENTION_GAP = 1.0  # at most one retention sweep per second, however busy
-# A zygote that died is replaced at the next launch, but not more often than this
-# (a zygote that keeps dying must not cost every launch a Python start-up).
-ZYGOTE_RESTART_INTERVAL = 60.0
 
 Listener = Callable[[dict[str, Any]], None]
 # Resolved paths a task uses -> more resources it must hold (the connections the
@@ -133,9 +130,7 @@ class TaskManager:
         # connection resources are added.
         self.resource_resolver: ResourceResolver | None = None
         self.closing = asyncio.Event()
-        self._zygote: Zygote | None = None
-        self._zygote_start: asyncio.Task[Zygote] | None = None
-        self._zygote_started_at = 0.0  # time.monotonic() of the last start
+        self._zygotes = ZygoteKeeper(self.state_dir)
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -150,7 +145,7 @@ class TaskManager:
                                 mode=0o750, parents=True, exist_ok=True)
         await manager._reconcile()
         if config.task_zygote:
-            manager._start_zygote()
+            manager._zygotes.start()
         manager._loops = [
             asyncio.create_task(manager._guard(manager._monitor_loop), name="tasks-monitor"),
             asyncio.create_task(manager._guard(manager._scheduler_loop), name="tasks-scheduler"),
@@ -175,9 +170,7 @@ class TaskManager:
         await asyncio.gather(*pending, return_exceptions=True)
         for active in self._active.values():
             self._unwatch(active)
-        zygote = await self._ready_zygote()
-        if zygote is not None:
-            await zygote.close()
+        await self._zygotes.close()
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener({taskID, kind, from, to, at, progress})`` after each persisted
@@ -657,7 +650,7 @@ class TaskManager:
     async def _start_process(self, active: Active) -> tuple[process.Identity, int, bool]:
         """Fork the task process from the zygote, or spawn it: its identity, a
         pidfd, and whether the zygote forked it."""
-        zygote = await self._ready_zygote()
+        zygote = await self._zygotes.ready()
         if zygote is not None:
             try:
                 pid, create_time, pidfd = await zygote.spawn(active.files.dir)
@@ -667,40 +660,6 @@ class TaskManager:
                 return process.Identity(pid, create_time), pidfd, True
         identity, pidfd = await asyncio.to_thread(process.spawn, active.files)
         return identity, pidfd, False
-
-    async def _ready_zygote(self) -> Zygote | None:
-        """The zygote once it has started, None without one. Waiting for it to start
-        costs a launch nothing: spawning instead takes as long."""
-        starting = self._zygote_start
-        if starting is not None:
-            try:
-                zygote: Zygote | None = await asyncio.shield(starting)
-            except Exception as exc:  # ZygoteGone, or it could not even try
-                if self._zygote_start is starting:
-                    log.warning("%s; task processes are spawned instead", exc)
-                zygote = None
-            if self._zygote_start is starting:
-                self._zygote_start = None
-                self._zygote = zygote
-        zygote = self._zygote
-        if zygote is not None and zygote.alive:
-            return zygote
-        if (self.config.task_zygote and not self.closing.is_set()
-                and self._zygote_start is None
-                and time.monotonic() - self._zygote_started_at >= ZYGOTE_RESTART_INTERVAL):
-            if zygote is not None:
-                await zygote.close()  # reap the dead one
-                self._zygote = None
-            log.info("starting a new task zygote")
-            self._start_zygote()  # for the next launches; this one is spawned
-        return None
-
-    def _start_zygote(self) -> None:
-        """Start a zygote in the background: the agent serves (and re-attaches)
-        without waiting for its imports; only launches wait for it."""
-        self._zygote_started_at = time.monotonic()
-        self._zygote_start = asyncio.create_task(Zygote.start(self.state_dir),
-                                                 name="tasks-zygote-start")
 
     def _watch(self, active: Active, pidfd: int, own_child: bool) -> None:
         active.pidfd = pidfd
@@ -774,8 +733,7 @@ class TaskManager:
         if active.zygote_child:
             os.close(pidfd)
             pid = active.record.pid
-            zygote = self._zygote
-            return await zygote.exit_status(pid) if zygote and pid is not None else None
+            return await self._zygotes.exit_status(pid) if pid is not None else None
         try:
             if active.own_child and active.record.pid is not None:
                 process.kill_stragglers(active.record.pid)

@@ -43,6 +43,7 @@ import select
 import signal
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,6 +54,9 @@ log = logging.getLogger(__name__)
 ZYGOTE_MODULE = "vdsm_agent.tasks.zygote"
 MAX_PACKET = 65536
 READY_TIMEOUT = 30.0  # seconds for the zygote's imports, however loaded the host
+# A zygote that died is replaced at the next launch, but not more often than this
+# (a zygote that keeps dying must not cost every launch a Python start-up).
+RESTART_INTERVAL = 60.0
 EXIT_STATUS_WAIT = 2.0  # seconds to wait for an exit status after the pidfd fired
 
 
@@ -196,6 +200,64 @@ class Zygote:
         for waiter in self._status_waiters.values():
             if not waiter.done():
                 waiter.cancel()
+
+
+class ZygoteKeeper:
+    """The agent's one zygote over its life: started in the background (the agent
+    serves and re-attaches without waiting for its imports; only launches wait
+    for it, which costs them nothing: spawning instead takes as long), replaced
+    at the next launch after it died (at most once per RESTART_INTERVAL),
+    closed with the agent."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self._zygote: Zygote | None = None
+        self._starting: asyncio.Task[Zygote] | None = None
+        self._started_at: float | None = None  # time.monotonic() of the last start
+        self._closed = False
+
+    def start(self) -> None:
+        self._started_at = time.monotonic()
+        self._starting = asyncio.create_task(Zygote.start(self.state_dir),
+                                             name="tasks-zygote-start")
+
+    async def ready(self) -> Zygote | None:
+        """The running zygote, None without one (the caller spawns instead)."""
+        starting = self._starting
+        if starting is not None:
+            try:
+                zygote: Zygote | None = await asyncio.shield(starting)
+            except Exception as exc:  # ZygoteGone, or it could not even try
+                if self._starting is starting:
+                    log.warning("%s; task processes are spawned instead", exc)
+                zygote = None
+            if self._starting is starting:
+                self._starting = None
+                self._zygote = zygote
+        zygote = self._zygote
+        if zygote is not None and zygote.alive:
+            return zygote
+        if self._may_restart():
+            if zygote is not None:
+                await zygote.close()  # reap the dead one
+                self._zygote = None
+            log.info("starting a new task zygote")
+            self.start()  # for the next launches; this one is spawned
+        return None
+
+    async def exit_status(self, pid: int) -> int | None:
+        """What the zygote said of a task process it forked (see Zygote.exit_status)."""
+        return await self._zygote.exit_status(pid) if self._zygote is not None else None
+
+    async def close(self) -> None:
+        self._closed = True
+        await self.ready()  # a start under way ends first
+        if self._zygote is not None:
+            await self._zygote.close()  # also reaps one that died
+
+    def _may_restart(self) -> bool:
+        return (not self._closed and self._starting is None and self._started_at is not None
+                and time.monotonic() - self._started_at >= RESTART_INTERVAL)
 
 
 def _spawn_zygote(theirs: socket.socket, state_dir: Path) -> int:
