@@ -99,6 +99,9 @@ class Zygote:
             ready = json.loads(data) if data else {}
         except (TimeoutError, OSError, ValueError):
             ready = {}
+        except BaseException:  # cancelled: closing our end makes it exit
+            ours.close()
+            raise
         if ready.get("ready") != pid:
             ours.close()
             _reap_quietly(pid)
