@@ -75,6 +75,7 @@ class Zygote:
         self._sock = sock
         self._loop = loop
         self._replies: list[asyncio.Future[tuple[dict[str, Any], list[int]]]] = []
+        self._children: set[int] = set()  # forked here and not yet asked about
         self._statuses: dict[int, int] = {}
         self._status_waiters: dict[int, asyncio.Future[int]] = {}
         self.alive = True
@@ -129,11 +130,17 @@ class Zygote:
             for fd in fds:
                 os.close(fd)
             raise OSError("the task zygote sent no pidfd")
-        return int(message["pid"]), float(message["createTime"]), fds[0]
+        pid = int(message["pid"])
+        self._children.add(pid)
+        return pid, float(message["createTime"]), fds[0]
 
     async def exit_status(self, pid: int) -> int | None:
         """The wait status of a task process this zygote forked (once it has ended);
-        None if the zygote does not say within EXIT_STATUS_WAIT (it died meanwhile)."""
+        None if this zygote did not fork it, or does not say within EXIT_STATUS_WAIT
+        (it died meanwhile)."""
+        if pid not in self._children:
+            return None
+        self._children.discard(pid)
         if pid in self._statuses:
             return self._statuses.pop(pid)
         if not self.alive:
@@ -186,7 +193,7 @@ class Zygote:
         waiter = self._status_waiters.get(pid)
         if waiter is not None and not waiter.done():
             waiter.set_result(status)
-        else:
+        elif pid in self._children:  # kept until asked (not after a wait gave up)
             self._statuses[pid] = status
 
     def _gone(self, why: str | None) -> None:
