@@ -9,74 +9,32 @@ are undone whatever the test did.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import RpcClient, RpcFailure, check_result
-from tests.tasks_support import async_until, kill_task_processes, task_config
-from vdsm_agent.server.app import make_app
+from tests.support import RpcFailure
+from tests.tasks_support import TaskAgent, in_process_agents
 
-FINAL = {"done", "failed", "canceled", "interrupted"}
 MiB = 1024 * 1024
 
 
-class Agent:
-    """An in-process agent plus the paths a test needs."""
-
-    def __init__(self, rpc: RpcClient, root: Path, config: Any) -> None:
-        self.rpc = rpc
-        self.root = root
-        self.images = root / "images"
-        self.state = config.state_path
-        self.config = config
-        self._next_id = 0
-
-    async def call(self, method: str, **params: Any) -> Any:
-        self._next_id += 1
-        ident = self._next_id
-        answer = await self.rpc.raw(json.dumps({"jsonrpc": "2.0", "method": method,
-                                                "params": params, "id": ident}))
-        assert answer["id"] == ident
-        if "error" in answer:
-            raise RpcFailure(answer["error"])
-        check_result(method, answer["result"])
-        return answer["result"]
-
-    async def fails(self, method: str, **params: Any) -> RpcFailure:
-        with pytest.raises(RpcFailure) as info:
-            await self.call(method, **params)
-        return info.value
+class Agent(TaskAgent):
+    """With the device-operation tests' helpers."""
 
     async def refused(self, kind: str, **params: Any) -> RpcFailure:
         """startTask that must be refused at submit."""
         return await self.fails("startTask", kind=kind, params=params)
-
-    async def start(self, kind: str, **params: Any) -> str:
-        answer = await self.call("startTask", kind=kind, params=params)
-        assert answer["state"] == "accepted"
-        return str(answer["taskID"])
-
-    async def finish(self, task_id: str, timeout: float = 60) -> dict[str, Any]:
-        task = await self.call("waitTask", taskID=task_id, timeout=timeout)
-        assert task["state"] in FINAL, task
-        return dict(task)
 
     async def run(self, kind: str, **params: Any) -> dict[str, Any]:
         return await self.finish(await self.start(kind, **params))
 
     async def task(self, task_id: str) -> dict[str, Any]:
         return dict(await self.call("getTask", taskID=task_id))
-
-    async def reach(self, task_id: str, *states: str, timeout: float = 20) -> dict[str, Any]:
-        async def check() -> dict[str, Any] | None:
-            task = await self.task(task_id)
-            return task if task["state"] in states else None
-        return dict(await async_until(check, timeout=timeout))
 
     async def output(self, task_id: str) -> str:
         text = ""
@@ -95,22 +53,10 @@ class Agent:
 
 
 @pytest.fixture
-async def agents(aiohttp_client: Any, tmp_path: Path) -> Any:
+async def agents(aiohttp_client: Any, tmp_path: Path) -> AsyncIterator[Any]:
     """Factory of in-process agents with task settings; kills task processes after."""
-    made: list[Agent] = []
-
-    async def make(**overrides: Any) -> Agent:
-        root = tmp_path / f"agent{len(made)}"
-        root.mkdir()
-        config = task_config(root, **overrides)
-        client = await aiohttp_client(make_app(config))
-        agent = Agent(RpcClient(client), root, config)
-        made.append(agent)
-        return agent
-
-    yield make
-    for agent in made:
-        kill_task_processes(agent.state)
+    async with in_process_agents(aiohttp_client, tmp_path, Agent) as make:
+        yield make
 
 
 @pytest.fixture

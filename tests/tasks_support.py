@@ -18,16 +18,26 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
+import pytest
 
-from tests.support import AgentProcess, RpcFailure, agent_argv, free_port, spawn_agent
+from tests.support import (
+    AgentProcess,
+    RpcClient,
+    RpcFailure,
+    agent_argv,
+    check_result,
+    free_port,
+    spawn_agent,
+)
 from tests.support import async_until as async_until  # imported from here by tests
 from tests.support import until as until
 from vdsm_agent import settings
+from vdsm_agent.server.app import make_app
 
 PR_SET_CHILD_SUBREAPER = 36
 CHILD_MODULE = "vdsm_agent.tasks.child"
@@ -214,3 +224,77 @@ def agent_runner(tmp_path: Path, **flags: Any) -> Iterator[AgentRunner]:
         yield runner
     finally:
         runner.close()
+
+
+# -- an in-process agent (the real app, real task processes) ---------------------------------
+
+FINAL = {"done", "failed", "canceled", "interrupted"}
+T = TypeVar("T")
+
+
+class TaskAgent:
+    """An in-process agent plus the paths a test needs; test modules subclass it
+    with their own helpers."""
+
+    def __init__(self, rpc: RpcClient, root: Path, config: settings.Config) -> None:
+        self.rpc = rpc
+        self.root = root
+        self.images = root / "images"
+        self.state = config.state_path
+        self.config = config
+        self._next_id = 0
+
+    async def call(self, method: str, **params: Any) -> Any:
+        # Like RpcClient.call, but safe for concurrent calls (own request IDs).
+        self._next_id += 1
+        ident = self._next_id
+        answer = await self.rpc.raw(json.dumps({"jsonrpc": "2.0", "method": method,
+                                                "params": params, "id": ident}))
+        assert answer["id"] == ident
+        if "error" in answer:
+            raise RpcFailure(answer["error"])
+        check_result(method, answer["result"])
+        return answer["result"]
+
+    async def fails(self, method: str, **params: Any) -> RpcFailure:
+        with pytest.raises(RpcFailure) as info:
+            await self.call(method, **params)
+        return info.value
+
+    async def start(self, kind: str = "test.sleep", **params: Any) -> str:
+        answer = await self.call("startTask", kind=kind, params=params)
+        assert answer["state"] == "accepted"
+        return str(answer["taskID"])
+
+    async def finish(self, task_id: str, timeout: float = 60) -> dict[str, Any]:
+        task = await self.call("waitTask", taskID=task_id, timeout=timeout)
+        assert task["state"] in FINAL, task
+        return dict(task)
+
+    async def reach(self, task_id: str, *states: str, timeout: float = 20) -> dict[str, Any]:
+        async def check() -> dict[str, Any] | None:
+            task = await self.call("getTask", taskID=task_id)
+            return task if task["state"] in states else None
+        return dict(await async_until(check, timeout=timeout))
+
+
+@contextlib.asynccontextmanager
+async def in_process_agents(aiohttp_client: Any, tmp_path: Path,
+                            build: Callable[[RpcClient, Path, settings.Config], T],
+                            **defaults: Any) -> AsyncIterator[Callable[..., Awaitable[T]]]:
+    """A factory of in-process agents with task settings (``defaults``, then the
+    factory's overrides); every task process they started is killed after."""
+    states: list[Path] = []
+
+    async def make(**overrides: Any) -> T:
+        root = tmp_path / f"agent{len(states)}"
+        root.mkdir()
+        config = task_config(root, **{**defaults, **overrides})
+        states.append(config.state_path)
+        return build(RpcClient(await aiohttp_client(make_app(config))), root, config)
+
+    try:
+        yield make
+    finally:
+        for state in states:
+            kill_task_processes(state)

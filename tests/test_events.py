@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,13 @@ import pytest
 from aiohttp import web
 
 from tests.support import RpcClient, RpcFailure, check_result
-from tests.tasks_support import agent_runner, become_subreaper, kill_task_processes, task_config
+from tests.tasks_support import (
+    agent_runner,
+    become_subreaper,
+    in_process_agents,
+    kill_task_processes,
+    task_config,
+)
 from vdsm_agent.events import feed as feed_module
 from vdsm_agent.events.feed import EventFeed
 from vdsm_agent.server.app import AGENT, make_app
@@ -65,21 +71,15 @@ async def fails(rpc: RpcClient, method: str, **params: Any) -> RpcFailure:
     return info.value
 
 
+def _rpc_only(rpc: RpcClient, root: Path, config: Any) -> RpcClient:
+    return rpc
+
+
 @pytest.fixture
-async def agents(aiohttp_client: Any, tmp_path: Path) -> Any:
+async def agents(aiohttp_client: Any, tmp_path: Path) -> AsyncIterator[Any]:
     """Factory of in-process agents (task test kinds on); kills task processes after."""
-    made: list[Path] = []
-
-    async def make(**overrides: Any) -> RpcClient:
-        root = tmp_path / f"agent{len(made)}"
-        root.mkdir()
-        config = task_config(root, **overrides)
-        made.append(config.state_path)
-        return RpcClient(await aiohttp_client(make_app(config)))
-
-    yield make
-    for state in made:
-        kill_task_processes(state)
+    async with in_process_agents(aiohttp_client, tmp_path, _rpc_only) as make:
+        yield make
 
 
 def feed_of(rpc: RpcClient) -> EventFeed:

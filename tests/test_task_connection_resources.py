@@ -21,15 +21,16 @@ from typing import Any
 import pytest
 
 from tests.connections_support import FakeRunner, ok
-from tests.support import RpcClient, RpcFailure, check_result
+from tests.support import RpcFailure
 from tests.tasks_support import (
+    FINAL,
+    TaskAgent,
     agent_runner,
     async_until,
     become_subreaper,
-    kill_task_processes,
+    in_process_agents,
     make_image,
     sha,
-    task_config,
     until,
 )
 from vdsm_agent import errors, settings
@@ -39,9 +40,7 @@ from vdsm_agent.connections.backends.file import FileBackend
 from vdsm_agent.connections.backends.nfs import NfsBackend
 from vdsm_agent.connections.manager import ConnectionManager
 from vdsm_agent.connections.probes import ProbeResult
-from vdsm_agent.server.app import make_app
 
-FINAL = {"done", "failed", "canceled", "interrupted"}
 # 2 MiB read at 128 KiB/s: the checksum runs ~16 s unless canceled (tests cancel it).
 SLOW_RATE = 128 * 1024
 SLOW_SIZE = 2 * 1024 * 1024
@@ -52,30 +51,7 @@ def _subreaper() -> None:
     become_subreaper()
 
 
-class Agent:
-    """An in-process agent (real task processes) and its images directory."""
-
-    def __init__(self, rpc: RpcClient, root: Path, config: settings.Config) -> None:
-        self.rpc = rpc
-        self.images = root / "images"
-        self.state = config.state_path
-        self._next_id = 0
-
-    async def call(self, method: str, **params: Any) -> Any:
-        self._next_id += 1
-        ident = self._next_id
-        answer = await self.rpc.raw(json.dumps({"jsonrpc": "2.0", "method": method,
-                                                "params": params, "id": ident}))
-        if "error" in answer:
-            raise RpcFailure(answer["error"])
-        check_result(method, answer["result"])
-        return answer["result"]
-
-    async def fails(self, method: str, **params: Any) -> RpcFailure:
-        with pytest.raises(RpcFailure) as info:
-            await self.call(method, **params)
-        return info.value
-
+class Agent(TaskAgent):
     async def checksum(self, path: Path) -> str:
         answer = await self.call("startTask", kind="checksum", params={"path": str(path)})
         return str(answer["taskID"])
@@ -89,27 +65,14 @@ class Agent:
 
     async def stop(self, task_id: str) -> dict[str, Any]:
         await self.call("cancelTask", taskID=task_id)
-        task: dict[str, Any] = await self.call("waitTask", taskID=task_id, timeout=20)
-        assert task["state"] in FINAL, task
-        return task
+        return await self.finish(task_id, timeout=20)
 
 
 @pytest.fixture
 async def agents(aiohttp_client: Any, tmp_path: Path) -> AsyncIterator[Any]:
-    made: list[Agent] = []
-
-    async def make(**overrides: Any) -> Agent:
-        root = tmp_path / f"agent{len(made)}"
-        root.mkdir()
-        config = task_config(root, probe_interval=0.3, **overrides)
-        client = await aiohttp_client(make_app(config))
-        agent = Agent(RpcClient(client), root, config)
-        made.append(agent)
-        return agent
-
-    yield make
-    for agent in made:
-        kill_task_processes(agent.state)
+    async with in_process_agents(aiohttp_client, tmp_path, Agent,
+                                 probe_interval=0.3) as make:
+        yield make
 
 
 def storage_dir(agent: Agent, name: str = "sd") -> Path:

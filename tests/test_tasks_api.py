@@ -9,31 +9,30 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
-import json
 import os
 import signal
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import psutil  # type: ignore[import-untyped]
 import pytest
 
-from tests.support import RpcClient, RpcFailure, check_result
+from tests.support import RpcFailure
 from tests.tasks_support import (
+    FINAL,
+    TaskAgent,
     async_until,
     become_subreaper,
-    kill_task_processes,
+    in_process_agents,
     make_image,
     sha,
-    task_config,
     task_pid,
 )
-from vdsm_agent.server.app import AGENT, make_app
+from vdsm_agent.server.app import AGENT
 from vdsm_agent.tasks import process, repository
-
-FINAL = {"done", "failed", "canceled", "interrupted"}
 
 
 @pytest.fixture(autouse=True)
@@ -41,74 +40,19 @@ def _subreaper() -> None:
     become_subreaper()
 
 
-class Agent:
-    """An in-process agent plus the paths a test needs."""
-
-    def __init__(self, rpc: RpcClient, root: Path, config: Any) -> None:
-        self.rpc = rpc
-        self.root = root
-        self.images = root / "images"
-        self.state = config.state_path
-        self.config = config
-        self._next_id = 0
-
-    async def call(self, method: str, **params: Any) -> Any:
-        # Like RpcClient.call, but safe for concurrent calls (own request IDs).
-        self._next_id += 1
-        ident = self._next_id
-        answer = await self.rpc.raw(json.dumps({"jsonrpc": "2.0", "method": method,
-                                                "params": params, "id": ident}))
-        assert answer["id"] == ident
-        if "error" in answer:
-            raise RpcFailure(answer["error"])
-        check_result(method, answer["result"])
-        return answer["result"]
-
-    async def fails(self, method: str, **params: Any) -> RpcFailure:
-        with pytest.raises(RpcFailure) as info:
-            await self.call(method, **params)
-        return info.value
-
-    async def start(self, kind: str = "test.sleep", **params: Any) -> str:
-        answer = await self.call("startTask", kind=kind, params=params)
-        assert answer["state"] == "accepted"
-        return str(answer["taskID"])
-
-    async def finish(self, task_id: str, timeout: float = 20) -> dict[str, Any]:
-        task = await self.call("waitTask", taskID=task_id, timeout=timeout)
-        assert task["state"] in FINAL, task
-        return dict(task)
-
+class Agent(TaskAgent):
     async def state_of(self, task_id: str) -> str:
         return str((await self.call("getTask", taskID=task_id))["state"])
-
-    async def reach(self, task_id: str, *states: str, timeout: float = 10) -> dict[str, Any]:
-        async def check() -> dict[str, Any] | None:
-            task = await self.call("getTask", taskID=task_id)
-            return task if task["state"] in states else None
-        return dict(await async_until(check, timeout=timeout))
 
     def pid(self, task_id: str) -> int:
         return task_pid(self.state, task_id)
 
 
 @pytest.fixture
-async def agents(aiohttp_client: Any, tmp_path: Path) -> Any:
+async def agents(aiohttp_client: Any, tmp_path: Path) -> AsyncIterator[Any]:
     """Factory of in-process agents with task settings; kills task processes after."""
-    made: list[Agent] = []
-
-    async def make(**overrides: Any) -> Agent:
-        root = tmp_path / f"agent{len(made)}"
-        root.mkdir()
-        config = task_config(root, **overrides)
-        client = await aiohttp_client(make_app(config))
-        agent = Agent(RpcClient(client), root, config)
-        made.append(agent)
-        return agent
-
-    yield make
-    for agent in made:
-        kill_task_processes(agent.state)
+    async with in_process_agents(aiohttp_client, tmp_path, Agent) as make:
+        yield make
 
 
 @pytest.fixture
