@@ -1,9 +1,11 @@
-"""Starting real agent processes for the benchmarks (shared by bench_engine and
-bench_tasks): a free loopback port, the agent's command line, the spawn."""
+"""Real agent processes for the benchmarks: a free loopback port, the agent's
+command line, the spawn, a call, the health check, and killing task processes."""
 
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
 import signal
 import socket
@@ -19,6 +21,34 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def call(port: int, method: str, params: dict[str, Any], *, timeout: float,
+         error: type[Exception]) -> Any:
+    """One JSON-RPC call to the agent on 127.0.0.1:port (a new connection); its
+    result, or ``error`` naming the method and the agent's error."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        body = json.dumps({"jsonrpc": "2.0", "method": method, "params": params, "id": 1})
+        connection.request("POST", "/jsonrpc", body, {"Content-Type": "application/json"})
+        answer = json.loads(connection.getresponse().read())
+    finally:
+        connection.close()
+    if "error" in answer:
+        raise error(f"{method}: {answer['error']}")
+    return answer["result"]
+
+
+def healthy(port: int) -> bool:
+    """Whether the agent on 127.0.0.1:port answers GET /health with 200."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+    try:
+        connection.request("GET", "/health")
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()
 
 
 def agent_argv(state_dir: Path, port: int, images: Path, log_level: str,

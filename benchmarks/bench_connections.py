@@ -20,12 +20,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import http.client
-import json
 import logging
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +35,7 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped]
 
+from benchmarks import agents
 from vdsm_agent import settings
 from vdsm_agent.connections import uri as uris
 from vdsm_agent.connections.backends.base import Attachment, Backend
@@ -87,24 +85,8 @@ def _make_dirs(root: Path, count: int) -> list[Path]:
 # -- CPU of a real agent -----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _call(port: int, method: str, **params: Any) -> Any:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        body = json.dumps({"jsonrpc": "2.0", "method": method, "params": params, "id": 1})
-        connection.request("POST", "/jsonrpc", body=body,
-                           headers={"Content-Type": "application/json"})
-        answer = json.loads(connection.getresponse().read())
-    finally:
-        connection.close()
-    if "error" in answer:
-        raise BenchError(f"{method}: {answer['error']}")
-    return answer["result"]
+    return agents.call(port, method, params, timeout=30, error=BenchError)
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float) -> None:
@@ -141,7 +123,7 @@ def run_cpu(connections: int = 200, interval: float = 10.0, duration: float = 60
         root = Path(tmp)
         (root / "dirs").mkdir()
         directories = _make_dirs(root / "dirs", connections)
-        port = _free_port()
+        port = agents.free_port()
         argv = [sys.executable, "-m", "vdsm_agent.main", "--state-dir", str(root / "state"),
                 "--listen", f"127.0.0.1:{port}", "--unix-socket", "none",
                 "--log-level", "warning", f"--probe-interval={interval}"]

@@ -39,13 +39,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import http.client
-import json
 import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,6 +52,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks import agents
 from vdsm_agent.tasks import clock
 
 MiB = 1024 * 1024
@@ -74,16 +72,7 @@ class Agent:
     port: int
 
     def call(self, method: str, **params: Any) -> Any:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=3600)
-        try:
-            body = json.dumps({"jsonrpc": "2.0", "method": method, "params": params, "id": 1})
-            conn.request("POST", "/jsonrpc", body, {"Content-Type": "application/json"})
-            answer = json.loads(conn.getresponse().read())
-        finally:
-            conn.close()
-        if "error" in answer:
-            raise BenchError(f"{method}: {answer['error']}")
-        return answer["result"]
+        return agents.call(self.port, method, params, timeout=3600, error=BenchError)
 
     def run(self, kind: str, **params: Any) -> tuple[dict[str, Any], float]:
         """Run a task to its end: the task and the caller's wall time."""
@@ -100,15 +89,9 @@ class Agent:
         return task, elapsed
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def agent_in(root: Path, flags: Sequence[str] = ()) -> Iterator[Agent]:
-    port = _free_port()
+    port = agents.free_port()
     argv = [sys.executable, "-m", "vdsm_agent.main", "--state-dir", str(root / "state"),
             "--listen", f"127.0.0.1:{port}", "--unix-socket", "none",
             "--allowed-root", str(root / "images"), "--log-level", "warning", *flags]

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import http.client
 import os
 import shutil
 import signal
@@ -40,7 +39,7 @@ import orjson
 import psutil  # type: ignore[import-untyped]
 
 import rpc_schema
-from benchmarks.agents import agent_argv, free_port, kill_task_processes, spawn
+from benchmarks.agents import agent_argv, free_port, healthy, kill_task_processes, spawn
 from vdsm_agent.engine.agentclient import AgentClient, AgentUnreachable
 from vdsm_agent.engine.engine import Engine
 from vdsm_agent.engine.poller import HostWorker
@@ -69,15 +68,6 @@ class Agent:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/jsonrpc"
 
-    def healthy(self) -> bool:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
-        try:
-            conn.request("GET", "/health")
-            return conn.getresponse().status == 200
-        except OSError:
-            return False
-        finally:
-            conn.close()
 
 
 def start_agents(root: Path, count: int, timeout: float = 300) -> list[Agent]:
@@ -98,7 +88,7 @@ def start_agents(root: Path, count: int, timeout: float = 300) -> list[Agent]:
         for agent in list(pending):
             if agent.proc.poll() is not None:
                 raise BenchError(f"agent {agent.name} exited with {agent.proc.returncode}")
-            if agent.healthy():
+            if healthy(agent.port):
                 pending.remove(agent)
         time.sleep(0.05)
     return agents

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+from benchmarks.agents import free_port
 
 POST_LUA = Path(__file__).with_name("post.lua")
 ROOT = Path(__file__).resolve().parents[1]  # servers run from here: ``-m benchmarks...``
@@ -94,12 +95,6 @@ def check_tools() -> None:
     cpus = os.sched_getaffinity(0)
     if not {0, 1} <= cpus:
         raise BenchError(f"needs CPUs 0 and 1 (server on 0, wrk on 1); usable: {sorted(cpus)}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _post_ping(port: int) -> tuple[int, bytes]:

@@ -51,7 +51,7 @@ from typing import Any
 import aiohttp
 import psutil  # type: ignore[import-untyped]
 
-from benchmarks import bench_http
+from benchmarks import agents, bench_http
 from benchmarks.agents import agent_argv, free_port, kill_task_processes, spawn
 from vdsm_agent.store import Store
 from vdsm_agent.tasks import clock, repository
@@ -85,26 +85,7 @@ class Agent:
         return float(match.group(1))
 
     def call(self, method: str, **params: Any) -> Any:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        try:
-            body = json.dumps({"jsonrpc": "2.0", "method": method, "params": params, "id": 1})
-            conn.request("POST", "/jsonrpc", body, {"Content-Type": "application/json"})
-            answer = json.loads(conn.getresponse().read())
-        finally:
-            conn.close()
-        if "error" in answer:
-            raise BenchError(f"{method}: {answer['error']}")
-        return answer["result"]
-
-    def healthy(self) -> bool:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
-        try:
-            conn.request("GET", "/health")
-            return conn.getresponse().status == 200
-        except OSError:
-            return False
-        finally:
-            conn.close()
+        return agents.call(self.port, method, params, timeout=60, error=BenchError)
 
     def wait_ready(self, timeout: float = 120) -> float:
         """Seconds from spawn until /health answers."""
@@ -112,7 +93,7 @@ class Agent:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise BenchError(f"agent exited with {self.proc.returncode}")
-            if self.healthy():
+            if agents.healthy(self.port):
                 return time.monotonic() - self.started
             time.sleep(0.005)
         raise BenchError("agent not ready")
