@@ -16,6 +16,9 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped]
 
+from vdsm_agent.tasks.process import CHILD_MODULE
+from vdsm_agent.tasks.zygote import ZYGOTE_MODULE
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -76,7 +79,7 @@ def kill_task_processes(state_dirs: tuple[str, ...]) -> None:
     line: a spawned one names its task dir, a zygote and its forks the state dir."""
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmdline = proc.info.get("cmdline") or []
-        if (("vdsm_agent.tasks.child" in cmdline or "vdsm_agent.tasks.zygote" in cmdline)
+        if ((CHILD_MODULE in cmdline or ZYGOTE_MODULE in cmdline)
                 and any(arg.startswith(state_dirs) for arg in cmdline)):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)

@@ -38,10 +38,10 @@ from tests.support import async_until as async_until  # imported from here by te
 from tests.support import until as until
 from vdsm_agent import settings
 from vdsm_agent.server.app import make_app
+from vdsm_agent.tasks.process import CHILD_MODULE
+from vdsm_agent.tasks.zygote import ZYGOTE_MODULE
 
 PR_SET_CHILD_SUBREAPER = 36
-CHILD_MODULE = "vdsm_agent.tasks.child"
-ZYGOTE_MODULE = "vdsm_agent.tasks.zygote"
 
 # Short timings so the suite stays fast (see the brief: stale 1.5 s, heartbeat 0.2 s).
 FAST = {

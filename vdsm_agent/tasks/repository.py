@@ -41,13 +41,9 @@ def _db() -> Any:
 
 
 def _durably(fn: Callable[[], T]) -> T:
-    db = _db()
-    db.execute_sql("PRAGMA synchronous=FULL")
-    try:
-        with db.atomic():
-            return fn()
-    finally:
-        db.execute_sql("PRAGMA synchronous=NORMAL")
+    """Run ``fn`` in one transaction committed with synchronous=FULL."""
+    with _durable_transaction(_db().connection()):
+        return fn()
 
 
 def _records(query: peewee.Query) -> list[TaskRecord]:
@@ -68,7 +64,7 @@ def insert_new(records: Sequence[TaskRecord]) -> dict[str, TaskRecord]:
     every startTask's write, so it talks to sqlite3 directly: peewee's
     transaction and cursor wrappers cost more than the statements."""
     connection = _db().connection()
-    with _raw_durable_transaction(connection):
+    with _durable_transaction(connection):
         ids = [record.id for record in records]
         known: dict[str, TaskRecord] = {}
         for start in range(0, len(ids), _MAX_VARIABLES):
@@ -84,8 +80,10 @@ def insert_new(records: Sequence[TaskRecord]) -> dict[str, TaskRecord]:
 
 
 @contextlib.contextmanager
-def _raw_durable_transaction(connection: sqlite3.Connection) -> Iterator[None]:
-    """``_durably`` for a bare sqlite3 connection (peewee's is in autocommit mode)."""
+def _durable_transaction(connection: sqlite3.Connection) -> Iterator[None]:
+    """One transaction on the store's sqlite3 connection (peewee keeps it in
+    autocommit mode, so statements run through peewee inside it belong to it),
+    committed with synchronous=FULL: it survives a power loss."""
     if connection.in_transaction:
         raise RuntimeError("a durable write inside another transaction")
     connection.execute("PRAGMA synchronous=FULL")
