@@ -3,6 +3,7 @@ page tokens, progress merging, timestamps, path confinement and process identity
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -250,7 +251,17 @@ async def test_batch_inserter_groups_concurrent_inserts_and_isolates_failures() 
         batches.append([r.id for r in records if r.id != "old"])
         return {r.id: stored for r in records if r.id == "old"}
 
-    inserter = runtime.BatchInserter(write)
+    written: list[str] = []
+    failed: list[str] = []
+
+    def on_written(record: TaskRecord, known: TaskRecord | None) -> TaskRecord | None:
+        written.append(record.id)
+        return known
+
+    def on_failed(record: TaskRecord, error: BaseException) -> None:
+        failed.append(record.id)
+
+    inserter = runtime.BatchInserter(write, on_written, on_failed)
 
     def record(task_id: str) -> TaskRecord:
         return TaskRecord(id=task_id, kind="k", params={}, request_hash="", state=State.ACCEPTED,
@@ -271,6 +282,64 @@ async def test_batch_inserter_groups_concurrent_inserts_and_isolates_failures() 
     results = await asyncio.gather(inserter.insert(record("c")), inserter.insert(record("old")))
     assert results == [None, stored]
     assert [i for batch in batches for i in batch] == ["c"]
+    # Each record is followed up once, whether it was written or not.
+    assert sorted(written) == sorted([*map(str, range(20)), "a", "b", "c", "old"])
+    assert failed == ["bad"]
+    # A caller that goes away does not stop the follow-up of its committed record.
+    batches.clear()
+    waiter = asyncio.ensure_future(inserter.insert(record("d")))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    await asyncio.sleep(0.05)
+    assert batches == [["d"]]
+    assert written[-1] == "d"
+
+
+async def test_insert_new_writes_new_ids_durably_and_reports_stored_ones(tmp_path: Path) -> None:
+    import sqlite3
+    import uuid
+
+    from vdsm_agent.store.db import Store
+    from vdsm_agent.tasks import repository
+    from vdsm_agent.tasks.record import TaskRecord
+
+    def record(request: str = "r", task_id: str | None = None) -> TaskRecord:
+        return TaskRecord(id=task_id or str(uuid.uuid4()), kind="test.sleep",
+                          params={"seconds": 1}, request_hash=request, state=State.ACCEPTED,
+                          created_at=clock.now())
+
+    store = await Store.open(tmp_path / "agent.db")
+    try:
+        # Its durable writes go through a connection that syncs every commit.
+        assert await store.run(lambda: repository._durable_connection().execute(
+            "PRAGMA synchronous").fetchone()[0]) == 2  # FULL
+        lone, first, second = record(), record(), record()
+        assert await store.run(repository.insert_new, [lone]) == {}
+        assert await store.run(repository.insert_new, [first, second]) == {}
+        for written in (lone, first, second):
+            assert await store.run(repository.get, written.id) == written
+        # An ID stored already (alone, or among new ones) is not written again:
+        # the stored record is the answer, and the new ones are written.
+        retry = record("other", lone.id)
+        assert await store.run(repository.insert_new, [retry]) == {lone.id: lone}
+        third = record()
+        assert await store.run(repository.insert_new, [third, retry]) == {lone.id: lone}
+        assert await store.run(repository.get, third.id) == third
+        assert await store.run(repository.get, lone.id) == lone
+        # A batch with a record the store refuses writes none of it.
+        fourth, bad = record(), record()
+        bad = dataclasses.replace(bad, kind=None)  # type: ignore[arg-type]
+        with pytest.raises(sqlite3.IntegrityError):
+            await store.run(repository.insert_new, [fourth, bad])
+        assert await store.run(repository.get, fourth.id) is None
+    finally:
+        await store.close()
+    # Reopened (as after a power loss), everything committed is there.
+    store = await Store.open(tmp_path / "agent.db")
+    try:
+        assert await store.run(repository.get, third.id) == third
+    finally:
+        await store.close()
 
 
 def test_rfc3339_matches_datetime_formatting() -> None:

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import logging
 import queue
+import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -169,6 +170,37 @@ class DatabaseThread:
         self._stop_thread()  # idle by now: the join is immediate
 
 
+class StoreDatabase(peewee.SqliteDatabase):
+    """The agent's sqlite database, plus a second connection for the writes that
+    must survive a power loss (``durable``, synchronous=FULL; the store's own
+    connection commits with NORMAL: safe against a crash of the agent, not of
+    the host).
+
+    Why a second connection: a durable write on the first had to switch it to
+    FULL and back around its transaction, five statements where one does.
+    Each sqlite call gives up the GIL and must take it back from the event
+    loop, and while the loop is busy every take-back waits: with one call per
+    startTask at 1,000/s, those waits made the DB round trip the largest part
+    of startTask's latency (docs/benchmarks.md)."""
+
+    durable: sqlite3.Connection | None = None
+
+    def open_durable(self) -> None:
+        """Open ``durable`` (on the DB thread, after the migrations)."""
+        connection = sqlite3.connect(self.database, isolation_level=None,
+                                     check_same_thread=True)
+        for pragma in ("synchronous=FULL", "foreign_keys=1",
+                       f"busy_timeout={PRAGMAS['busy_timeout']}"):
+            connection.execute(f"PRAGMA {pragma}")
+        self.durable = connection
+
+    def close(self) -> bool:
+        if self.durable is not None:
+            self.durable.close()
+            self.durable = None
+        return bool(super().close())
+
+
 class Store(DatabaseThread):
     """The agent's store: sqlite (WAL) at ``path``."""
 
@@ -186,7 +218,12 @@ class Store(DatabaseThread):
 
     def _make_database(self) -> peewee.Database:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        return peewee.SqliteDatabase(str(self.path), pragmas=PRAGMAS, check_same_thread=True)
+        return StoreDatabase(str(self.path), pragmas=PRAGMAS, check_same_thread=True)
+
+    def _open_on_thread(self) -> None:
+        super()._open_on_thread()
+        assert isinstance(self._db, StoreDatabase)
+        self._db.open_durable()
 
     def _migrate(self, db: peewee.Database) -> list[int]:
         return migrations.migrate(db)

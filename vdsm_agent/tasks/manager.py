@@ -119,7 +119,8 @@ class TaskManager:
         self._counts: collections.Counter[State] = collections.Counter()  # of self._active
         # Submits accepted in memory whose row is being committed (group commit).
         self._pending: dict[str, tuple[TaskRecord, asyncio.Event]] = {}
-        self._inserter = BatchInserter(self._insert_batch)
+        self._inserter = BatchInserter(self._insert_batch, self._on_written,
+                                       self._on_insert_failed)
         self._wake_scheduler = asyncio.Event()
         self._wake_retention = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
@@ -232,34 +233,37 @@ class TaskManager:
         record = TaskRecord(id=task_id, kind=kind_name, params=checked, request_hash=digest,
                             state=State.ACCEPTED, created_at=clock.now(),
                             deadline=deadline_at, resources=resources)
-        committed = self._reserve(record)
-        # Shielded: once reserved, the row is committed and the task adopted
-        # even if the caller goes away meanwhile (no row without a manager).
-        return await asyncio.shield(asyncio.ensure_future(self._record_new(record, committed)))
+        self._reserve(record)
+        # The inserter follows the commit up (_on_written) whether or not this
+        # caller still waits: no row without a manager.
+        answer: dict[str, Any] = await self._inserter.insert(record)
+        return answer
 
-    async def _record_new(self, record: TaskRecord, committed: asyncio.Event) -> dict[str, Any]:
-        """Commit a reserved new task (group commit), then adopt and schedule it."""
+    def _on_written(self, record: TaskRecord, stored: TaskRecord | None) -> dict[str, Any]:
+        """A reserved new task's batch is committed: adopt and schedule it (its answer)."""
+        committed = self._pending[record.id][1]
         try:
-            stored = await self._inserter.insert(record)
-        except BaseException:
-            self._release_reservation(record)
+            if stored is not None:
+                # The ID was stored already: a retry of a task that ended and left
+                # memory, or an ID taken by another request.
+                self._release_reservation(record)
+                return self._known_answer(stored, record.request_hash)
+            del self._pending[record.id]
+            self._adopt(record, reserved=True)
+        finally:
             committed.set()
-            raise
-        if stored is not None:
-            # The ID was stored already: a retry of a task that ended and left
-            # memory, or an ID taken by another request.
-            self._release_reservation(record)
-            committed.set()
-            return self._known_answer(stored, record.request_hash)
-        del self._pending[record.id]
-        self._adopt(record, reserved=True)
-        committed.set()
         if log.isEnabledFor(logging.DEBUG):  # the audit log has the call at INFO
             log.debug("task %s: accepted %s params=%s", record.id, record.kind,
                       orjson.dumps(redact.value(record.params)).decode())
         self._emit(None, record)
-        self._wake_scheduler.set()
+        if self._slots_used() < self.config.max_running_tasks:
+            self._wake_scheduler.set()  # else the next free slot wakes it (_retire)
         return {"taskID": record.id, "state": str(State.ACCEPTED)}
+
+    def _on_insert_failed(self, record: TaskRecord, error: BaseException) -> None:
+        committed = self._pending[record.id][1]
+        self._release_reservation(record)
+        committed.set()
 
     async def get(self, task_id: str) -> dict[str, Any]:
         return (await self._record(_canonical_id(task_id))).to_api()
@@ -412,14 +416,12 @@ class TaskManager:
     async def _insert_batch(self, records: list[TaskRecord]) -> dict[str, TaskRecord]:
         return await self.store.run(repository.insert_new, records)
 
-    def _reserve(self, record: TaskRecord) -> asyncio.Event:
+    def _reserve(self, record: TaskRecord) -> None:
         """Hold a new task's resources and queue place while its row is committed."""
-        committed = asyncio.Event()
-        self._pending[record.id] = (record, committed)
+        self._pending[record.id] = (record, asyncio.Event())
         self._counts[State.ACCEPTED] += 1
         for resource in record.resources:
             self._holders[resource] = record.id
-        return committed
 
     def _release_reservation(self, record: TaskRecord) -> None:
         self._pending.pop(record.id, None)
@@ -495,7 +497,7 @@ class TaskManager:
 
     def _adopt(self, record: TaskRecord, reserved: bool = False) -> Active:
         """Track an unfinished task in memory: its resources, its queue place."""
-        active = Active(record=record, files=self._files(record.id))
+        active = Active(record=record, state_dir=self.state_dir)
         self._active[record.id] = active
         if not reserved:
             self._counts[record.state] += 1
@@ -627,7 +629,7 @@ class TaskManager:
                 await self._finish_unstarted(active, State.FAILED, _deadline_error(record.deadline))
                 return
             try:
-                await asyncio.to_thread(write_spec, active.files, self._spec(record))
+                await asyncio.to_thread(write_spec, active.task_files, self._spec(record))
             except OSError as exc:
                 await self._finish_unstarted(active, State.FAILED, {
                     "name": "SpawnFailed", "detail": f"cannot write the task spec: {exc}"})
@@ -653,12 +655,12 @@ class TaskManager:
         zygote = await self._zygotes.ready()
         if zygote is not None:
             try:
-                pid, create_time, pidfd = await zygote.spawn(active.files.dir)
+                pid, create_time, pidfd = await zygote.spawn(active.task_files.dir)
             except ZygoteGone:
                 pass  # it said why in the log; spawn this one and the next
             else:
                 return process.Identity(pid, create_time), pidfd, True
-        identity, pidfd = await asyncio.to_thread(process.spawn, active.files)
+        identity, pidfd = await asyncio.to_thread(process.spawn, active.task_files)
         return identity, pidfd, False
 
     def _watch(self, active: Active, pidfd: int, own_child: bool) -> None:
@@ -714,7 +716,7 @@ class TaskManager:
             return
         active.finalizing = True
         exit_status = await self._release_process(active)
-        final = await asyncio.to_thread(read_final, active.files)
+        final = await asyncio.to_thread(read_final, active.task_files)
         async with active.lock:
             record = self._concluded(active.record, final, exit_status)
             await self._commit(active, record, reset=record.stop is not None
@@ -797,7 +799,7 @@ class TaskManager:
             await asyncio.sleep(interval)
             watched = [a for a in self._launched.values() if a.pidfd is not None]
             if watched:
-                snapshots = await asyncio.to_thread(read_snapshots, [a.files for a in watched])
+                snapshots = await asyncio.to_thread(read_snapshots, [a.task_files for a in watched])
                 for active, snapshot in zip(watched, snapshots, strict=True):
                     await self._observe(active, snapshot)
             await self._enforce_deadlines()
@@ -939,10 +941,10 @@ class TaskManager:
         record = active.record
         if record.pid is not None and record.pid_create_time is not None:
             return process.Identity(record.pid, record.pid_create_time)
-        status = files.read_json(active.files.status)
+        status = files.read_json(active.task_files.status)
         if isinstance(status, dict) and status.get("pid"):
             return process.Identity(int(status["pid"]), float(status["createTime"]))
-        return process.find_by_task_dir(active.files.dir)
+        return process.find_by_task_dir(active.task_files.dir)
 
     # -- retention --------------------------------------------------------------------------------
 

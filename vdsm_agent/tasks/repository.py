@@ -31,6 +31,8 @@ _SELECT_MANY = f"{_SELECT_ALL} WHERE id IN"
 _MAX_VARIABLES = 500  # sqlite's limit on bound values is 999 on older builds
 _INSERT = (f"INSERT INTO task ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
+# A new task: an ID stored already is left alone (the caller is told what is stored).
+_INSERT_NEW = f"{_INSERT} ON CONFLICT (id) DO NOTHING"
 _UPDATE = (f"UPDATE task SET {', '.join(f'{c} = ?' for c in _COLUMNS if c != 'id')} "
            "WHERE id = ? AND state = ?")
 
@@ -59,24 +61,55 @@ def insert_new(records: Sequence[TaskRecord]) -> dict[str, TaskRecord]:
     """Insert the records whose ID is not stored yet, in one durable transaction;
     return the stored records of the IDs that were (they are not written).
 
-    Checking inside the transaction is what lets a submit skip a lookup of its
-    own: one DB round trip per group commit instead of two per submit. This is
-    every startTask's write, so it talks to sqlite3 directly: peewee's
-    transaction and cursor wrappers cost more than the statements."""
-    connection = _db().connection()
-    with _durable_transaction(connection):
-        ids = [record.id for record in records]
-        known: dict[str, TaskRecord] = {}
-        for start in range(0, len(ids), _MAX_VARIABLES):
-            chunk = ids[start:start + _MAX_VARIABLES]
-            rows = connection.execute(
-                f"{_SELECT_MANY} ({', '.join('?' for _ in chunk)})", chunk).fetchall()
-            for row in rows:
-                stored = from_row(dict(zip(_COLUMNS, row, strict=True)))
+    This is every startTask's write, so it is lean: sqlite3 directly, on the
+    store's durable connection (``StoreDatabase.durable``), a lone record in
+    one statement (its own transaction), a batch in one explicit transaction.
+    The store is asked what it held under the IDs only when fewer rows than
+    records were written: a retried submit, or an ID taken by another request."""
+    connection = _durable_connection()
+    rows = [_values(record) for record in records]
+    if len(rows) == 1:
+        written = connection.execute(_INSERT_NEW, rows[0]).rowcount
+    else:
+        connection.execute("BEGIN")
+        try:
+            written = connection.executemany(_INSERT_NEW, rows).rowcount
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+    if written == len(rows):
+        return {}
+    return _stored_before(connection, records)
+
+
+def _stored_before(connection: sqlite3.Connection,
+                   records: Sequence[TaskRecord]) -> dict[str, TaskRecord]:
+    """The stored rows under the IDs of ``records`` that are not theirs (they
+    were there before ``insert_new`` wrote the others). A row is a record's own
+    when it has its creation time and request: to the microsecond, only that
+    submit could have written it, as another submit of the same ID is held
+    back in memory until this one is committed (``TaskManager._twin``)."""
+    offered = {record.id: record for record in records}
+    ids = list(offered)
+    known: dict[str, TaskRecord] = {}
+    for start in range(0, len(ids), _MAX_VARIABLES):
+        chunk = ids[start:start + _MAX_VARIABLES]
+        rows = connection.execute(
+            f"{_SELECT_MANY} ({', '.join('?' for _ in chunk)})", chunk).fetchall()
+        for row in rows:
+            stored = from_row(dict(zip(_COLUMNS, row, strict=True)))
+            mine = offered[stored.id]
+            if (stored.created_at, stored.request_hash) != (mine.created_at, mine.request_hash):
                 known[stored.id] = stored
-        connection.executemany(
-            _INSERT, [_values(record) for record in records if record.id not in known])
     return known
+
+
+def _durable_connection() -> sqlite3.Connection:
+    connection = _db().durable
+    if connection is None:
+        raise RuntimeError("the store has no durable connection (not a Store, or closed)")
+    return cast(sqlite3.Connection, connection)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -43,7 +44,7 @@ class Active:
     """An unfinished task: its record (the truth once persisted) and its process."""
 
     record: TaskRecord
-    files: files.TaskFiles
+    state_dir: Path
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     finished: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     output_pulse: Pulse = dataclasses.field(default_factory=Pulse)
@@ -58,6 +59,12 @@ class Active:
     @property
     def id(self) -> str:
         return self.record.id
+
+    @functools.cached_property
+    def task_files(self) -> files.TaskFiles:
+        """Its directory's paths, built on first use: a queued task needs none
+        until it is launched, and the pathlib joins were a tenth of a submit."""
+        return files.task_files(self.state_dir, self.id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,48 +135,77 @@ def ensure_dir(path: Path) -> None:
 class BatchInserter:
     """Group commit for new tasks: concurrent submits share one durable transaction.
 
-    Each ``insert`` waits until its record is committed (with synchronous=FULL),
-    but while one commit (an fsync) is in flight the next records gather and
-    go together in the following one, so throughput grows with concurrency
+    ``insert`` queues a record and returns a future of its caller's answer.
+    While one commit (an fsync) is in flight the next records gather and go
+    together in the following one, so throughput grows with concurrency
     instead of being one fsync per task. ``write_batch`` returns the records
-    already stored under one of the batch's IDs (those are not written);
-    ``insert`` returns the stored record for its ID, or None once it wrote it.
+    already stored under one of the batch's IDs (those are not written).
+
+    Right after its batch is committed, ``on_written(record, stored)`` runs on
+    the loop (``stored``: the record already stored under its ID, else None)
+    and its return value, or exception, is the answer; a record that cannot be
+    written gets ``on_failed(record, error)`` instead. Both run whether or not
+    the caller still waits, so a committed row is always followed up (no row
+    without a manager), and no task per insert is needed for that.
     """
 
     def __init__(self, write_batch: Callable[[list[TaskRecord]],
-                                             Awaitable[dict[str, TaskRecord]]]) -> None:
+                                             Awaitable[dict[str, TaskRecord]]],
+                 on_written: Callable[[TaskRecord, TaskRecord | None], Any],
+                 on_failed: Callable[[TaskRecord, BaseException], None]) -> None:
         self._write_batch = write_batch
-        self._waiting: list[tuple[TaskRecord, asyncio.Future[TaskRecord | None]]] = []
+        self._on_written = on_written
+        self._on_failed = on_failed
+        self._waiting: list[tuple[TaskRecord, asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    async def insert(self, record: TaskRecord) -> TaskRecord | None:
-        future: asyncio.Future[TaskRecord | None] = asyncio.get_running_loop().create_future()
+    def insert(self, record: TaskRecord) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting.append((record, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        return await future
+        return future
 
     async def _flush(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._waiting, []
-            try:
-                stored = await self._write_batch([record for record, _ in batch])
-            except Exception:
-                # One bad record must not fail its neighbours: retry one by one.
+        batch: list[tuple[TaskRecord, asyncio.Future[Any]]] = []
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                try:
+                    stored = await self._write_batch([record for record, _ in batch])
+                except Exception:
+                    # One bad record must not fail its neighbours: retry one by one.
+                    while batch:
+                        await self._write_one(*batch[0])
+                        batch.pop(0)
+                    continue
                 for record, future in batch:
-                    await self._write_one(record, future)
-                continue
-            for record, future in batch:
-                if not future.done():
-                    future.set_result(stored.get(record.id))
+                    self._answer(future, self._on_written, record, stored.get(record.id))
+                batch = []
+        except BaseException as exc:  # cancelled (the agent stops): nothing was written
+            for record, future in [*batch, *self._waiting]:
+                self._on_failed(record, exc)
+                future.cancel()
+            self._waiting = []
+            raise
 
-    async def _write_one(self, record: TaskRecord,
-                         future: asyncio.Future[TaskRecord | None]) -> None:
+    async def _write_one(self, record: TaskRecord, future: asyncio.Future[Any]) -> None:
         try:
             stored = await self._write_batch([record])
+        except Exception as exc:
+            self._on_failed(record, exc)
+            if not future.done():
+                future.set_exception(exc)
+        else:
+            self._answer(future, self._on_written, record, stored.get(record.id))
+
+    @staticmethod
+    def _answer(future: asyncio.Future[Any], make: Callable[..., Any], *args: Any) -> None:
+        try:
+            answer = make(*args)
         except Exception as exc:
             if not future.done():
                 future.set_exception(exc)
         else:
             if not future.done():
-                future.set_result(stored.get(record.id))
+                future.set_result(answer)
