@@ -177,11 +177,9 @@ class StoreDatabase(peewee.SqliteDatabase):
     the host).
 
     Why a second connection: a durable write on the first had to switch it to
-    FULL and back around its transaction, five statements where one does.
-    Each sqlite call gives up the GIL and must take it back from the event
-    loop, and while the loop is busy every take-back waits: with one call per
-    startTask at 1,000/s, those waits made the DB round trip the largest part
-    of startTask's latency (docs/benchmarks.md)."""
+    FULL and back around its transaction, five statements where one does (a
+    lone startTask's insert), and each sqlite call gives up the GIL and must
+    take it back from a busy event loop (docs/benchmarks.md, "Tasks")."""
 
     durable: sqlite3.Connection | None = None
 
