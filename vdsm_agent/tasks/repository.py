@@ -2,8 +2,9 @@
 (``await store.run(fn, ...)``), never on the event loop.
 
 Writes that must survive a power loss (a new task, a final state, a delete)
-commit with ``synchronous=FULL``; heartbeat-level updates keep the store's
-default (WAL + NORMAL: safe against a crash of the agent, not of the host).
+go through the store's durable connection (``StoreDatabase.durable``,
+synchronous=FULL); heartbeat-level updates use its main connection (WAL +
+NORMAL: safe against a crash of the agent, not of the host).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeVar, cast
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, cast
 
 import peewee
 
@@ -20,7 +21,6 @@ from vdsm_agent.store.models import TaskRow
 from vdsm_agent.tasks.record import TaskRecord, from_row, to_row
 from vdsm_agent.tasks.states import FINAL, UNFINISHED, State
 
-T = TypeVar("T")
 # The hot statements (one task by ID, insert, update) as plain SQL built once:
 # peewee spends ~0.5 ms generating SQL for a 21-column query, sqlite ~20 µs
 # running it.
@@ -42,12 +42,6 @@ def _db() -> Any:
     return cast(Any, TaskRow._meta.database)
 
 
-def _durably(fn: Callable[[], T]) -> T:
-    """Run ``fn`` in one transaction committed with synchronous=FULL."""
-    with _durable_transaction(_db().connection()):
-        return fn()
-
-
 def _records(query: peewee.Query) -> list[TaskRecord]:
     return [from_row(row) for row in query.dicts()]
 
@@ -66,21 +60,15 @@ def insert_new(records: Sequence[TaskRecord]) -> dict[str, TaskRecord]:
     one statement (its own transaction), a batch in one explicit transaction.
     The store is asked what it held under the IDs only when fewer rows than
     records were written: a retried submit, or an ID taken by another request."""
-    connection = _durable_connection()
     rows = [_values(record) for record in records]
     if len(rows) == 1:
-        written = connection.execute(_INSERT_NEW, rows[0]).rowcount
+        written = _durable_connection().execute(_INSERT_NEW, rows[0]).rowcount
     else:
-        connection.execute("BEGIN")
-        try:
+        with _durable_transaction() as connection:
             written = connection.executemany(_INSERT_NEW, rows).rowcount
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
     if written == len(rows):
         return {}
-    return _stored_before(connection, records)
+    return _stored_before(_durable_connection(), records)
 
 
 def _stored_before(connection: sqlite3.Connection,
@@ -113,23 +101,18 @@ def _durable_connection() -> sqlite3.Connection:
 
 
 @contextlib.contextmanager
-def _durable_transaction(connection: sqlite3.Connection) -> Iterator[None]:
-    """One transaction on the store's sqlite3 connection (peewee keeps it in
-    autocommit mode, so statements run through peewee inside it belong to it),
-    committed with synchronous=FULL: it survives a power loss."""
-    if connection.in_transaction:
-        raise RuntimeError("a durable write inside another transaction")
-    connection.execute("PRAGMA synchronous=FULL")
+def _durable_transaction() -> Iterator[sqlite3.Connection]:
+    """One transaction on the store's durable connection (synchronous=FULL: once
+    committed, it survives a power loss). A lone statement needs none: on that
+    connection it is its own durable transaction."""
+    connection = _durable_connection()
+    connection.execute("BEGIN")
     try:
-        connection.execute("BEGIN")
-        try:
-            yield
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
-    finally:
-        connection.execute("PRAGMA synchronous=NORMAL")
+        yield connection
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
 
 
 def update(task_id: str, expected: State, record: TaskRecord, durable: bool) -> bool:
@@ -137,13 +120,9 @@ def update(task_id: str, expected: State, record: TaskRecord, durable: bool) -> 
     values = [*_values(record)[1:], task_id, str(expected)]
     assert _COLUMNS[0] == "id"
 
-    def write() -> bool:
-        return bool(_db().execute_sql(_UPDATE, values).rowcount)
-
     if durable:
-        return _durably(write)
-    with _db().atomic():
-        return write()
+        return bool(_durable_connection().execute(_UPDATE, values).rowcount)
+    return bool(_db().execute_sql(_UPDATE, values).rowcount)
 
 
 def get(task_id: str) -> TaskRecord | None:
@@ -201,25 +180,20 @@ def list_page(where: ListFilter, after: tuple[float, str] | None, limit: int) ->
 
 def delete(task_id: str) -> bool:
     """Delete a final task; False if it is missing or not final."""
-    def remove() -> bool:
-        return bool(TaskRow.delete()
-                    .where((TaskRow.id == task_id)
-                           & TaskRow.state.in_([str(state) for state in FINAL]))
-                    .execute())
-    return _durably(remove)
+    return delete_many([task_id]) == 1
 
 
 def delete_many(task_ids: Sequence[str]) -> int:
-    def remove() -> int:
-        count = 0
-        for start in range(0, len(task_ids), 500):
-            batch = list(task_ids[start:start + 500])
-            count += (TaskRow.delete()
-                      .where(TaskRow.id.in_(batch)
-                             & TaskRow.state.in_([str(state) for state in FINAL]))
-                      .execute())
-        return count
-    return _durably(remove)
+    """Delete the final tasks among ``task_ids``, durably; how many were."""
+    finals = [str(state) for state in FINAL]
+    count = 0
+    with _durable_transaction() as connection:
+        for start in range(0, len(task_ids), _MAX_VARIABLES):
+            chunk = list(task_ids[start:start + _MAX_VARIABLES])
+            count += connection.execute(
+                f"DELETE FROM task WHERE id IN ({', '.join('?' for _ in chunk)}) "
+                f"AND state IN ({', '.join('?' for _ in finals)})", [*chunk, *finals]).rowcount
+    return count
 
 
 def _ids(query: peewee.Query) -> list[str]:
@@ -270,8 +244,6 @@ def _cap_order(retention: dict[State, float]) -> Iterable[list[str]]:
 
 def insert_many(records: Sequence[TaskRecord]) -> None:
     """Bulk insert (benchmarks and tests)."""
-    def write() -> None:
-        for start in range(0, len(records), 200):
-            TaskRow.insert_many([to_row(r) for r in records[start:start + 200]]).execute()
-    _durably(write)
+    with _durable_transaction() as connection:
+        connection.executemany(_INSERT, [_values(record) for record in records])
 

@@ -180,7 +180,7 @@ class BatchInserter:
                         batch.pop(0)
                     continue
                 for record, future in batch:
-                    self._answer(future, self._on_written, record, stored.get(record.id))
+                    self._answer(record, future, stored.get(record.id))
                 batch = []
         except BaseException as exc:  # cancelled (the agent stops): nothing was written
             for record, future in [*batch, *self._waiting]:
@@ -197,12 +197,13 @@ class BatchInserter:
             if not future.done():
                 future.set_exception(exc)
         else:
-            self._answer(future, self._on_written, record, stored.get(record.id))
+            self._answer(record, future, stored.get(record.id))
 
-    @staticmethod
-    def _answer(future: asyncio.Future[Any], make: Callable[..., Any], *args: Any) -> None:
+    def _answer(self, record: TaskRecord, future: asyncio.Future[Any],
+                stored: TaskRecord | None) -> None:
+        """Follow a written record up; its answer goes to the caller if it still waits."""
         try:
-            answer = make(*args)
+            answer = self._on_written(record, stored)
         except Exception as exc:
             if not future.done():
                 future.set_exception(exc)
