@@ -128,11 +128,13 @@ def _wait_ready(proc: subprocess.Popen[bytes], port: int, name: str, log: Path,
 
 
 @contextlib.contextmanager
-def _server(name: str, argv: Sequence[str], port: int, workdir: Path) -> Iterator[int]:
-    """Start ``argv`` pinned to the server CPU; yield its pid; stop it afterwards."""
+def server(name: str, argv: Sequence[str], port: int, workdir: Path,
+           cpus: str = SERVER_CPU) -> Iterator[int]:
+    """Start ``argv`` pinned to ``cpus``; yield its pid once it answers ping; stop it
+    afterwards."""
     log = workdir / f"{name}.log"
     with open(log, "wb") as log_file:
-        proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, *argv], cwd=ROOT,
+        proc = subprocess.Popen(["taskset", "-c", cpus, *argv], cwd=ROOT,
                                 stdout=log_file, stderr=subprocess.STDOUT)
     try:
         _wait_ready(proc, port, name, log)
@@ -222,8 +224,8 @@ def run(rounds: int = 4, duration_s: float = 10.0, warmup_s: float = 3.0,
         rpc_argv = [python, "-m", "vdsm_agent.main", "--state-dir", str(workdir / "state"),
                     "--listen", f"127.0.0.1:{rpc_port}", "--unix-socket", "none"]
         bare_argv = [python, "-m", "benchmarks.bare_server", "--port", str(bare_port)]
-        with _server("rpc", rpc_argv, rpc_port, workdir) as rpc_pid, \
-                _server("bare", bare_argv, bare_port, workdir) as bare_pid:
+        with server("rpc", rpc_argv, rpc_port, workdir) as rpc_pid, \
+                server("bare", bare_argv, bare_port, workdir) as bare_pid:
             servers = (("rpc", rpc_port, rpc_pid), ("bare", bare_port, bare_pid))
             for name, port, _ in servers:
                 say(f"warm-up {name} ({warmup_s:g}s)")
