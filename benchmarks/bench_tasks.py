@@ -186,6 +186,8 @@ class RateResult:
     rate: float
     seconds: float
     runs: tuple[RateRun, ...]
+    commit_p50_ms: float  # the store's durable insert alone (see _durable_insert_floor)
+    commit_p99_ms: float
 
     def of(self, target: str) -> list[RateRun]:
         return [run for run in self.runs if run.target == target]
@@ -334,6 +336,32 @@ def _measure_at_rate(target: str, port: int, seconds: float) -> RateRun:
                    percentile(latencies, 0.99) * 1000, max(latencies) * 1000, steal)
 
 
+def _new_record() -> TaskRecord:
+    params = {"seconds": 1}
+    return TaskRecord(id=str(uuid.uuid4()), kind="test.sleep", params=params,
+                      request_hash=request_hash("test.sleep", params, None),
+                      state=State.ACCEPTED, created_at=clock.now())
+
+
+async def _durable_insert_floor(state_dir: Path, rate: float, seconds: float) -> list[float]:
+    """How long the agent's own durable insert of one new task takes when nothing
+    else runs: a real store, ``repository.insert_new`` through its DB thread (the
+    thread hop, the statement, the fsync), one call every ``1 / rate`` s. No
+    startTask can answer faster on this host."""
+    store = await Store.open(state_dir / "agent.db")
+    durations: list[float] = []
+    try:
+        for _ in range(int(rate * seconds)):
+            record = _new_record()
+            began = time.perf_counter()
+            await store.run(repository.insert_new, [record])
+            durations.append(time.perf_counter() - began)
+            await asyncio.sleep(max(0.0, 1 / rate - durations[-1]))
+    finally:
+        await store.close()
+    return durations
+
+
 def bench_rate(seconds: float, rounds: int = 3) -> RateResult:
     """startTask latency at 1,000 calls/s offered, beside the same client's
     latency against a bare aiohttp handler and the agent's ping, in ``rounds``
@@ -361,7 +389,10 @@ def bench_rate(seconds: float, rounds: int = 3) -> RateResult:
                 finally:
                     os.sched_setaffinity(0, client_cpus)
                     stop_agent(agent)
-    return RateResult(RATE, seconds, tuple(runs))
+    with workdir() as root:
+        commits = asyncio.run(_durable_insert_floor(root, RATE, seconds))
+    return RateResult(RATE, seconds, tuple(runs), statistics.median(commits) * 1000,
+                      percentile(commits, 0.99) * 1000)
 
 
 # -- checksum vs sha256sum -------------------------------------------------------------------
@@ -881,6 +912,9 @@ def report_rate(rate: RateResult) -> None:
         print(f"{target:<13} {rate.median(target, 'p50_ms'):>7.2f} {p99:>7.2f} "
               f"{rate.median(target, 'max_ms'):>7.1f} {rate.median(target, 'steal_pct'):>8.0f}% "
               f"{p99 / bare_p99:>10.2f}")
+    print(f"  the store's durable insert alone (one task every {1000 / rate.rate:g} ms, "
+          f"nothing else running; DB thread hop + statement + fsync): "
+          f"p50 {rate.commit_p50_ms:.2f} ms, p99 {rate.commit_p99_ms:.2f} ms")
     p99 = rate.median("startTask", "p99_ms")
     print(f"  startTask p99 {p99:.2f} ms (target <= {RATE_P99_TARGET_MS:g} ms: "
           f"{'met' if p99 <= RATE_P99_TARGET_MS else 'missed'})")
