@@ -69,7 +69,6 @@ class Agent:
         return f"http://127.0.0.1:{self.port}/jsonrpc"
 
 
-
 def start_agents(root: Path, count: int, timeout: float = 300) -> list[Agent]:
     agents = []
     for index in range(count):

@@ -313,8 +313,10 @@ async def _submit_at_rate(port: int, rate: float, warmup: float, seconds: float,
 
 # What the startTask latency is compared with, at the same rate, by the same client:
 # a bare aiohttp handler (the floor of any Python HTTP server on this host) and the
-# agent's ping (HTTP + JSON-RPC, no task work).
-RATE_TARGETS = ("bare aiohttp", "ping", "startTask")
+# agent's ping (HTTP + JSON-RPC, no task work); each target with its request.
+RATE_REQUESTS: dict[str, Callable[[int], bytes]] = {
+    "bare aiohttp": _ping_request, "ping": _ping_request, "startTask": _start_task_request}
+RATE_TARGETS = tuple(RATE_REQUESTS)
 
 
 def _cpu_ticks() -> tuple[int, int]:
@@ -326,10 +328,9 @@ def _cpu_ticks() -> tuple[int, int]:
 
 
 def _measure_at_rate(target: str, port: int, seconds: float) -> RateRun:
-    make_request = _start_task_request if target == "startTask" else _ping_request
     steal_before, total_before = _cpu_ticks()
     latencies = asyncio.run(_submit_at_rate(port, RATE, 2.0, seconds,
-                                            make_request=make_request))
+                                            make_request=RATE_REQUESTS[target]))
     steal_after, total_after = _cpu_ticks()
     steal = 100 * (steal_after - steal_before) / max(1, total_after - total_before)
     return RateRun(target, len(latencies), statistics.median(latencies) * 1000,
