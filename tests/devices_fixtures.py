@@ -91,9 +91,10 @@ class DeviceLab:
         self._on_cleanup(f"rm {path}", lambda: path.unlink(missing_ok=True))
         return path
 
-    def attach(self, backing: Path | str) -> str:
+    def attach(self, backing: Path | str, read_only: bool = False) -> str:
         """A new loop device on ``backing``; returns its node (/dev/loopN)."""
-        device = sh("losetup", "--find", "--show", "--", str(backing)).strip()
+        mode = ["--read-only"] if read_only else []
+        device = sh("losetup", "--find", "--show", *mode, "--", str(backing)).strip()
         assert device.startswith("/dev/loop"), device
         # The kernel gives every attach a new disk sequence number: it tells,
         # at teardown, whether the device is still the one attached here.
