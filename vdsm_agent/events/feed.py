@@ -42,7 +42,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from vdsm_agent.tasks.runtime import Pulse, wait_event
-from vdsm_agent.tasks.states import FINAL
+from vdsm_agent.tasks.states import FINAL, State
 
 if TYPE_CHECKING:
     from vdsm_agent.connections.manager import ConnectionEvent
@@ -58,6 +58,10 @@ STREAM_BATCH = 1000  # events per write of the HTTP stream
 STREAM_IDLE_CHECK = 10.0  # seconds between checks that an idle stream's client is still there
 
 _FINAL_STATES = frozenset(str(state) for state in FINAL)
+# No throttle is kept for these: a final task sends no more progress, and a
+# queued one none yet (a throttle per queued task was one more object for the
+# garbage collector to walk while the queue lasts).
+_NO_PROGRESS_STATES = _FINAL_STATES | {str(State.ACCEPTED)}
 
 
 def rfc3339(timestamp: float) -> str:
@@ -173,7 +177,7 @@ class EventFeed:
         throttle = self._throttles.pop(task_id, None)
         if throttle is not None:
             throttle.cancel()  # this event carries the current progress
-        if state not in _FINAL_STATES:
+        if state not in _NO_PROGRESS_STATES:
             throttle = throttle or _Throttle(kind=str(change["kind"]), state=state)
             throttle.state = state
             throttle.last = time.monotonic()

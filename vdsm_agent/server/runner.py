@@ -35,10 +35,12 @@ async def serve_until_signalled(runner: web.AppRunner, log: logging.Logger, prog
 
 
 # Collect the youngest generation every 20,000 allocations instead of 700, and
-# the older ones 20 times rarer than that. Each queued task keeps a few dozen
-# objects alive, and with the defaults the full collections that a growing
-# queue triggers paused the loop for 50-70 ms (startTask p99 at 16 clients:
-# 66-80 ms before, 17-21 ms after; benchmarks/bench_tasks.py "submit").
+# the older ones 20 times rarer than that. Every collection walks each live
+# container object, and a growing queue of tasks is the biggest set of them:
+# with the defaults the full collections paused the loop for 50-70 ms
+# (startTask p99 at 16 clients: 66-80 ms before, 17-21 ms after;
+# benchmarks/bench_tasks.py "submit"). A queued task now keeps only its
+# TaskRecord, its Active and its event dict tracked (see tasks/runtime.py).
 GC_THRESHOLDS = (20_000, 20, 20)
 
 

@@ -232,7 +232,7 @@ class TaskManager:
             raise
         record = TaskRecord(id=task_id, kind=kind_name, params=checked, request_hash=digest,
                             state=State.ACCEPTED, created_at=clock.now(),
-                            deadline=deadline_at, resources=resources)
+                            deadline=deadline_at, resources=tuple(resources))
         self._reserve(record)
         # The inserter follows the commit up (_on_written) whether or not this
         # caller still waits: no row without a manager.
@@ -547,7 +547,7 @@ class TaskManager:
                                 reset_entry: dict[str, Any] | None = None) -> None:
         """End a task that has no process (accepted, or failed to spawn). Lock held."""
         record = active.record
-        resets = [*record.resets, reset_entry] if reset_entry else record.resets
+        resets = (*record.resets, reset_entry) if reset_entry else record.resets
         progress = completed_progress(record.progress) if target is State.DONE else record.progress
         await self._commit(active, dataclasses.replace(
             record, state=target, ended_at=clock.now(), error=error, result=result,
@@ -754,7 +754,7 @@ class TaskManager:
                                   or (final.status or {}).get("progress"))
         changes: dict[str, Any] = {
             "ended_at": outcome.get("endedAt") or clock.now(),
-            "warnings": list(outcome.get("warnings") or []),
+            "warnings": tuple(outcome.get("warnings") or ()),
             "output_size": final.extent.end,
             "output_start": final.extent.start,
             "heartbeat_at": (final.status or {}).get("heartbeatAt", record.heartbeat_at),
@@ -762,7 +762,7 @@ class TaskManager:
         if reason == "reset":
             target = State(stop["to"])
             entry = {**stop["entry"], "killedPid": record.pid if stop.get("killed") else None}
-            changes["resets"] = [*record.resets, entry]
+            changes["resets"] = (*record.resets, entry)
             changes["result"] = stop.get("result") if target is State.DONE else None
             changes["error"] = None if target is State.DONE else {
                 "name": "ResetByAdministrator", "detail": stop["entry"]["reason"]}

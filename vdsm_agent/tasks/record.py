@@ -32,14 +32,17 @@ class TaskRecord:
     progress: dict[str, Any] = dataclasses.field(default_factory=empty_progress)
     result: Any = None
     error: dict[str, Any] | None = None
-    warnings: list[str] = dataclasses.field(default_factory=list)
-    resources: list[str] = dataclasses.field(default_factory=list)
+    # Tuples, not lists: the collector stops tracking a tuple of strings (or of
+    # dicts of plain values) after one pass, and an unfinished task's record is
+    # kept for as long as it waits (see ``runtime.Active``).
+    warnings: tuple[str, ...] = ()
+    resources: tuple[str, ...] = ()
     output_size: int = 0
     output_start: int = 0
     pid: int | None = None
     pid_create_time: float | None = None
     stop: dict[str, Any] | None = None
-    resets: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    resets: tuple[dict[str, Any], ...] = ()
 
     def to_api(self) -> dict[str, Any]:
         """The ``Task`` object of the API schema."""
@@ -105,8 +108,8 @@ def from_row(row: dict[str, Any]) -> TaskRecord:
         text = values.get(name)
         values[name] = orjson.loads(text) if text is not None else None
     values["state"] = State(values["state"])
-    values["warnings"] = values["warnings"] or []
-    values["resources"] = values["resources"] or []
-    values["resets"] = values["resets"] or []
+    values["warnings"] = tuple(values["warnings"] or ())
+    values["resources"] = tuple(values["resources"] or ())
+    values["resets"] = tuple(values["resets"] or ())
     values["progress"] = values["progress"] or empty_progress()
     return TaskRecord(**values)
