@@ -201,9 +201,11 @@ def _agent_on_cpu(root: Path, cpu: str, count: int) -> Agent:
     submitted tasks stay queued: submits measure the checks and the durable
     insert, not process start-up."""
     port = free_port()
+    # Room for every submit of a run: batches of 10 reach ~10,000 tasks/s, and a
+    # warm-up plus a 10 s run outgrew a 100,000 cap (QueueFull).
     argv = ["taskset", "-c", cpu, *agent_argv(
         root / "state", port, root / "images", "info",
-        max_running_tasks=1, max_queued_tasks=count + 100_000)]
+        max_running_tasks=1, max_queued_tasks=count + 500_000)]
     log_path = root / f"agent-{port}.log"
     agent = Agent(spawn(argv, log_path), port, root / "state", time.monotonic(), log_path)
     agent.wait_ready()
