@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import datetime
+import gc
 import os
 import signal
 import time
@@ -298,6 +300,31 @@ async def test_running_cap_queues_fifo_and_queue_cap_is_queue_full(agents: Any) 
     # One at a time: each started after the previous one ended.
     assert starts[1] >= ends[0]
     assert starts[2] >= ends[1]
+
+
+async def test_a_queued_task_keeps_few_objects_for_the_garbage_collector(agents: Any) -> None:
+    """Every collection walks every live container object, and a queue of tens of
+    thousands of tasks paused the loop for up to 300 ms when each kept 13 (its
+    asyncio lock and events, the record's lists, a progress throttle): what a
+    queued task keeps is its TaskRecord, its Active and its event in the feed."""
+    agent = await agents(max_running_tasks=1, max_queued_tasks=1000)
+    manager = agent.rpc.app[AGENT].tasks
+    await agent.start(seconds=60)  # holds the one run slot: the rest stay queued
+    for _ in range(20):  # first-use caches and the like, outside the count
+        await manager.submit("test.sleep", {"seconds": 1})
+    gc.collect()
+    # Held, not just their ids: a freed object's id can be a new object's.
+    before = gc.get_objects()
+    seen = {id(thing) for thing in before}
+    count = 500
+    for _ in range(count):
+        await manager.submit("test.sleep", {"seconds": 1})
+    gc.collect()
+    kept = [thing for thing in gc.get_objects() if id(thing) not in seen]
+    del before
+    kinds = collections.Counter(type(thing).__name__ for thing in kept)
+    assert kinds["Active"] == count
+    assert len(kept) / count < 4, kinds.most_common(12)
 
 
 async def test_startTask_returns_only_once_recorded(agent: Agent) -> None:
