@@ -108,8 +108,7 @@ def from_row(row: dict[str, Any]) -> TaskRecord:
         text = values.get(name)
         values[name] = orjson.loads(text) if text is not None else None
     values["state"] = State(values["state"])
-    values["warnings"] = tuple(values["warnings"] or ())
-    values["resources"] = tuple(values["resources"] or ())
-    values["resets"] = tuple(values["resets"] or ())
+    for name in ("warnings", "resources", "resets"):
+        values[name] = tuple(values[name] or ())
     values["progress"] = values["progress"] or empty_progress()
     return TaskRecord(**values)

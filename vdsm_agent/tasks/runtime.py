@@ -59,9 +59,10 @@ class Active:
 
     # The asyncio objects below are made on first use. A queued task needs none
     # of them, and every object a queued task keeps is walked by each garbage
-    # collection while the queue lasts: made eagerly they were 8 of its 10
-    # tracked objects, and a queue of 30,000 paused the loop 180 ms per
-    # collection (docs/benchmarks.md, "Tasks").
+    # collection while the queue lasts: made eagerly they were 6 of its 13
+    # tracked objects (with their inner events and deques), and a queue of
+    # 30,000 paused the loop up to 180 ms per collection (docs/benchmarks.md,
+    # "Tasks").
 
     @functools.cached_property
     def lock(self) -> asyncio.Lock:
