@@ -11,6 +11,7 @@ from vdsm_agent import __version__, logs, settings
 from vdsm_agent.server import listeners
 from vdsm_agent.server.app import make_app
 from vdsm_agent.server.runner import run_daemon, serve_until_signalled
+from vdsm_agent.system import statelock
 
 log = logging.getLogger("vdsm_agent")
 
@@ -55,7 +56,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vdsm-agent: {exc}", file=sys.stderr)
         return 2
     logs.configure(config.log_level)
-    return run_daemon("vdsm-agent", serve(config))
+    # One agent per state directory, locked before anything touches the state
+    # (the store, the tasks, the Unix socket) and held until the process ends.
+    try:
+        lock = statelock.acquire(config.state_path)
+    except statelock.StateDirBusy as exc:
+        print(f"vdsm-agent: {exc}", file=sys.stderr)
+        return 2
+    except statelock.StateLockError as exc:
+        print(f"vdsm-agent: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return run_daemon("vdsm-agent", serve(config))
+    finally:
+        lock.release()
 
 
 if __name__ == "__main__":
