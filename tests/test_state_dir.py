@@ -1,4 +1,5 @@
-"""One agent per state directory (issue 15, item 8), against real agent processes.
+"""The state directory across agents, against real agent processes: one agent at
+a time (issue 15, item 8), and what a restarted agent shows (item 11).
 
 The attack: a second ``vdsm-agent`` on the same ``--state-dir`` (and so the same
 default Unix socket) re-attached the first one's running tasks, adopted its
@@ -6,12 +7,18 @@ connections and replaced its ``agent.sock``, leaving it deaf on the socket.
 Now the second exits with code 2 naming the holder; the holder's task
 processes and zygote never hold the lock, so a restart after ``kill -9`` of the
 agent still gets it while they run.
+
+A restarted agent showed ``progress.done`` of the task's last state change
+(from the store) until its first monitor round read the status file: progress
+went backwards for up to a second after every restart.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -131,3 +138,34 @@ def test_lock_is_refused_in_process_and_names_the_holder(tmp_path: Path) -> None
         held.release()
     again = statelock.acquire(tmp_path / "state")  # free once released
     again.release()
+
+
+@pytest.mark.parametrize("how", ["kill9", "sigterm"])
+def test_progress_never_goes_backwards_across_a_restart(tmp_path: Path, how: str) -> None:
+    # A 2 s heartbeat (the default): the monitor's first round comes 0.5 s after
+    # the restart, and the status file is 0-2 s old.
+    with agent_runner(tmp_path, heartbeat_interval=2, stale_after=30) as runner:
+        agent = runner.start()
+        task_id = str(agent.call("startTask", unix=True, kind="test.sleep",
+                                 params={"seconds": 120, "printEvery": 0})["taskID"])
+
+        def done() -> int:
+            answer = runner.agent.call("getTask", unix=True, taskID=task_id)
+            assert answer["state"] not in ("done", "failed", "canceled", "interrupted"), answer
+            return int(answer["progress"]["done"] or 0)
+
+        until(lambda: done() > 2000, timeout=20, what="progress > 2 s")
+        before = done()
+        if how == "kill9":
+            runner.kill9()
+        else:
+            agent.proc.terminate()
+            assert agent.proc.wait(timeout=10) == 0
+        runner.start()
+        seen = [before]
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end:
+            seen.append(done())
+        drops = [(a, b) for a, b in itertools.pairwise(seen) if b < a]
+        assert drops == [], f"progress.done went backwards: {drops[:5]} (before: {before})"
+        assert seen[-1] > before  # and it still moves

@@ -921,11 +921,16 @@ class TaskManager:
     async def _reattach(self, active: Active) -> str:
         """Follow a task's process again, or conclude it; what happened, in a word."""
         record = active.record
-        identity = await asyncio.to_thread(self._find_identity, active)
+        identity, status = await asyncio.to_thread(self._find_identity, active)
         pidfd = await asyncio.to_thread(process.attach, identity) if identity else None
         if pidfd is None:
             await self._finalize(active)
             return "concluded"
+        # The store has the progress of the task's last state change, its status
+        # file what it reported last: show that from the first answer on, not
+        # after the first monitor round (progress never goes backwards).
+        if status is not None and identity is not None and status.get("pid") == identity.pid:
+            record.progress = merge_progress(record.progress, status.get("progress"))
         if identity is not None and record.pid != identity.pid:
             async with active.lock:
                 await self._commit(active, dataclasses.replace(
@@ -936,15 +941,18 @@ class TaskManager:
             self._deliver_stop(active)
         return "re-attached"
 
-    def _find_identity(self, active: Active) -> process.Identity | None:
-        """Blocking: the process recorded for the task, from the store, its status or ps."""
+    def _find_identity(self, active: Active) -> tuple[process.Identity | None,
+                                                      dict[str, Any] | None]:
+        """Blocking: the process recorded for the task (from the store, its status
+        file or ps), and its last status."""
         record = active.record
+        found = files.read_json(active.task_files.status)
+        status = found if isinstance(found, dict) else None
         if record.pid is not None and record.pid_create_time is not None:
-            return process.Identity(record.pid, record.pid_create_time)
-        status = files.read_json(active.task_files.status)
-        if isinstance(status, dict) and status.get("pid"):
-            return process.Identity(int(status["pid"]), float(status["createTime"]))
-        return process.find_by_task_dir(active.task_files.dir)
+            return process.Identity(record.pid, record.pid_create_time), status
+        if status is not None and status.get("pid"):
+            return process.Identity(int(status["pid"]), float(status["createTime"])), status
+        return process.find_by_task_dir(active.task_files.dir), status
 
     # -- retention --------------------------------------------------------------------------------
 
