@@ -28,7 +28,11 @@ over a ``SOCK_SEQPACKET`` socket pair, one JSON object per packet:
 
 The zygote exits when the agent's end closes (the agent stopped or died).
 Task processes it started keep running, as spawned ones do across an agent
-restart, and are re-attached by the next agent.
+restart, and are re-attached by the next agent. An agent killed while
+packets to it were unread (a task ended or was forked just before) resets
+the socket rather than closing it: that is the same news, not an error, so
+the zygote says it in one line on its stderr (the agent's: its log, or the
+journal under systemd) and exits 0, without a traceback.
 """
 
 from __future__ import annotations
@@ -49,9 +53,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from vdsm_agent import logs
+from vdsm_agent.settings import LOG_LEVELS
 
 ZYGOTE_MODULE = "vdsm_agent.tasks.zygote"
+log = logging.getLogger(ZYGOTE_MODULE)  # also when run as __main__ (the zygote itself)
 MAX_PACKET = 65536
 READY_TIMEOUT = 30.0  # seconds for the zygote's imports, however loaded the host
 # A zygote that died is replaced at the next launch, but not more often than this
@@ -62,6 +68,10 @@ EXIT_STATUS_WAIT = 2.0  # seconds to wait for an exit status after the pidfd fir
 
 class ZygoteGone(RuntimeError):
     """The zygote is not running (any more): spawn the task process instead."""
+
+
+class AgentGone(Exception):
+    """In the zygote: the agent's end of the socket closed or was reset."""
 
 
 # -- the agent's side ---------------------------------------------------------------------
@@ -273,8 +283,9 @@ class ZygoteKeeper:
 def _spawn_zygote(theirs: socket.socket, state_dir: Path) -> int:
     """posix_spawn the zygote with ``theirs`` as an inherited fd (blocking)."""
     os.set_inheritable(theirs.fileno(), True)
+    # The agent's log level, so that the zygote's one line at exit obeys it too.
     argv = [sys.executable, "-m", ZYGOTE_MODULE, "--fd", str(theirs.fileno()),
-            "--state-dir", str(state_dir)]
+            "--state-dir", str(state_dir), "--log-level", _agent_log_level()]
     actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)]
     # stdout/stderr stay the agent's: a zygote traceback belongs in the agent's log.
     return os.posix_spawn(sys.executable, argv, dict(os.environ), file_actions=actions,
@@ -296,11 +307,20 @@ def _reap_quietly(pid: int) -> None:
 
 
 def _send(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
-    socket.send_fds(sock, [json.dumps(message).encode()], list(fds))
+    try:
+        socket.send_fds(sock, [json.dumps(message).encode()], list(fds))
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        raise AgentGone(_gone_reason(exc)) from None
 
 
-def _fork_task(sock: socket.socket, wakeup: tuple[int, int], task_dir: str) -> None:
-    """Fork one task process and tell the agent its PID, start time and pidfd."""
+def _gone_reason(exc: OSError) -> str:
+    return f"the agent's end of the socket is gone ({exc.strerror or exc})"
+
+
+def _fork_task(sock: socket.socket, wakeup: tuple[int, int], task_dir: str,
+               children: set[int]) -> None:
+    """Fork one task process and tell the agent its PID, start time and pidfd (the
+    process keeps running if the agent is gone by then: the next one finds it)."""
     from vdsm_agent.tasks import child
 
     sys.stdout.flush()
@@ -308,6 +328,7 @@ def _fork_task(sock: socket.socket, wakeup: tuple[int, int], task_dir: str) -> N
     pid = os.fork()
     if pid == 0:
         _become_task(sock, wakeup, task_dir)  # never returns
+    children.add(pid)
     pidfd = os.pidfd_open(pid)
     try:
         _send(sock, {"pid": pid, "createTime": child.start_time(pid)}, [pidfd])
@@ -350,8 +371,9 @@ def _become_task(sock: socket.socket, wakeup: tuple[int, int], task_dir: str) ->
         os._exit(code)
 
 
-def _reap_children(sock: socket.socket) -> None:
-    """Report every ended task process, after killing what is left of its group."""
+def _reap_children(sock: socket.socket | None, children: set[int]) -> None:
+    """Report every ended task process, after killing what is left of its group
+    (``sock`` None: the agent is gone, only reap)."""
     while True:
         try:
             ended = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -362,21 +384,26 @@ def _reap_children(sock: socket.socket) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(ended.si_pid, signal.SIGKILL)  # its group ID is still its own
         _, wait_status = os.waitpid(ended.si_pid, 0)
+        children.discard(ended.si_pid)
         status = (os.WEXITSTATUS(wait_status) if os.WIFEXITED(wait_status)
                   else -os.WTERMSIG(wait_status))
-        with contextlib.suppress(OSError):
+        if sock is not None:
             _send(sock, {"exited": ended.si_pid, "status": status})
 
 
-def serve(sock: socket.socket) -> int:
-    """The zygote's loop: fork on request, report ends, stop at EOF."""
-    wakeup = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wakeup[1])
-    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    # Imported now, once, so that every fork starts with them loaded.
-    from vdsm_agent.tasks import child  # noqa: F401
-    from vdsm_agent.tasks.kinds import KINDS  # noqa: F401
+def _receive(sock: socket.socket) -> bytes:
+    """The agent's next request; AgentGone when its end closed or was reset."""
+    try:
+        data = sock.recv(MAX_PACKET)
+    except (ConnectionResetError, BrokenPipeError) as exc:
+        raise AgentGone(_gone_reason(exc)) from None
+    if not data:
+        raise AgentGone("the agent closed its end of the socket")
+    return data
 
+
+def _serve_requests(sock: socket.socket, wakeup: tuple[int, int], children: set[int]) -> None:
+    """Fork on request and report ends until the agent is gone (AgentGone)."""
     _send(sock, {"ready": os.getpid()})
     while True:
         readable, _, _ = select.select([sock.fileno(), wakeup[0]], [], [])
@@ -384,16 +411,49 @@ def serve(sock: socket.socket) -> int:
             with contextlib.suppress(BlockingIOError):
                 while os.read(wakeup[0], 512):
                     pass
-            _reap_children(sock)
+            _reap_children(sock, children)
         if sock.fileno() in readable:
-            data = sock.recv(MAX_PACKET)
-            if not data:
-                return 0  # the agent closed its end
-            task_dir = str(json.loads(data)["taskDir"])
+            task_dir = str(json.loads(_receive(sock))["taskDir"])
             try:
-                _fork_task(sock, wakeup, task_dir)
+                _fork_task(sock, wakeup, task_dir, children)
             except OSError as exc:
                 _send(sock, {"error": str(exc)})
+
+
+def serve(sock: socket.socket) -> int:
+    """The zygote's life: fork on request, report ends; once the agent is gone
+    (stopped, killed, crashed: all normal), one line on stderr and exit 0."""
+    wakeup = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wakeup[1])
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    # Imported now, once, so that every fork starts with them loaded.
+    from vdsm_agent.tasks import child  # noqa: F401
+    from vdsm_agent.tasks.kinds import KINDS  # noqa: F401
+
+    children: set[int] = set()  # forked and not yet reaped
+    try:
+        _serve_requests(sock, wakeup, children)
+    except AgentGone as gone:
+        _reap_children(None, children)  # ended meanwhile: no agent to tell
+        log.info("task zygote (pid %d): %s; exiting (task processes it started that still "
+                 "run: %d; the next agent re-attaches them)", os.getpid(), gone, len(children))
+    return 0
+
+
+def _log_to_stderr(level: str) -> None:
+    """This module's records on stderr, as the agent writes its own (its log, or the
+    journal under systemd); nothing else is configured, so that forked task
+    processes log as spawned ones do."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logs.Formatter(logs.FORMAT))
+    log.addHandler(handler)
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
+def _agent_log_level() -> str:
+    name = logging.getLevelName(log.getEffectiveLevel()).lower()
+    return name if name in LOG_LEVELS else "info"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -401,7 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--state-dir", required=True,
                         help="the agent's state dir (so that ps shows whose zygote it is)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     args = parser.parse_args(argv)
+    _log_to_stderr(args.log_level)
     sock = socket.socket(fileno=args.fd)
     sock.set_inheritable(False)
     try:
