@@ -59,14 +59,17 @@ def _kill_group(pid: int) -> None:
 
 
 def run(argv: Sequence[str], *, timeout: float, check: bool = False,
-        input: str | None = None) -> CommandResult:
-    """Run a command to completion from a worker thread (never from the loop)."""
+        input: str | None = None, pass_fds: Sequence[int] = ()) -> CommandResult:
+    """Run a command to completion from a worker thread (never from the loop).
+
+    ``pass_fds``: descriptors the command inherits (a tool given ``/dev/fd/N``
+    instead of a name: ``vdsm_agent.system.confine``)."""
     args = _check_argv(argv)
     try:
         proc = subprocess.Popen(
             args, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            start_new_session=True, env=_command_env())
+            start_new_session=True, env=_command_env(), pass_fds=tuple(pass_fds))
     except OSError as exc:
         raise CommandError(args, f"cannot start: {exc.strerror}") from None
     try:
