@@ -130,6 +130,15 @@ class UnknownTaskKind(AgentError):
     message = "No task kind has this name"
 
 
+class StorageFull(AgentError):
+    """The state directory's filesystem has no room (ENOSPC, EDQUOT, sqlite's
+    "database or disk is full"): nothing was changed (docs/tasks.md)."""
+
+    code = 208
+    name = "StorageFull"
+    message = "The agent's state directory is full"
+
+
 # -- devices and paths (3xx) --------------------------------------------------------
 
 

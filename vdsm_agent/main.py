@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from vdsm_agent import __version__, logs, settings
+from vdsm_agent import __version__, errors, logs, settings
 from vdsm_agent.server import listeners
 from vdsm_agent.server.app import make_app
 from vdsm_agent.server.runner import run_daemon, serve_until_signalled
@@ -68,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         return run_daemon("vdsm-agent", serve(config))
+    except errors.StorageFull as exc:  # not even room to open the store
+        print(f"vdsm-agent: cannot start: {exc}", file=sys.stderr)
+        return 1
     finally:
         lock.release()
 

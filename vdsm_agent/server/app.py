@@ -24,6 +24,7 @@ from vdsm_agent.server.http import json_response, jsonrpc_response
 from vdsm_agent.server.jsonrpc import Dispatcher
 from vdsm_agent.settings import Config
 from vdsm_agent.store import Store
+from vdsm_agent.system import space
 from vdsm_agent.tasks import web as tasks_web
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,9 @@ async def _agent_context(app: web.Application) -> AsyncIterator[None]:
                     "params and connections; chmod o-rwx it", state,
                     state.stat().st_mode & 0o777)
     started = time.monotonic()
-    store = await Store.open(state / "agent.db")
+    # A reserve of room in the state directory, given back when it fills up so
+    # that the ends of tasks can still be recorded (vdsm_agent/system/space.py).
+    store = await Store.open(state / "agent.db", space_reserve=space.DEFAULT_RESERVE)
     schema = rpc_schema.load("agent").compile()
     agent = Agent(config=config, schema=schema, store=store, inventory=Inventory(config),
                   started=started, events=EventFeed.from_config(config))

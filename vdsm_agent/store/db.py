@@ -14,6 +14,7 @@ models' proxy and its migrations.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -26,8 +27,10 @@ from typing import Any, TypeVar
 
 import peewee
 
+from vdsm_agent import errors
 from vdsm_agent.store import migrations
 from vdsm_agent.store.models import database_proxy
+from vdsm_agent.system.space import LOW_WATER, StateSpace, is_no_space
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,6 +41,11 @@ PRAGMAS = {
     "foreign_keys": 1,
     "busy_timeout": 5000,
 }
+# sqlite's I/O errors that a lack of space may cause (it calls only a failed
+# write with ENOSPC SQLITE_FULL; EDQUOT, and growing its -shm file, show up as
+# these): taken for StorageFull when the filesystem is indeed (nearly) full.
+_SPACE_IOERRS = frozenset({sqlite3.SQLITE_IOERR_WRITE, sqlite3.SQLITE_IOERR_FSYNC,
+                           sqlite3.SQLITE_IOERR_SHMSIZE, sqlite3.SQLITE_IOERR_TRUNCATE})
 
 
 class StoreClosed(RuntimeError):
@@ -200,25 +208,64 @@ class StoreDatabase(peewee.SqliteDatabase):
 
 
 class Store(DatabaseThread):
-    """The agent's store: sqlite (WAL) at ``path``."""
+    """The agent's store: sqlite (WAL) at ``path``.
+
+    A call that fails for lack of space in the store's directory raises
+    ``errors.StorageFull`` (nothing was written) and tells ``space`` (which
+    gives its reserve back, so that task ends can still be recorded:
+    ``vdsm_agent.system.space``)."""
 
     proxy = database_proxy
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, space_reserve: int = 0) -> None:
         self.path = path
+        self.space = StateSpace(path.parent, space_reserve)
         super().__init__()
 
     @classmethod
-    async def open(cls, path: Path) -> Store:
-        store = cls(path)
+    async def open(cls, path: Path, space_reserve: int = 0) -> Store:
+        """Open (and migrate) the store; keep ``space_reserve`` bytes in reserve in
+        its directory while it has room."""
+        store = cls(path, space_reserve)
         await store._open()
         return store
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except (sqlite3.Error, peewee.PeeweeException, OSError) as exc:
+            if not self._lacks_space(exc):
+                raise
+            self.space.note_full(f"the store: {exc}")
+            raise errors.StorageFull(f"cannot write the store {self.path}: {exc}",
+                                     stateDir=str(self.path.parent)) from exc
+
+    def _lacks_space(self, exc: BaseException) -> bool:
+        """Whether a store error comes from a full filesystem (peewee wraps
+        sqlite's errors: the original is its first argument)."""
+        for candidate in (exc, exc.__cause__, exc.__context__, *exc.args[:1]):
+            if isinstance(candidate, sqlite3.Error):
+                code = getattr(candidate, "sqlite_errorcode", None)
+                if code is None:
+                    return "database or disk is full" in str(candidate)
+                if code & 0xFF == sqlite3.SQLITE_FULL:
+                    return True
+                if code in _SPACE_IOERRS:
+                    with contextlib.suppress(OSError):
+                        return self.space.available() < LOW_WATER
+                return False
+            if isinstance(candidate, OSError):
+                return is_no_space(candidate)
+        return False
 
     def _make_database(self) -> peewee.Database:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         return StoreDatabase(str(self.path), pragmas=PRAGMAS, check_same_thread=True)
 
     def _open_on_thread(self) -> None:
+        # First: on a full filesystem this gives the reserve back, which is the
+        # room sqlite needs to open (its -wal and -shm files) and record ends.
+        self.space.check()
         super()._open_on_thread()
         assert isinstance(self._db, StoreDatabase)
         self._db.open_durable()

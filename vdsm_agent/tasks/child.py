@@ -7,6 +7,12 @@ kind (pre -> perform -> post, cleanup after a failure or cancel), keeps
 ``status.json`` fresh (heartbeat + progress), writes the task output, and at
 the end records ``outcome.json`` atomically and durably. SIGTERM asks the work
 to stop at its next ``check_cancel``.
+
+A full state disk (its status or output cannot be written) stops the work at
+its next ``check_cancel`` too, as failed with ``StorageFull``; the output that
+could not be written is lost and counted. The outcome goes into room the agent
+allocated before the task started; if even that fails, the process exits with
+``files.EXIT_STORAGE_FULL`` and the agent records the failure.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from types import FrameType
 from typing import Any
 
 from vdsm_agent import errors
+from vdsm_agent.system.space import is_no_space
 from vdsm_agent.tasks import clock, files, output
 from vdsm_agent.tasks.kinds import KINDS, priority
 from vdsm_agent.tasks.kinds.base import Canceled, KindEnv, TaskFailure, TaskKind
@@ -58,6 +65,9 @@ class ChildContext:
         self.warnings: list[str] = []
         self.phase = "initializing"
         self._cancel = False
+        # Set at the first write that failed for lack of space (what failed).
+        self.storage_full: str | None = None
+        self.lost_output = 0  # bytes of output that could not be written
         self._seq = 0
         self._last_beat = 0.0
         self._done = 0
@@ -80,6 +90,16 @@ class ChildContext:
     def check_cancel(self) -> None:
         if self._cancel:
             raise Canceled()
+        if self.storage_full is not None:
+            raise TaskFailure("StorageFull", f"the state disk is full: {self.storage_full}")
+
+    def write_failed(self, exc: OSError, what: str) -> None:
+        """A write failed for lack of space: remember it (the work stops at its
+        next check_cancel); other errors are raised."""
+        if not is_no_space(exc):
+            raise exc
+        if self.storage_full is None:
+            self.storage_full = f"cannot write the task's {what}: {exc.strerror or exc}"
 
     # -- heartbeat and progress ---------------------------------------------------
 
@@ -113,23 +133,31 @@ class ChildContext:
 
     def _write_status(self, now: float) -> None:
         self._seq += 1
-        files.write_json_atomic(self.files.status, {
-            "pid": self._pid,
-            "createTime": self._create_time,
-            "phase": self.phase,
-            "seq": self._seq,
-            "heartbeatAt": clock.now(),
-            "progress": self.progress_report(now),
-        })
+        try:
+            files.write_json_atomic(self.files.status, {
+                "pid": self._pid,
+                "createTime": self._create_time,
+                "phase": self.phase,
+                "seq": self._seq,
+                "heartbeatAt": clock.now(),
+                "progress": self.progress_report(now),
+            })
+        except OSError as exc:
+            self.write_failed(exc, "status")
 
     # -- output --------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        self.writer.write(data)
+        before = self.writer.offset
+        try:
+            self.writer.write(data)
+        except OSError as exc:
+            self.write_failed(exc, "output")
+            self.lost_output += len(data) - (self.writer.offset - before)
 
     def print(self, line: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self.writer.write(f"{stamp} {line}\n".encode("utf-8", "replace"))
+        self.write(f"{stamp} {line}\n".encode("utf-8", "replace"))
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
@@ -204,7 +232,7 @@ def run(ctx: ChildContext, spec: dict[str, Any]) -> dict[str, Any]:
                 "error": {"name": "Canceled", "detail": "canceled on request"}}
     except Exception as exc:
         if not isinstance(exc, TaskFailure | errors.RpcError):
-            traceback.print_exc()
+            _print_traceback()
         _cleanup(kind, ctx)
         error = _failure(exc)
         ctx.print(f"failed: {error['name']}: {error.get('detail', '')}")
@@ -219,14 +247,30 @@ def _cleanup(kind: TaskKind | None, ctx: ChildContext) -> None:
     try:
         kind.cleanup()
     except Exception as exc:
-        traceback.print_exc()
+        _print_traceback()
         ctx.warn(f"cleanup failed: {type(exc).__name__}: {exc}")
 
 
+def _print_traceback() -> None:
+    """To child.log, which is on the state disk: a full disk must not turn a
+    failure into a crash without an outcome."""
+    try:
+        traceback.print_exc()
+        sys.stderr.flush()
+    except OSError:
+        pass
+
+
 def record(ctx: ChildContext, outcome: dict[str, Any]) -> None:
-    """Write the outcome durably: output first, then the outcome file."""
+    """Write the outcome durably: output first, then the outcome file (into the
+    room the agent allocated for it). OSError if even that cannot be written."""
+    if ctx.lost_output:
+        ctx.warn(f"{ctx.lost_output} bytes of output were lost: {ctx.storage_full}")
     ctx.set_phase("finished")
-    ctx.writer.flush()
+    try:
+        ctx.writer.flush()
+    except OSError as exc:
+        ctx.write_failed(exc, "output")
     ctx.writer.close()
     outcome = {
         **outcome,
@@ -252,7 +296,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = ChildContext(task_files, spec)
     signal.signal(signal.SIGTERM, ctx.on_term)
     ctx.heartbeat(force=True)
-    record(ctx, run(ctx, spec))
+    try:
+        record(ctx, run(ctx, spec))
+    except OSError as exc:
+        if is_no_space(exc):
+            return files.EXIT_STORAGE_FULL
+        raise
     return 0
 
 

@@ -27,6 +27,13 @@ STATUS = "status.json"
 OUTCOME = "outcome.json"
 CHILD_LOG = "child.log"
 OUTPUT = "output"
+TMP_SUFFIX = ".tmp"  # write_json_atomic writes NAME.tmp, then renames it to NAME
+# Room the agent allocates for a task's outcome before it starts (the file
+# outcome.json.tmp), so that the task can record how it ended on a full disk.
+OUTCOME_ROOM = 64 * 1024
+# The task process's exit code when it could not record its outcome for lack of
+# space (EX_TEMPFAIL): the agent records the task failed with StorageFull.
+EXIT_STORAGE_FULL = 75
 
 # What str(uuid.UUID(...)) gives: the only form a task directory is named in.
 _CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -56,6 +63,11 @@ class TaskFiles:
         return self.dir / OUTCOME
 
     @property
+    def outcome_room(self) -> Path:
+        """The outcome's room, allocated before the task starts (OUTCOME_ROOM)."""
+        return self.dir / (OUTCOME + TMP_SUFFIX)
+
+    @property
     def child_log(self) -> Path:
         return self.dir / CHILD_LOG
 
@@ -79,14 +91,20 @@ def write_json_atomic(path: Path, payload: Any, durable: bool = False) -> None:
 
     ``durable`` also fsyncs the file and its directory, so the new content
     survives a power loss (the outcome must; a heartbeat need not).
+
+    A temporary file that is already there is written over, not truncated
+    first: the outcome's is allocated before the task starts (``preallocate``),
+    so on a full disk the outcome still fits; the length is cut afterwards
+    (which never needs space).
     """
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + TMP_SUFFIX)
     data = json.dumps(payload, separators=(",", ":")).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+        os.ftruncate(fd, len(data))
         if durable:
             os.fsync(fd)
     finally:
@@ -94,6 +112,15 @@ def write_json_atomic(path: Path, payload: Any, durable: bool = False) -> None:
     os.replace(tmp, path)
     if durable:
         fsync_dir(path.parent)
+
+
+def preallocate(path: Path, size: int) -> None:
+    """Create ``path`` with ``size`` bytes of allocated blocks (not a sparse file)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

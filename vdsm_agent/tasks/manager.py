@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -37,6 +38,7 @@ from vdsm_agent import errors
 from vdsm_agent.security import redact
 from vdsm_agent.settings import Config
 from vdsm_agent.store import Store
+from vdsm_agent.system.space import is_no_space
 from vdsm_agent.tasks import clock, files, output, process, repository, states
 from vdsm_agent.tasks.kinds import KINDS, KindEnv, TaskKind, enabled
 from vdsm_agent.tasks.record import TaskRecord, request_hash
@@ -63,6 +65,10 @@ MAX_OUTPUT_READ = 1024 * 1024  # getTaskOutput.maxBytes cap (also in the schema)
 STREAM_CHUNK = MAX_OUTPUT_READ
 RESET_KILL_WAIT = 10.0  # seconds to wait for a SIGKILLed process before giving up
 RETENTION_GAP = 1.0  # at most one retention sweep per second, however busy
+SPACE_CHECK_INTERVAL = 1.0  # seconds between looks at the state directory's room
+# Waits between tries to store a final state while the state disk is full: the
+# first try again is at once (the failed one gave the space reserve back).
+END_RETRY_DELAYS = (0.0, 0.5, 1.0, 2.0, 5.0)
 
 Listener = Callable[[dict[str, Any]], None]
 # Resolved paths a task uses -> more resources it must hold (the connections the
@@ -151,6 +157,7 @@ class TaskManager:
             asyncio.create_task(manager._guard(manager._monitor_loop), name="tasks-monitor"),
             asyncio.create_task(manager._guard(manager._scheduler_loop), name="tasks-scheduler"),
             asyncio.create_task(manager._guard(manager._retention_loop), name="tasks-retention"),
+            asyncio.create_task(manager._guard(manager._space_loop), name="tasks-space"),
         ]
         manager._wake_scheduler.set()
         manager._wake_retention.set()
@@ -217,6 +224,7 @@ class TaskManager:
             if deadline_at is not None and deadline_at <= clock.now():
                 raise errors.InvalidParams("the deadline has already passed",
                                            field="params.deadline", rule="future")
+            self._check_room()
             resources = await self._with_derived(await self._validate(kind, checked))
             # From here to the reservation nothing awaits, so the checks and the
             # reservation are atomic on the event loop (no lock needed). Only this
@@ -341,6 +349,7 @@ class TaskManager:
             if active.record.state in FINAL:
                 raise errors.TaskNotActive(f"task {task_id} is already {active.record.state}",
                                            taskID=task_id, state=str(active.record.state))
+            self._check_end_recorded(active)
             if active.record.state is State.ACCEPTED:
                 await self._finish_unstarted(active, State.CANCELED, error={
                     "name": "Canceled", "detail": "canceled before it started"})
@@ -391,6 +400,7 @@ class TaskManager:
                 f"cannot reset a task in state {record.state} to {state_name}",
                 taskID=task_id, state=str(record.state), requested=state_name,
                 allowed=sorted(states.RESET_TRANSITIONS[record.state]))
+        self._check_end_recorded(active)
         result = await self._verify_for_reset(record, target)
         entry = {"at": clock.now(), "from": str(record.state), "to": str(target),
                  "reason": reason, "killedPid": None}
@@ -451,6 +461,17 @@ class TaskManager:
             return None
         return self._known_answer(record, digest)
 
+    def _check_end_recorded(self, active: Active) -> None:
+        """StorageFull for a task whose process has ended but whose end cannot be
+        stored yet: nothing can be done to it until it is (it will be as soon as
+        the state directory has room)."""
+        unrecorded = active.unrecorded
+        if unrecorded is not None:
+            raise errors.StorageFull(
+                f"task {active.id} has ended ({unrecorded.state}) but the state directory "
+                f"{self.state_dir} is full: its end is recorded as soon as there is room",
+                stateDir=str(self.state_dir), taskID=active.id, ended=str(unrecorded.state))
+
     @staticmethod
     def _known_answer(record: TaskRecord, digest: str) -> dict[str, Any]:
         if record.request_hash != digest:
@@ -486,6 +507,14 @@ class TaskManager:
                 state = holding.record.state if holding else State.ACCEPTED
                 raise errors.ResourceBusy(f"{resource} is held by task {holder} ({state})",
                                           resource=resource, holder=holder, holderState=str(state))
+
+    def _check_room(self) -> None:
+        """StorageFull while the state directory is full: a new task would fail at
+        its first write (and queued ones wait for room)."""
+        if self.store.space.full:
+            raise errors.StorageFull(
+                f"the state directory {self.state_dir} is full: no new task until it has "
+                "room again", stateDir=str(self.state_dir))
 
     def _check_queue(self) -> None:
         queued = self._counts[State.ACCEPTED]
@@ -536,7 +565,12 @@ class TaskManager:
         async with active.lock:
             if active.finalizing or not states.allowed(active.record.state, target):
                 return
-            await self._commit(active, dataclasses.replace(active.record, state=target))
+            try:
+                await self._commit(active, dataclasses.replace(active.record, state=target))
+            except errors.StorageFull:
+                # Seen again at the monitor's next round, and tried again then.
+                log.debug("task %s: cannot record %s yet: the state directory is full",
+                          active.id, target)
 
     async def _set_stop(self, active: Active, stop: dict[str, Any]) -> None:
         """Record a stop request (cancel, deadline, reset) before acting on it."""
@@ -597,11 +631,18 @@ class TaskManager:
         while True:
             await self._wake_scheduler.wait()
             self._wake_scheduler.clear()
-            while (self._queue and not self.closing.is_set()
+            # While the state directory is full, queued tasks wait (_space_loop
+            # wakes this loop when it has room again).
+            while (self._queue and not self.closing.is_set() and not self.store.space.full
                    and self._slots_used() < self.config.max_running_tasks):
                 active = self._active.get(self._queue.popleft())
-                if active is not None and active.record.state is State.ACCEPTED:
+                if active is None or active.record.state is not State.ACCEPTED:
+                    continue
+                try:
                     await self._launch(active)
+                except errors.StorageFull:
+                    if active.record.state is State.ACCEPTED:
+                        self._queue.appendleft(active.id)  # first in line again
 
     def _spec(self, record: TaskRecord) -> dict[str, Any]:
         return {
@@ -629,7 +670,7 @@ class TaskManager:
                 await self._finish_unstarted(active, State.FAILED, _deadline_error(record.deadline))
                 return
             try:
-                await asyncio.to_thread(write_spec, active.task_files, self._spec(record))
+                await asyncio.to_thread(self._write_spec, active.task_files, self._spec(record))
             except OSError as exc:
                 await self._finish_unstarted(active, State.FAILED, {
                     "name": "SpawnFailed", "detail": f"cannot write the task spec: {exc}"})
@@ -642,12 +683,37 @@ class TaskManager:
                 await self._finish_unstarted(active, State.FAILED, {
                     "name": "SpawnFailed", "detail": f"cannot start the task process: {exc}"})
                 return
-            # Recorded so that a restarted agent can re-attach (PID + start time).
-            await self._commit(active, dataclasses.replace(
-                active.record, pid=identity.pid, pid_create_time=identity.create_time))
+            await self._record_identity(active, identity)
             active.zygote_child = forked
             self._watch(active, pidfd, own_child=True)
         log.info("task %s: started pid %s", record.id, identity.pid)
+
+    def _write_spec(self, task_files: files.TaskFiles, spec: dict[str, Any]) -> None:
+        """Blocking: the task's directory, spec and outcome room (StorageFull when
+        the state disk has no room for them: the task stays queued)."""
+        try:
+            write_spec(task_files, spec)
+        except OSError as exc:
+            if not is_no_space(exc):
+                raise
+            self.store.space.note_full(f"a task's spec: {exc}")
+            raise errors.StorageFull(f"cannot write {task_files.spec}: {exc}",
+                                     stateDir=str(self.state_dir)) from exc
+
+    async def _record_identity(self, active: Active, identity: process.Identity) -> None:
+        """Store the task's process (PID + start time) so that a restarted agent can
+        re-attach. Lock held. Without room for it, follow the process all the
+        same: the PID is stored with the task's next change, and a restart
+        before that finds the process by its status file or command line
+        (``_find_identity``); the state is unchanged, so this is no transition."""
+        record = dataclasses.replace(active.record, pid=identity.pid,
+                                     pid_create_time=identity.create_time)
+        try:
+            await self._commit(active, record)
+        except errors.StorageFull:
+            log.warning("task %s: cannot store its pid %s yet: the state directory is full",
+                        active.id, identity.pid)
+            active.record = record
 
     async def _start_process(self, active: Active) -> tuple[process.Identity, int, bool]:
         """Fork the task process from the zygote, or spawn it: its identity, a
@@ -719,9 +785,39 @@ class TaskManager:
         final = await asyncio.to_thread(read_final, active.task_files)
         async with active.lock:
             record = self._concluded(active.record, final, exit_status)
-            await self._commit(active, record, reset=record.stop is not None
-                               and record.stop.get("reason") == "reset")
+        if (record.error or {}).get("name") == "StorageFull":
+            await asyncio.to_thread(self.store.space.note_full, f"task {record.id} ended on it")
+        if not await self._record_end(active, record):
+            # Not at start-up's pace: the agent serves meanwhile.
+            self._background_job(self._record_end_later(active, record))
+
+    async def _record_end(self, active: Active, record: TaskRecord) -> bool:
+        """Store a task's final record and let it go; False if the state
+        directory has no room for it (``active.unrecorded`` then holds it)."""
+        async with active.lock:
+            try:
+                await self._commit(active, record, reset=record.stop is not None
+                                   and record.stop.get("reason") == "reset")
+            except errors.StorageFull:
+                if active.unrecorded is None:
+                    log.error("task %s: ended (%s) but the state directory is full: its end "
+                              "is recorded as soon as there is room", record.id, record.state)
+                active.unrecorded = record
+                return False
+            active.unrecorded = None
             self._retire(active)
+            return True
+
+    async def _record_end_later(self, active: Active, record: TaskRecord) -> None:
+        """Try to store the final record again until there is room (a task must
+        not stay unfinished for good because its end came while the disk was full)."""
+        tries = 0
+        while True:
+            await asyncio.sleep(END_RETRY_DELAYS[min(tries, len(END_RETRY_DELAYS) - 1)])
+            tries += 1
+            if await self._record_end(active, record):
+                log.info("task %s: its end (%s) is recorded", record.id, record.state)
+                return
 
     async def _release_process(self, active: Active) -> int | None:
         """Close the pidfd; for our own child, kill leftover helpers and reap it (the
@@ -778,6 +874,11 @@ class TaskManager:
             changes["error"] = {"name": "Canceled", "detail": f"stopped on request ({how})"}
         elif reason == "deadline":
             target, changes["error"] = State.FAILED, _deadline_error(record.deadline)
+        elif exit_status == files.EXIT_STORAGE_FULL:
+            target, changes["error"] = State.FAILED, {
+                "name": "StorageFull",
+                "detail": "the task process could not record its outcome: the state "
+                          "directory is full"}
         else:
             target = State.INTERRUPTED
             changes["error"] = {
@@ -845,17 +946,24 @@ class TaskManager:
             record = active.record
             if record.deadline is None or record.deadline > now or active.finalizing:
                 continue
-            async with active.lock:
-                if active.record.state is State.ACCEPTED:
-                    await self._finish_unstarted(active, State.FAILED,
-                                                 _deadline_error(record.deadline))
-                    log.warning("task %s: deadline passed while queued", record.id)
-                    continue
-                if active.record.stop is not None or active.record.state in FINAL:
-                    continue
-                await self._set_stop(active, {"reason": "deadline", "at": now})
-            log.warning("task %s: deadline passed; stopping it", record.id)
-            self._deliver_stop(active)
+            try:
+                await self._enforce_deadline(active, now)
+            except errors.StorageFull:
+                continue  # tried again at the next round
+
+    async def _enforce_deadline(self, active: Active, now: float) -> None:
+        record = active.record
+        async with active.lock:
+            if active.record.state is State.ACCEPTED:
+                await self._finish_unstarted(active, State.FAILED,
+                                             _deadline_error(record.deadline))
+                log.warning("task %s: deadline passed while queued", record.id)
+                return
+            if active.record.stop is not None or active.record.state in FINAL:
+                return
+            await self._set_stop(active, {"reason": "deadline", "at": now})
+        log.warning("task %s: deadline passed; stopping it", record.id)
+        self._deliver_stop(active)
 
     # -- reset ----------------------------------------------------------------------------------
 
@@ -883,6 +991,7 @@ class TaskManager:
                 raise errors.InvalidStateTransition(
                     f"the task ended meanwhile as {active.record.state}", taskID=active.id,
                     state=str(active.record.state), requested=entry["to"])
+            self._check_end_recorded(active)
             if active.record.state is State.ACCEPTED:
                 await self._finish_unstarted(active, target, result=result, reset_entry=entry,
                                              error=None if target is State.DONE else {
@@ -933,8 +1042,7 @@ class TaskManager:
             record.progress = merge_progress(record.progress, status.get("progress"))
         if identity is not None and record.pid != identity.pid:
             async with active.lock:
-                await self._commit(active, dataclasses.replace(
-                    record, pid=identity.pid, pid_create_time=identity.create_time))
+                await self._record_identity(active, identity)
         self._watch(active, pidfd, own_child=False)
         log.info("task %s: re-attached to pid %s (%s)", record.id, active.record.pid, record.state)
         if active.record.stop is not None:
@@ -964,8 +1072,22 @@ class TaskManager:
         while True:
             await wait_event(self._wake_retention, self._retention_interval())
             self._wake_retention.clear()
-            await self.sweep()
+            with contextlib.suppress(errors.StorageFull):  # next time, then
+                await self.sweep()
             await asyncio.sleep(RETENTION_GAP)
+
+    # -- room on the state disk -------------------------------------------------------------------
+
+    async def _space_loop(self) -> None:
+        """Look at the state directory's room every second: the store and the
+        tasks' writes say when it is full, this says when it has room again
+        (then the queued tasks start), or that it is about to be full."""
+        space = self.store.space
+        while True:
+            await asyncio.sleep(SPACE_CHECK_INTERVAL)
+            was_full = space.full
+            if not await asyncio.to_thread(space.check) and was_full:
+                self._wake_scheduler.set()
 
     async def sweep(self) -> int:
         """Delete final tasks past retention or over the count cap; how many."""

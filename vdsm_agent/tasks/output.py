@@ -118,21 +118,27 @@ def _pread(path: Path, at: int, size: int) -> bytes:
 
 
 class Writer:
-    """The child's side: append bytes, rotate and drop segments to respect the cap."""
+    """The child's side: append bytes, rotate and drop segments to respect the cap.
+
+    A write may fail (``OSError``: the state disk is full); the writer stays
+    usable, and the bytes it did write are counted, so offsets stay true when
+    later writes succeed. The directory and the first segment are made at the
+    first write, so that making a writer never fails.
+    """
 
     def __init__(self, directory: Path, max_bytes: int) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self.segment_size = max(MIN_SEGMENT, max_bytes // 4)
-        directory.mkdir(parents=True, exist_ok=True)
         starts = list_segments(directory)
         # A restarted child never happens today, but appending after what is
         # there keeps offsets monotonic if it ever does.
         self.offset = extent(directory).end if starts else 0
         self._segment_start = starts[-1] if starts else 0
-        self._fd = self._open(self._segment_start)
+        self._fd = -1
 
     def _open(self, start: int) -> int:
+        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / segment_name(start)
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
 
@@ -143,14 +149,20 @@ class Writer:
             if room <= 0:
                 self._rotate()
                 continue
+            if self._fd < 0:
+                self._fd = self._open(self._segment_start)
             written = os.write(self._fd, view[:room])
             self.offset += written
             view = view[written:]
 
     def _rotate(self) -> None:
-        os.close(self._fd)
+        # The new segment is opened first: if that fails the writer keeps its
+        # current one, and the next write tries again.
+        fd = self._open(self.offset)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = fd
         self._segment_start = self.offset
-        self._fd = self._open(self.offset)
         self._drop_oldest()
 
     def _drop_oldest(self) -> None:
@@ -166,7 +178,8 @@ class Writer:
 
     def flush(self) -> None:
         """Make the output durable (done once, before the outcome is recorded)."""
-        os.fsync(self._fd)
+        if self._fd >= 0:
+            os.fsync(self._fd)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -110,9 +110,17 @@ def _durable_transaction() -> Iterator[sqlite3.Connection]:
     try:
         yield connection
     except BaseException:
-        connection.execute("ROLLBACK")
+        # sqlite may have rolled back already (it does on SQLITE_FULL): a second
+        # ROLLBACK would fail and hide the error that matters.
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
         raise
-    connection.execute("COMMIT")
+    try:
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
 
 
 def update(task_id: str, expected: State, record: TaskRecord, durable: bool) -> bool:

@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from vdsm_agent import errors
+from vdsm_agent.system.space import is_no_space
 from vdsm_agent.tasks import files, output
 from vdsm_agent.tasks.record import TaskRecord
 
@@ -52,6 +54,9 @@ class Active:
     last_beat: float = dataclasses.field(default_factory=time.monotonic)
     kill_timer: asyncio.TimerHandle | None = None
     finalizing: bool = False
+    # Its process is gone, but its final record could not be stored yet (the
+    # state disk is full): the manager tries again until it can.
+    unrecorded: TaskRecord | None = None
 
     @property
     def id(self) -> str:
@@ -142,9 +147,16 @@ def completed_progress(progress: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_spec(task_files: files.TaskFiles, spec: dict[str, Any]) -> None:
-    """Blocking: create the task directory and its spec before spawning."""
+    """Blocking: create the task directory and its spec before spawning, and the
+    room for its outcome, so that it can record how it ended on a full disk."""
     task_files.dir.mkdir(mode=0o750, parents=True, exist_ok=True)
     files.write_json_atomic(task_files.spec, spec)
+    try:
+        files.preallocate(task_files.outcome_room, files.OUTCOME_ROOM)
+    except OSError as exc:
+        if is_no_space(exc):
+            raise
+        # A filesystem without fallocate: the outcome is written as it comes.
 
 
 def ensure_dir(path: Path) -> None:
@@ -192,6 +204,12 @@ class BatchInserter:
                 batch, self._waiting = self._waiting, []
                 try:
                     stored = await self._write_batch([record for record, _ in batch])
+                except errors.StorageFull as exc:
+                    # No record of the batch was written, and none would be alone.
+                    for record, future in batch:
+                        self._fail(record, future, exc)
+                    batch = []
+                    continue
                 except Exception:
                     # One bad record must not fail its neighbours: retry one by one.
                     while batch:
@@ -212,11 +230,15 @@ class BatchInserter:
         try:
             stored = await self._write_batch([record])
         except Exception as exc:
-            self._on_failed(record, exc)
-            if not future.done():
-                future.set_exception(exc)
+            self._fail(record, future, exc)
         else:
             self._answer(record, future, stored.get(record.id))
+
+    def _fail(self, record: TaskRecord, future: asyncio.Future[Any],
+              error: BaseException) -> None:
+        self._on_failed(record, error)
+        if not future.done():
+            future.set_exception(error)
 
     def _answer(self, record: TaskRecord, future: asyncio.Future[Any],
                 stored: TaskRecord | None) -> None:
