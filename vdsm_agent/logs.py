@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
+from typing import Any
 
 FORMAT = "%(asctime)s %(levelname)s [%(name)s] %(message)s"
+STORM_INTERVAL = 10.0  # seconds between the lines of one storm (StormLog)
 
 
 class Formatter(logging.Formatter):
@@ -46,3 +49,44 @@ def skip_unused_record_fields() -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logging._srcfile = None
+
+
+class StormLog:
+    """Events that can come by the thousand a second (refused connections,
+    failed accepts) logged once per interval, never once each.
+
+    The first event of a kind (``key``) is logged at once; the ones that follow
+    are counted, and when ``interval`` seconds have passed one line says how
+    many there were ("... 1234 more in the last 10 s"); that goes on while they
+    do. A storm of any length therefore writes one line per interval and kind.
+    Use from the event loop only.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = STORM_INTERVAL,
+                 level: int = logging.WARNING) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.level = level
+        # key -> [events since the last line, the message of the last one]
+        self._counts: dict[str, list[Any]] = {}
+
+    def note(self, key: str, message: str) -> None:
+        entry = self._counts.get(key)
+        if entry is not None:
+            entry[0] += 1
+            entry[1] = message
+            return
+        self.logger.log(self.level, "%s (more are counted and logged every %g s)",
+                        message, self.interval)
+        self._counts[key] = [0, message]
+        asyncio.get_running_loop().call_later(self.interval, self._flush, key)
+
+    def _flush(self, key: str) -> None:
+        count, message = self._counts[key]
+        if not count:  # the storm is over: the next event is logged at once again
+            del self._counts[key]
+            return
+        self.logger.log(self.level, "%s: %d more in the last %g s", message, count,
+                        self.interval)
+        self._counts[key] = [0, message]
+        asyncio.get_running_loop().call_later(self.interval, self._flush, key)

@@ -11,8 +11,8 @@ later:
   version and uptime only);
 * anything else (``GET /tasks/{id}/output``, an events stream, ...): the caller
   needs at least ``read`` (HTTP 403 otherwise, logged in the audit log) and a
-  slot of the in-flight limits for as long as the response streams (HTTP 429
-  with a ``LimitExceeded`` body otherwise). Both bodies are JSON:
+  long-poll slot of the in-flight limits for as long as the response streams
+  (HTTP 429 with a ``LimitExceeded`` body otherwise; security/limits.py). Both bodies are JSON:
   ``{"error": {"code", "message", "name", ...}}``.
 """
 
@@ -63,11 +63,11 @@ def middleware(authenticator: Authenticator, limiter: Limiter) -> Middleware:
             return error_response(403, errors.Forbidden(
                 f"{caller} has role {caller.role}; {what} needs read",
                 identity=caller.identity, role=str(caller.role), required=str(Role.READ)))
-        if not limiter.admit(caller, 1):
-            return error_response(429, limiter.refusal(caller))
+        if not limiter.admit_long_poll(caller):
+            return error_response(429, limiter.refusal(caller, long_poll=True))
         try:
             return await handler(request)
         finally:
-            limiter.release(caller, 1)
+            limiter.release_long_poll(caller)
 
     return security_gate

@@ -14,7 +14,8 @@ What counts as a secret:
 Paths to key files (``sshfs_identity_file``, ``identityFile``) are not secret
 and are kept: only key *contents* are. Every function here is total: it never
 raises on malformed input (a URI that does not parse is still redacted as far
-as its shape allows) and never changes its argument.
+as its shape allows; a structure nested deeper than ``MAX_DEPTH`` is masked
+below that depth) and never changes its argument.
 """
 
 from __future__ import annotations
@@ -72,19 +73,30 @@ def _query(tail: str) -> str:
     return path + "?" + "&".join(pairs) + hash_mark + fragment
 
 
-def value(item: Any) -> Any:
-    """A copy of ``item`` (params, a record, an event) with secrets masked."""
-    if isinstance(item, dict):
-        return {key: (MASK if isinstance(key, str) and is_secret_name(key) and item_ is not None
-                      else value(item_))
-                for key, item_ in item.items()}
-    if isinstance(item, list):
-        return [value(element) for element in item]
-    if isinstance(item, tuple):
-        return tuple(value(element) for element in item)
+# Containers nested deeper than this are masked whole rather than walked: the
+# walk recurses, and Python's recursion limit must never be what stops it
+# (params nest at most rpc_schema.MAX_PARAMS_DEPTH = 32 deep; nothing the agent
+# keeps is deeper).
+MAX_DEPTH = 64
+
+
+def value(item: Any, _depth: int = 0) -> Any:
+    """A copy of ``item`` (params, a record, an event) with secrets masked
+    (containers deeper than ``MAX_DEPTH`` become ``MASK``)."""
     if isinstance(item, str):
         return _string(item)
-    return item
+    if not isinstance(item, dict | list | tuple):
+        return item
+    if _depth >= MAX_DEPTH:
+        return MASK
+    depth = _depth + 1
+    if isinstance(item, dict):
+        return {key: (MASK if isinstance(key, str) and is_secret_name(key) and item_ is not None
+                      else value(item_, depth))
+                for key, item_ in item.items()}
+    if isinstance(item, list):
+        return [value(element, depth) for element in item]
+    return tuple(value(element, depth) for element in item)
 
 
 def _string(text: str) -> str:

@@ -37,8 +37,9 @@ AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 
 
 async def handle_jsonrpc(request: web.Request) -> web.Response:
-    return await jsonrpc_response(request, request.app[DISPATCHER],
-                                  request.app[CONFIG].max_body_size)
+    config = request.app[CONFIG]
+    return await jsonrpc_response(request, request.app[DISPATCHER], config.max_body_size,
+                                  config.header_timeout)
 
 
 async def handle_health(request: web.Request) -> web.Response:
@@ -116,7 +117,8 @@ def make_app(config: Config) -> web.Application:
     # included, security/redact.py): never log them, even at log level debug.
     logging.getLogger("peewee").setLevel(logging.INFO)
     authenticator = Authenticator(policy)
-    limiter = Limiter(config.max_concurrent_requests, config.max_requests_per_connection)
+    limiter = Limiter(config.max_concurrent_requests, config.max_requests_per_connection,
+                      max_long_polls=config.max_long_polls, reserved=config.reserved_requests)
     app = web.Application(client_max_size=config.max_body_size,
                           middlewares=[gate.middleware(authenticator, limiter)])
     app[CONFIG] = config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 
@@ -21,15 +22,30 @@ def json_response(payload: object, status: int = 200) -> web.Response:
 
 
 async def jsonrpc_response(request: web.Request, dispatcher: Dispatcher,
-                           max_body_size: int) -> web.Response:
-    """Answer one ``POST /jsonrpc``: always a JSON-RPC answer (or 204), never HTTP 500."""
+                           max_body_size: int, body_timeout: float = 10.0) -> web.Response:
+    """Answer one ``POST /jsonrpc``: always a JSON-RPC answer (or 204), never HTTP 500.
+
+    A body still arriving must be complete within ``body_timeout`` seconds (the
+    agent's ``header_timeout``), or the connection is closed after a 408."""
     try:
-        body = await request.read()
+        if request.content.is_eof():  # the whole body is here (nearly always)
+            body = await request.read()
+        else:
+            async with asyncio.timeout(body_timeout):
+                body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         return json_response(error_response(
             errors.INVALID_REQUEST, "Invalid request",
             {"name": "LimitExceeded", "limit": "max_body_size", "max": max_body_size,
              "detail": f"request body larger than {max_body_size} bytes"}), status=413)
+    except TimeoutError:
+        response = json_response(error_response(
+            errors.INVALID_REQUEST, "Invalid request",
+            {"name": "LimitExceeded", "limit": "header_timeout", "max": body_timeout,
+             "detail": f"the request body did not arrive within {body_timeout:g} s"}),
+            status=408)
+        response.force_close()
+        return response
     try:
         answer = await dispatcher.dispatch(body)
     except Exception:

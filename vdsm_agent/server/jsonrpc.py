@@ -15,8 +15,9 @@ enough (see docs/design.md, "JSON-RPC dispatch"):
   never the exception text;
 * access control and limits (``vdsm_agent.security``, docs/security.md): the
   HTTP layer puts the connection's ``Caller`` in ``CURRENT_CALLER``; each call
-  takes an in-flight slot (a batch one per member, at once) or answers
-  ``LimitExceeded``; a verb beyond the caller's role (``"role"`` in the
+  takes an in-flight slot (a batch one per member, at once; a long-poll also
+  one of the long-poll pool; some slots are kept for admin callers) or
+  answers ``LimitExceeded``; a verb beyond the caller's role (``"role"`` in the
   schema, stronger for some params with ``"roleWhen"``) answers ``Forbidden``;
   calls of mutating verbs (declared role operate or admin) and every refusal
   are written to the audit log. Without a caller (in-process use: tests,
@@ -55,12 +56,13 @@ from rpc_schema import ApiSchema, ParamsInvalid, Verb
 from vdsm_agent import errors
 from vdsm_agent.security import audit, redact
 from vdsm_agent.security.identity import CURRENT_CALLER, Caller
-from vdsm_agent.security.limits import Limiter
+from vdsm_agent.security.limits import LONG_POLL_VERBS, Limiter
 from vdsm_agent.security.roles import Role, parse_role
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[..., Awaitable[Any]]
+_ADMIN = Role.ADMIN
 _ENVELOPE_KEYS = frozenset(("jsonrpc", "method", "params", "id"))
 
 
@@ -250,7 +252,10 @@ class Dispatcher:
         limiter = self.limiter
         if caller is None or limiter is None:
             answer = await self.dispatch_one(payload)
-        elif (limiter.in_flight < limiter.max_total
+        elif _is_long_poll(payload):
+            answer = await self._long_poll(payload, caller, limiter)
+        elif (limiter.in_flight < (limiter.max_total if caller.role is _ADMIN
+                                   else limiter.max_ordinary)
               and caller.in_flight < limiter.max_per_connection):
             # Limiter.admit(caller, 1) and release, inlined: this is the hot path.
             limiter.in_flight += 1
@@ -264,11 +269,21 @@ class Dispatcher:
             answer = self._over_limit(payload, caller, limiter)
         return None if answer is None else orjson.dumps(answer)
 
-    async def _admitted(self, member: Any, caller: Caller, limiter: Limiter) -> Any:
+    async def _long_poll(self, member: Any, caller: Caller, limiter: Limiter) -> Any:
+        """waitTask, getEvents: a slot of the long-poll pool too, or LimitExceeded."""
+        if not limiter.admit_long_poll(caller):
+            return self._over_limit(member, caller, limiter, long_poll=True)
+        return await self._run_admitted(member, caller, limiter, True)
+
+    async def _run_admitted(self, member: Any, caller: Caller, limiter: Limiter,
+                            long_poll: bool) -> Any:
         try:
             return await self.dispatch_one(member, caller)
         finally:
-            limiter.release(caller, 1)
+            if long_poll:
+                limiter.release_long_poll(caller)
+            else:
+                limiter.release(caller, 1)
 
     async def _dispatch_batch(self, batch: list[Any], caller: Caller | None) -> bytes | None:
         if not batch:
@@ -285,19 +300,25 @@ class Dispatcher:
         else:
             # Slots for the whole batch at once, in member order: the members
             # beyond the free slots are refused, predictably (security/limits.py).
-            granted = limiter.admit(caller, len(batch))
-            refused = [self._over_limit(member, caller, limiter) for member in batch[granted:]]
-            answers = [*await asyncio.gather(*(self._admitted(member, caller, limiter)
-                                               for member in batch[:granted])), *refused]
+            admitted: list[Awaitable[Any]] = []
+            refused: list[dict[str, Any] | None] = []
+            for member in batch:
+                long_poll = _is_long_poll(member)
+                if limiter.admit_long_poll(caller) if long_poll else limiter.admit(caller, 1):
+                    admitted.append(self._run_admitted(member, caller, limiter, long_poll))
+                else:
+                    refused.append(self._over_limit(member, caller, limiter, long_poll))
+            answers = [*await asyncio.gather(*admitted), *refused]
         replies = [answer for answer in answers if answer is not None]
         return orjson.dumps(replies) if replies else None
 
-    def _over_limit(self, member: Any, caller: Caller, limiter: Limiter) -> dict[str, Any] | None:
+    def _over_limit(self, member: Any, caller: Caller, limiter: Limiter,
+                    long_poll: bool = False) -> dict[str, Any] | None:
         """The answer to a member that got no in-flight slot (it is not run)."""
         problem = _envelope_problem(member)
         if problem is not None:
             return error_response(errors.INVALID_REQUEST, "Invalid request", problem)
-        error = limiter.refusal(caller).to_error()
+        error = limiter.refusal(caller, long_poll).to_error()
         route = self._routes.get(member["method"])
         if route is not None and route.audited:  # a caller exists here
             audit.record(caller, route.verb.name, member.get("params"), event="limit",
@@ -383,6 +404,15 @@ class Dispatcher:
         if isinstance(result, Left):
             return cast(dict[str, Any], to_serializable_one(to_response(request, result)))
         return {"jsonrpc": "2.0", "result": result._value.result, "id": ident}
+
+
+def _is_long_poll(member: Any) -> bool:
+    """Whether ``member`` calls a long-poll verb (security/limits.py), on the hot path:
+    a subscript and a set lookup; anything malformed is not one."""
+    try:
+        return member["method"] in LONG_POLL_VERBS
+    except (KeyError, TypeError, IndexError):
+        return False
 
 
 def _audit_outcome(route: _Route, caller: Caller | None, params: Any, result: Any) -> None:

@@ -4,22 +4,41 @@ Plain HTTP is served on loopback only; any other address needs the TLS
 listener (``tls_listen``), which requires client certificates
 (``vdsm_agent.security.tls``). Every configuration problem is a
 ``ListenError`` with a message, checked before anything starts.
+
+Each listener is an aiohttp site served by its own accept loop
+(``server.accept``): a cap on open connections, a deadline for request heads,
+file descriptors kept for the Unix socket, and storms logged once per
+interval.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
 import os
+import socket
 import ssl
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from aiohttp import web
 
+from vdsm_agent.logs import StormLog
 from vdsm_agent.security import tls
+from vdsm_agent.server.accept import (
+    ROOT_RESERVE,
+    ConnectionLimits,
+    Listener,
+    ProtocolFactory,
+    own_uids,
+    raise_fd_limit,
+    tcp_fd_ceiling,
+    tcp_sockets,
+    unix_socket,
+)
 from vdsm_agent.settings import Config
 
 log = logging.getLogger(__name__)
@@ -70,10 +89,16 @@ def _remove_stale_socket(path: Path) -> None:
     path.unlink()
 
 
-async def setup_runner(app: web.Application,
-                       access_log: logging.Logger | None) -> web.AppRunner:
-    """A set-up runner for ``app`` that leaves signals to the caller."""
-    runner = web.AppRunner(app, access_log=access_log, handle_signals=False)
+async def setup_runner(app: web.Application, access_log: logging.Logger | None,
+                       keepalive_timeout: float = ConnectionLimits.keepalive_timeout
+                       ) -> web.AppRunner:
+    """A set-up runner for ``app`` that leaves signals to the caller.
+
+    aiohttp's ``keepalive_timeout`` runs from a connection's start and from each
+    answer until the next request head has arrived: it closes idle connections
+    and bounds how long a later request head may take."""
+    runner = web.AppRunner(app, access_log=access_log, handle_signals=False,
+                           keepalive_timeout=keepalive_timeout)
     await runner.setup()
     return runner
 
@@ -91,40 +116,164 @@ async def cleaned_up_on_failure(runner: web.AppRunner) -> AsyncIterator[None]:
         raise
 
 
+class _Serving(asyncio.AbstractServer):
+    """What aiohttp's runner sees of a GuardedSite's listeners (sockets, close)."""
+
+    def __init__(self, listeners: list[Listener]) -> None:
+        self.listeners = listeners
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return tuple(listener.sock for listener in self.listeners)
+
+    def close(self) -> None:
+        for listener in self.listeners:
+            listener.close()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    def is_serving(self) -> bool:
+        return any(not listener.sock._closed  # type: ignore[attr-defined]
+                   for listener in self.listeners)
+
+    async def start_serving(self) -> None:
+        return None  # serving from GuardedSite.start on
+
+    async def serve_forever(self) -> None:
+        raise NotImplementedError("a GuardedSite serves from its runner")
+
+    async def wait_closed(self) -> None:
+        return None  # Listener.close closes at once
+
+
+class GuardedSite(web.BaseSite):
+    """An aiohttp site whose listening sockets are served by ``accept.Listener``s."""
+
+    __slots__ = ("_make", "_name")
+
+    def __init__(self, runner: web.BaseRunner, name: str,
+                 make: Callable[[ProtocolFactory], list[Listener]]) -> None:
+        super().__init__(runner)
+        self._name = name
+        self._make = make
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def listeners(self) -> list[Listener]:
+        return self._server.listeners if isinstance(self._server, _Serving) else []
+
+    async def start(self) -> None:
+        await super().start()
+        factory = self._runner.server
+        assert factory is not None
+        listeners = self._make(factory)
+        self._server = _Serving(listeners)
+        for listener in listeners:
+            listener.start()
+
+
+class Guard:
+    """Makes the guarded sites of one daemon: its limits, its descriptor budget
+    and one storm log for all of its listeners."""
+
+    def __init__(self, limits: ConnectionLimits) -> None:
+        self.limits = limits
+        self.fd_limit = raise_fd_limit()
+        self.tcp_fd_ceiling = tcp_fd_ceiling(self.fd_limit, limits.unix_max_connections)
+        self.storms = StormLog(log)
+        self.tcp_listeners = 0
+        if self.tcp_fd_ceiling < 64:
+            log.warning("the file descriptor limit (RLIMIT_NOFILE %d) leaves almost no "
+                        "descriptors for TCP connections: raise it", self.fd_limit)
+
+    def tcp(self, runner: web.BaseRunner, host: str, port: int,
+            ssl_context: ssl.SSLContext | None = None) -> GuardedSite:
+        scheme = "tls" if ssl_context is not None else "tcp"
+        self.tcp_listeners += 1
+
+        def make(factory: ProtocolFactory) -> list[Listener]:
+            return [Listener(f"{scheme} {_format(sock.getsockname())}", sock, factory,
+                             cap=self.limits.max_connections, cap_name="max_connections",
+                             storms=self.storms, header_timeout=self.limits.header_timeout,
+                             fd_ceiling=self.tcp_fd_ceiling, fd_limit=self.fd_limit,
+                             ssl_context=ssl_context)
+                    for sock in tcp_sockets(host, port)]
+
+        return GuardedSite(runner, f"{scheme}://{host}:{port}", make)
+
+    def unix(self, runner: web.BaseRunner, path: Path) -> GuardedSite:
+        def make(factory: ProtocolFactory) -> list[Listener]:
+            return [Listener(f"unix {path}", unix_socket(str(path)), factory,
+                             cap=self.limits.unix_max_connections,
+                             cap_name="unix_max_connections", storms=self.storms,
+                             header_timeout=self.limits.header_timeout,
+                             reserved_for=own_uids(), spare_fd=True)]
+
+        return GuardedSite(runner, f"unix:{path}", make)
+
+    def describe(self) -> str:
+        """One line for the log: the caps and the descriptor budget."""
+        limits = self.limits
+        budget = self.tcp_fd_ceiling
+        binding = (f", but the descriptor limit stops TCP connections near {budget} open "
+                   "descriptors" if limits.max_connections * max(self.tcp_listeners, 1) > budget
+                   else "")
+        return (f"connections: at most {limits.max_connections} on each TCP listener"
+                f"{binding}, {limits.unix_max_connections} on the Unix socket (the last "
+                f"{ROOT_RESERVE} for root); RLIMIT_NOFILE {self.fd_limit}; request heads within "
+                f"{limits.header_timeout:g} s, idle connections closed after "
+                f"{limits.keepalive_timeout:g} s")
+
+
+def connection_limits(config: Config) -> ConnectionLimits:
+    return ConnectionLimits(max_connections=config.max_connections,
+                            unix_max_connections=config.unix_max_connections,
+                            header_timeout=config.header_timeout,
+                            keepalive_timeout=config.keepalive_timeout)
+
+
 async def start_tcp(app: web.Application, listen: tuple[str, int],
-                    access_log: logging.Logger | None) -> tuple[web.AppRunner, str]:
+                    access_log: logging.Logger | None,
+                    limits: ConnectionLimits | None = None) -> tuple[web.AppRunner, str]:
     """Serve ``app`` with plain HTTP on ``listen`` only; the runner and its URL."""
-    runner = await setup_runner(app, access_log)
+    limits = limits or ConnectionLimits()
+    runner = await setup_runner(app, access_log, limits.keepalive_timeout)
+    guard = Guard(limits)
     host, port = listen
     async with cleaned_up_on_failure(runner):
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        await guard.tcp(runner, host, port).start()
+    log.info("%s", guard.describe())
     return runner, f"http://{bound_address(runner)}/jsonrpc"
 
 
 async def start(app: web.Application, config: Config) -> tuple[web.AppRunner, list[str]]:
     """Start serving; return the runner and the URLs it answers on."""
     tls_context = check_config(config)
-    runner = await setup_runner(app, log if config.access_log else None)
+    limits = connection_limits(config)
+    runner = await setup_runner(app, log if config.access_log else None,
+                                limits.keepalive_timeout)
+    guard = Guard(limits)
     host, port = config.listen
     async with cleaned_up_on_failure(runner):
-        tcp = web.TCPSite(runner, host, port, reuse_address=True)
-        await tcp.start()
+        await guard.tcp(runner, host, port).start()
         socket_path = config.unix_socket_path
         if socket_path is not None:
             socket_path.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale_socket(socket_path)
-            unix = web.UnixSite(runner, str(socket_path))
-            await unix.start()
+            await guard.unix(runner, socket_path).start()
             os.chmod(socket_path, 0o660)
         tls_addresses: list[str] = []
         if tls_context is not None:
             tls_host, tls_port = config.tls_listen
             before = list(runner.addresses)
-            secure = web.TCPSite(runner, tls_host, tls_port, ssl_context=tls_context,
-                                 reuse_address=True)
-            await secure.start()
+            await guard.tcp(runner, tls_host, tls_port, tls_context).start()
             tls_addresses = [_format(address) for address in runner.addresses
                              if address not in before and isinstance(address, tuple)]
+    log.info("%s", guard.describe())
     urls = [f"http://{bound_address(runner)}/jsonrpc"]
     if socket_path is not None:
         urls.append(f"unix:{socket_path}")

@@ -7,12 +7,13 @@ import gc
 import logging
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
 
 from vdsm_agent import __version__
+from vdsm_agent.logs import StormLog
 from vdsm_agent.server.listeners import ListenError
 
 
@@ -24,6 +25,7 @@ async def serve_until_signalled(runner: web.AppRunner, log: logging.Logger, prog
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.set_exception_handler(storm_safe_exception_handler(StormLog(log)))
     settle_garbage_collector()
     log.info("%s %s serving on %s", prog, __version__, ", ".join(urls))
     print(how_to_reach, file=sys.stderr, flush=True)
@@ -32,6 +34,29 @@ async def serve_until_signalled(runner: web.AppRunner, log: logging.Logger, prog
     finally:
         log.info("shutting down")
         await runner.cleanup()
+
+
+# What asyncio's own accept loop reports, with a traceback, for every failed
+# accept() while out of descriptors (selector_events.py). Our listeners have
+# their own accept loop (server/accept.py); any other server still must not
+# flood the log.
+ACCEPT_OUT_OF_RESOURCES = "socket.accept() out of system resource"
+
+
+def storm_safe_exception_handler(storms: StormLog) -> Callable[
+        [asyncio.AbstractEventLoop, dict[str, Any]], None]:
+    """The loop's exception handler: asyncio's failed-accept reports are counted
+    and logged once per interval, without traceback; everything else as usual."""
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") == ACCEPT_OUT_OF_RESOURCES:
+            exc = context.get("exception")
+            reason = exc.strerror if isinstance(exc, OSError) else exc
+            storms.note(ACCEPT_OUT_OF_RESOURCES, f"{ACCEPT_OUT_OF_RESOURCES}: {reason}")
+            return
+        loop.default_exception_handler(context)
+
+    return handle
 
 
 # Collect the youngest generation every 20,000 allocations instead of 700, and

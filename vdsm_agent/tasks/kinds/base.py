@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Protocol
 import fastjsonschema
 import orjson
 
+import rpc_schema
 from vdsm_agent import errors
 
 
@@ -114,13 +115,15 @@ def _field_of(exc: fastjsonschema.JsonSchemaValueException) -> str:
 
 
 # Compiled params validators, one per kind class (compiling costs milliseconds).
+# Compiled as the verbs' are: "integer" is strict (5.0 is InvalidParams, not a
+# float reaching the work, where it failed as InternalError).
 _VALIDATORS: dict[type[TaskKind], Callable[[Any], Any]] = {}
 
 
 def _validator(kind: type[TaskKind]) -> Callable[[Any], Any]:
     check = _VALIDATORS.get(kind)
     if check is None:
-        check = _VALIDATORS[kind] = fastjsonschema.compile(kind.params_schema)
+        check = _VALIDATORS[kind] = rpc_schema.compile_validator(kind.params_schema)
     return check
 
 
