@@ -57,11 +57,12 @@ def healthy(port: int) -> bool:
 def agent_argv(state_dir: Path, port: int, images: Path, log_level: str,
                **flags: Any) -> list[str]:
     """An agent on 127.0.0.1:port, no Unix socket, test kinds on, ``images`` allowed;
-    each flag as ``--name value`` (underscores in names become dashes)."""
+    each flag as ``--name value`` (underscores in names become dashes). Loopback TCP
+    callers are anonymous: the load generators get admin by ``loopback_role``."""
     argv = [sys.executable, "-m", "vdsm_agent.main", "--state-dir", str(state_dir),
             "--listen", f"127.0.0.1:{port}", "--unix-socket", "none",
             "--allowed-root", str(images), "--log-level", log_level,
-            "--enable-test-kinds", "true"]
+            "--enable-test-kinds", "true", "--loopback-role", "admin"]
     for name, value in flags.items():
         argv += [f"--{name.replace('_', '-')}", str(value)]
     return argv

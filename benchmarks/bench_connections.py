@@ -126,7 +126,8 @@ def run_cpu(connections: int = 200, interval: float = 10.0, duration: float = 60
         port = agents.free_port()
         argv = [sys.executable, "-m", "vdsm_agent.main", "--state-dir", str(root / "state"),
                 "--listen", f"127.0.0.1:{port}", "--unix-socket", "none",
-                "--log-level", "warning", f"--probe-interval={interval}"]
+                "--log-level", "warning", f"--probe-interval={interval}",
+                "--loopback-role", "admin"]  # loopback TCP callers are anonymous
         with open(root / "agent.log", "wb") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         try:

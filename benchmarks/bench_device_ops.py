@@ -94,7 +94,8 @@ def agent_in(root: Path, flags: Sequence[str] = ()) -> Iterator[Agent]:
     port = agents.free_port()
     argv = [sys.executable, "-m", "vdsm_agent.main", "--state-dir", str(root / "state"),
             "--listen", f"127.0.0.1:{port}", "--unix-socket", "none",
-            "--allowed-root", str(root / "images"), "--log-level", "warning", *flags]
+            "--allowed-root", str(root / "images"), "--log-level", "warning",
+            "--loopback-role", "admin", *flags]  # loopback TCP callers are anonymous
     # Compiled bytecode, as the packages install it: with PYTHONDONTWRITEBYTECODE
     # (set in some development shells) every task process would compile every
     # module it imports again (~0.2 s of CPU per task here). Kept out of the tree.

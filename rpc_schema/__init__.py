@@ -19,9 +19,8 @@ from typing import Any
 
 import fastjsonschema
 
-# Roles a verb may require, weakest first (vdsm_agent.security.roles adds "none",
-# the role of a caller that may call nothing).
-ROLES = ("read", "operate", "admin")
+# Roles a verb may require, weakest first ("none": public, like GET /health).
+ROLES = ("none", "read", "operate", "admin")
 
 
 class ParamsInvalid(Exception):

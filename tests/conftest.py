@@ -30,8 +30,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture
 def config(tmp_path: Path) -> settings.Config:
+    # The in-process test client connects over loopback TCP, where a caller is
+    # anonymous: it gets what loopback_role grants.
     return settings.defaults().replace(
-        state_dir=str(tmp_path / "state"), unix_socket="none", listen=("127.0.0.1", 0))
+        state_dir=str(tmp_path / "state"), unix_socket="none", listen=("127.0.0.1", 0),
+        loopback_role="admin")
 
 
 @pytest.fixture

@@ -208,6 +208,10 @@ class FleetAgent:
         self.flags = {"allowed-root": str(self.images), "heartbeat-interval": "0.2",
                       "stale-after": "10", "cancel-grace": "1", "enable-test-kinds": "true",
                       "log-level": "info",
+                      # The engine calls its agents over loopback TCP here, where a
+                      # caller is anonymous: grant it what the engine's certificate
+                      # would get in production.
+                      "loopback-role": "operate",
                       **{key.replace("_", "-"): str(value) for key, value in flags.items()}}
         self.process: AgentProcess | None = None
         self.starts = 0

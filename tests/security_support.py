@@ -14,16 +14,20 @@ to prove what the agent makes of a local caller that is not root.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import http.client
 import json
 import os
+import pwd
+import secrets
 import ssl
 import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +174,18 @@ conn.request("POST", "/jsonrpc", body=body, headers={"Content-Type": "applicatio
 response = conn.getresponse()
 print(json.dumps({"status": response.status, "answer": json.loads(response.read())}))
 """
+
+
+@contextlib.contextmanager
+def created_user(prefix: str = "vdsmtest") -> Iterator[tuple[str, int]]:
+    """A real, throwaway non-root user (``useradd``; needs root), removed afterwards."""
+    name = f"{prefix}{os.getpid() % 100000}{secrets.token_hex(2)}"[:31]
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                    "--user-group", name], check=True, capture_output=True, timeout=60)
+    try:
+        yield name, pwd.getpwnam(name).pw_uid
+    finally:
+        subprocess.run(["userdel", name], check=False, capture_output=True, timeout=60)
 
 
 def run_as(uid: int, target: str, method: str, **params: Any) -> dict[str, Any]:

@@ -99,7 +99,9 @@ class AgentProcess:
         return f"http://127.0.0.1:{self.port}/jsonrpc"
 
     def http(self, method: str, path: str, body: bytes | None = None,
-             unix: bool = False, timeout: float = 30) -> tuple[int, bytes]:
+             unix: bool = True, timeout: float = 30) -> tuple[int, bytes]:
+        """One HTTP exchange; over the Unix socket by default, where root is admin
+        (a loopback TCP caller is anonymous: ``unix=False`` to be one)."""
         conn: http.client.HTTPConnection = (
             UnixHTTPConnection(str(self.socket_path), timeout) if unix
             else http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout))
@@ -111,7 +113,7 @@ class AgentProcess:
         finally:
             conn.close()
 
-    def call(self, method: str, unix: bool = False, **params: Any) -> Any:
+    def call(self, method: str, unix: bool = True, **params: Any) -> Any:
         body = json.dumps({"jsonrpc": "2.0", "method": method, "params": params, "id": 1})
         status, data = self.http("POST", "/jsonrpc", body.encode(), unix=unix)
         assert status == 200, data
@@ -127,7 +129,7 @@ class AgentProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"agent exited: {self.log_path.read_text()}")
             try:
-                status, _ = self.http("GET", "/health", timeout=1)
+                status, _ = self.http("GET", "/health", unix=False, timeout=1)
                 if status == 200 and self.socket_path.exists():
                     return
             except OSError:

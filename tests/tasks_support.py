@@ -65,6 +65,9 @@ def task_config(tmp_path: Path, **overrides: Any) -> settings.Config:
         "unix_socket": "none",
         "listen": ("127.0.0.1", 0),
         "allowed_roots": [str(images)],
+        # In-process test clients connect over loopback TCP, where a caller is
+        # anonymous: it gets what loopback_role grants.
+        "loopback_role": "admin",
         **FAST,
     }
     values.update(overrides)

@@ -78,13 +78,20 @@ def test_ping_over_url_and_unix_socket(agent_process):
     assert bare.returncode == 0, bare.stderr
 
     # Something that is not a JSON-RPC endpoint: exit 4 with the HTTP status.
+    # (An anonymous loopback caller may reach /jsonrpc and /health only: 403.)
     wrong_path = cli("--url", f"http://127.0.0.1:{agent_process.port}/nope", "ping")
     assert wrong_path.returncode == 4
-    assert "404" in wrong_path.stderr
+    assert "403" in wrong_path.stderr
+
+
+def test_over_loopback_tcp_the_client_is_anonymous(agent_process):
+    done = cli("--url", agent_process.url, "getCapabilities")
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert done.stderr.startswith("error 401 Forbidden: "), done.stderr
 
 
 def test_get_capabilities_and_tables(agent_process):
-    done = cli("--url", agent_process.url, "getCapabilities")
+    done = cli("--unix-socket", str(agent_process.socket_path), "getCapabilities")
     assert done.returncode == 0, done.stderr
     capabilities = json.loads(done.stdout)
     assert capabilities["version"] == __version__
@@ -96,13 +103,14 @@ def test_get_capabilities_and_tables(agent_process):
     assert table.stdout.splitlines()[0].split() == ["field", "value"]
     assert any(line.split()[0] == "hostname" for line in table.stdout.splitlines())
 
-    devices = cli("--url", agent_process.url, "getDeviceList", "--table")
+    devices = cli("--unix-socket", str(agent_process.socket_path), "getDeviceList", "--table")
     assert devices.returncode == 0, devices.stderr
     header = devices.stdout.splitlines()[0].split()
     assert "path" in header
     assert "name" in header
 
-    chosen = cli("--url", agent_process.url, "getDeviceList", "--columns", "path,inUse")
+    chosen = cli("--unix-socket", str(agent_process.socket_path), "getDeviceList",
+                 "--columns", "path,inUse")
     assert chosen.returncode == 0, chosen.stderr
     assert chosen.stdout.splitlines()[0].split() == ["path", "inUse"]
 
@@ -112,7 +120,7 @@ def test_get_device_list_missing_path(agent_process):
                   ['paths=["/dev/nonexistent0"]'],  # JSON
                   ["paths=/dev/nonexistent0", "paths=/dev/nonexistent1"],  # repeated
                   ['paths:=["/dev/nonexistent0"]']):  # raw JSON
-        done = cli("--url", agent_process.url, "getDeviceList", *words)
+        done = cli("--unix-socket", str(agent_process.socket_path), "getDeviceList", *words)
         assert done.returncode == 1, (words, done.stdout, done.stderr)
         assert done.stderr.startswith("error 300 DeviceNotFound: "), words
         assert "/dev/nonexistent0" in done.stderr
@@ -120,13 +128,14 @@ def test_get_device_list_missing_path(agent_process):
 
 
 def test_invalid_params_is_a_protocol_error(agent_process):
-    done = cli("--url", agent_process.url, "getDeviceList", "paths:=[1]")
+    done = cli("--unix-socket", str(agent_process.socket_path), "getDeviceList", "paths:=[1]")
     assert done.returncode == 3, (done.stdout, done.stderr)
     assert done.stderr.startswith("error -32602 InvalidParams: ")
     assert "params.paths[0]" in done.stderr
     assert done.stdout == ""
 
-    verbose = cli("--url", agent_process.url, "-v", "getDeviceList", "paths=[1]")
+    verbose = cli("--unix-socket", str(agent_process.socket_path), "-v", "getDeviceList",
+                  "paths=[1]")
     assert verbose.returncode == 3
     data = json.loads(verbose.stderr[verbose.stderr.index("\n{"):])
     assert data["name"] == "InvalidParams"

@@ -114,6 +114,7 @@ def config(tmp_path: Path, request: pytest.FixtureRequest) -> settings.Config:
     return settings.defaults().replace(
         state_dir=str(tmp_path / "state"), unix_socket="none", listen=("127.0.0.1", 0),
         allowed_roots=[str(tmp_path)],  # loop:// images live here
+        loopback_role="admin",  # the in-process client is an anonymous loopback caller
         **FAST, **extra)
 
 

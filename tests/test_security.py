@@ -1,11 +1,10 @@
 """Access control, audit, redaction and limits: units, and an in-process agent.
 
 The in-process agent's test client connects over loopback TCP from this very
-process, so the agent identifies it as ``uid:<our euid>`` (from the kernel's
-socket table) and gives it the role the test configures for that identity
-(``roles``). Connection commands go to a fake runner and task processes are
-never launched where a test does not need them, so nothing here touches the
-host's storage.
+process, where a caller is anonymous: the agent gives it ``loopback_role``,
+which the tests set to the role they want (``default_role`` when empty).
+Connection commands go to a fake runner and task processes are never launched
+where a test does not need them, so nothing here touches the host's storage.
 """
 
 from __future__ import annotations
@@ -33,10 +32,10 @@ from vdsm_agent import errors, settings
 from vdsm_agent.main import build_parser
 from vdsm_agent.security import audit, redact
 from vdsm_agent.security.identity import (
+    ANONYMOUS,
     Authenticator,
     Caller,
     certificate_names,
-    peer_uid_tcp,
     peer_uid_unix,
 )
 from vdsm_agent.security.limits import Limiter
@@ -47,7 +46,7 @@ from vdsm_agent.tasks.kinds.base import TaskKind
 from vdsm_agent.tasks.manager import TaskManager
 
 SCHEMA = rpc_schema.load("agent")
-ME = f"uid:{os.geteuid()}"
+ME = ANONYMOUS  # who a loopback TCP caller is
 NO_TASK = "00000000-0000-4000-8000-000000000000"
 
 
@@ -105,32 +104,6 @@ def test_unix_peer_credentials_give_the_peers_uid():
         assert peer_uid_unix(left) == os.geteuid()
 
 
-def test_loopback_tcp_peer_uid_from_the_kernels_socket_table():
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        client = socket.create_connection(server.getsockname())
-        accepted, peer = server.accept()
-        with client, accepted:
-            assert peer_uid_tcp(peer, accepted.getsockname()) == os.geteuid()
-            # A peer that is not in the table (it went away, or never was) is unknown.
-            assert peer_uid_tcp(("127.0.0.1", 1), accepted.getsockname()) is None
-
-
-def test_loopback_tcp_peer_uid_parses_procfs_rows(tmp_path):
-    (tmp_path / "tcp").write_text(
-        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid\n"
-        "   0: 0100007F:A1B2 0100007F:1F90 01 00000000:00000000 00:00000000 00000000  1000 "
-        "0 1 1 0000000000000000 20 4 30 10 -1\n")
-    (tmp_path / "tcp6").write_text(
-        "  sl  local_address                         remote_address                        "
-        "st tx_queue rx_queue tr tm->when retrnsmt   uid\n"
-        "   0: 00000000000000000000000001000000:A1B2 00000000000000000000000001000000:1F90 "
-        "01 00000000:00000000 00:00000000 00000000  1001 0 1 1 0 20 4 30 10 -1\n")
-    assert peer_uid_tcp(("127.0.0.1", 0xA1B2), ("127.0.0.1", 8080), tmp_path) == 1000
-    assert peer_uid_tcp(("::1", 0xA1B2, 0, 0), ("::1", 8080, 0, 0), tmp_path) == 1001
-    assert peer_uid_tcp(("127.0.0.1", 0xA1B3), ("127.0.0.1", 8080), tmp_path) is None
-    assert peer_uid_tcp(("not-an-ip", 1), ("127.0.0.1", 8080), tmp_path) is None
-
-
 async def test_an_unidentifiable_connection_has_no_role():
     authenticator = Authenticator(RolePolicy.build([], "admin"))
     caller = await authenticator.caller(None)
@@ -153,7 +126,8 @@ def test_mutating_verbs_need_more_than_read():
                  "unmanageStorageConnection", "refreshStorageConnection"):
         assert roles[name] == "operate", name
     assert roles["resetTaskState"] == "admin"
-    for name in ("ping", "getCapabilities", "getDeviceList", "rpc.discover", "getTask",
+    assert roles["ping"] == "none"  # public, like GET /health
+    for name in ("getCapabilities", "getDeviceList", "rpc.discover", "getTask",
                  "listTasks", "getTaskOutput", "waitTask", "getTaskKinds"):
         assert roles[name] == "read", name
 
@@ -212,7 +186,7 @@ def test_bad_security_settings_are_clear_errors(tmp_path, text, message):
 def test_security_defaults_fail_closed():
     config = settings.defaults()
     assert config.default_role == "none"
-    assert config.loopback_role == ""  # loopback callers are identified by uid
+    assert config.loopback_role == ""  # loopback callers get default_role
     assert config.tls_listen is None
     assert config.roles == []
 
@@ -325,7 +299,8 @@ async def agents(aiohttp_client: Any, tmp_path: Path) -> AsyncIterator[Callable[
         root = tmp_path / f"agent{len(made)}"
         root.mkdir()
         overrides.setdefault("enable_test_kinds", True)
-        config = task_config(root, roles=[(ME, role)], **overrides)
+        overrides.setdefault("loopback_role", role)
+        config = task_config(root, **overrides)
         made.append(config)
         client = Client(await aiohttp_client(make_app(config)))
         client.agent.connections.context.runner = FakeRunner()
@@ -588,4 +563,17 @@ async def test_loopback_role_gives_every_loopback_caller_one_role(agents):
     assert "result" in await client.answer("ping")
     error = await client.error("deleteTask", taskID=NO_TASK)
     assert error["code"] == errors.Forbidden.code
-    assert error["data"]["identity"] == "loopback"
+    assert error["data"]["identity"] == ANONYMOUS
+
+
+async def test_a_loopback_caller_is_anonymous_with_the_default_role(agents):
+    # No loopback_role: default_role, whoever owns the client socket (root here).
+    client = await agents("admin", loopback_role="", default_role="read")
+    assert "result" in await client.answer("getTaskKinds")
+    error = await client.error("deleteTask", taskID=NO_TASK)
+    assert error["code"] == errors.Forbidden.code
+    assert (error["data"]["identity"], error["data"]["role"]) == (ANONYMOUS, "read")
+    nobody = await agents("admin", loopback_role="")  # default_role none
+    assert "result" in await nobody.answer("ping")  # public
+    refused = await nobody.error("getTaskKinds")
+    assert (refused["data"]["identity"], refused["data"]["role"]) == (ANONYMOUS, "none")

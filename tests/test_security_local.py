@@ -1,10 +1,11 @@
 """Local callers of a real agent: who they are (peer uid) and what they may do.
 
-The agent identifies a Unix socket peer by ``SO_PEERCRED`` and a loopback TCP
-peer by the uid owning its socket (the kernel's socket table), as ``uid:N``
-(also looked up as ``user:NAME``). Root is admin unless ``[roles]`` says
-otherwise; here ``user:nobody`` is given ``read`` and uid 65533 (no such
-user) is not listed, so it gets ``default_role`` (none).
+The agent identifies a Unix socket peer by ``SO_PEERCRED``, as ``uid:N`` (also
+looked up as ``user:NAME``). Root is admin unless ``[roles]`` says otherwise;
+here ``user:nobody`` is given ``read`` and uid 65533 (no such user) is not
+listed, so it gets ``default_role`` (none). A loopback TCP caller is anonymous
+whoever it is (``default_role``): the kernel's socket table once named root as
+the owner of a socket its real owner had just closed.
 
 The clients run as those users (``subprocess`` with ``user=``), so these tests
 need root. The socket lives in a directory of its own that others may
@@ -15,6 +16,7 @@ one test checks the 0660 mode on its own.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -26,8 +28,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.security_support import NOBODY, run_as, start_agent
-from tests.support import AgentProcess
+from tests.security_support import NOBODY, created_user, run_as, start_agent
+from tests.support import AgentProcess, until
 from vdsm_agent import errors
 
 pytestmark = pytest.mark.root
@@ -67,20 +69,18 @@ def test_root_on_the_unix_socket_is_admin(local_agent):
     assert getattr(info.value, "name", None) == "TaskNotFound"  # past the admin check
 
 
-@pytest.mark.parametrize("transport", ["unix", "tcp"])
-def test_a_listed_local_user_gets_its_role(local_agent, open_socket, transport):
-    target = open_socket if transport == "unix" else f"tcp:{local_agent.port}"
-    assert "result" in run_as(NOBODY, target, "ping")
+def test_a_listed_local_user_gets_its_role(local_agent, open_socket):
+    target = open_socket
+    assert "result" in run_as(NOBODY, target, "getTaskKinds")
     answer = run_as(NOBODY, target, "startTask", kind="checksum", params={"path": "/x"})
     assert answer["error"]["code"] == errors.Forbidden.code
     assert answer["error"]["data"]["identity"] == f"uid:{NOBODY}"
     assert answer["error"]["data"]["role"] == "read"
 
 
-@pytest.mark.parametrize("transport", ["unix", "tcp"])
-def test_an_unlisted_local_user_may_do_nothing(local_agent, open_socket, transport):
-    target = open_socket if transport == "unix" else f"tcp:{local_agent.port}"
-    answer = run_as(UNLISTED, target, "ping")
+def test_an_unlisted_local_user_may_do_nothing(local_agent, open_socket):
+    target = open_socket
+    answer = run_as(UNLISTED, target, "getTaskKinds")
     assert answer["error"]["code"] == errors.Forbidden.code
     assert answer["error"]["data"]["identity"] == f"uid:{UNLISTED}"
     assert answer["error"]["data"]["role"] == "none"
@@ -99,3 +99,57 @@ def test_the_socket_mode_keeps_other_users_out(local_agent):
         text=True, timeout=30, check=False)
     assert result.returncode != 0
     assert "PermissionError" in result.stderr
+
+
+@pytest.mark.parametrize("uid", [0, NOBODY, UNLISTED])
+def test_a_loopback_tcp_caller_is_anonymous_whoever_it_is(local_agent, uid):
+    """Root and a listed user alike: on TCP nothing attests who they are."""
+    target = f"tcp:{local_agent.port}"
+    assert "result" in run_as(uid, target, "ping")  # public
+    answer = run_as(uid, target, "getTaskKinds")
+    assert answer["error"]["code"] == errors.Forbidden.code
+    assert (answer["error"]["data"]["identity"], answer["error"]["data"]["role"]) == (
+        "anonymous", "none")
+
+
+# Sends one call and closes the socket without reading the answer, N times, with
+# 0-30 ms between sending and closing: the closed socket lingers in FIN_WAIT2 as
+# an orphan, which /proc/net/tcp lists with uid 0.
+_HIT_AND_RUN = r"""
+import json, socket, sys, time
+port, tries, directory = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+for number in range(tries):
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "manageStorageConnection",
+                       "params": {"connectionID": f"forged-{number}",
+                                  "uri": "file://" + directory}}).encode()
+    head = (f"POST /jsonrpc HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+            f"\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(head + body)
+    time.sleep((number % 31) / 1000)
+    sock.close()
+"""
+
+
+def test_a_local_user_cannot_pass_for_root_by_closing_its_socket(tmp_path, local_agent):
+    """Issue 15, item 1: 300 hit-and-run calls of a real non-root user over TCP;
+    none may run as anyone but the anonymous caller (default_role none)."""
+    directory = tmp_path / "target"
+    directory.mkdir()
+    with created_user() as (_name, uid):
+        result = subprocess.run(
+            ["/usr/bin/python3", "-I", "-c", _HIT_AND_RUN, str(local_agent.port), "300",
+             str(directory)],
+            user=uid, group=uid, extra_groups=[], cwd="/", capture_output=True, text=True,
+            timeout=120, check=False)
+        assert result.returncode == 0, result.stderr
+        # The agent answers each call after its client left: wait for the last.
+        until(lambda: '"connectionID":"forged-299"' in local_agent.log_path.read_text(),
+              timeout=30, what="the last call in the audit log")
+    managed = local_agent.call("getStorageConnectionList")
+    assert not [name for name in managed if name.startswith("forged-")]
+    calls = [json.loads(line[line.index("{"):]) for line in
+             local_agent.log_path.read_text().splitlines()
+             if '"verb":"manageStorageConnection"' in line and '"forged-' in line]
+    assert len(calls) >= 250  # most calls were read and judged (none queued forever)
+    assert {(call["identity"], call["event"]) for call in calls} == {("anonymous", "forbidden")}

@@ -218,11 +218,13 @@ def test_ping_stays_fast_while_20_tasks_run(tmp_path: Path) -> None:
 def test_curl_follows_output_until_the_task_ends(runner: AgentRunner) -> None:
     agent = runner.start()
     task_id = start(agent, seconds=1.5, printEvery=0.25)
-    url = f"http://127.0.0.1:{agent.port}/tasks/{task_id}/output?follow=1"
+    url = f"http://localhost/tasks/{task_id}/output?follow=1"
     curl = shutil.which("curl")
     assert curl is not None
     began = time.monotonic()
-    with subprocess.Popen([curl, "-sN", url], stdout=subprocess.PIPE) as proc:
+    # Over the Unix socket, as an administrator on the host would (root is admin there).
+    with subprocess.Popen([curl, "-sN", "--unix-socket", str(agent.socket_path), url],
+                          stdout=subprocess.PIPE) as proc:
         try:
             assert proc.stdout is not None
             first = proc.stdout.readline()
@@ -239,8 +241,9 @@ def test_curl_follows_output_until_the_task_ends(runner: AgentRunner) -> None:
     assert body.rstrip().endswith("done")
     assert task(agent, task_id)["state"] == "done"
     assert body == output_text(agent, task_id)
-    missing = subprocess.run([curl, "-s", "-w", "\n%{http_code}",
-                              f"http://127.0.0.1:{agent.port}/tasks/{uuid.uuid4()}/output"],
+    missing = subprocess.run([curl, "-s", "-w", "\n%{http_code}", "--unix-socket",
+                              str(agent.socket_path),
+                              f"http://localhost/tasks/{uuid.uuid4()}/output"],
                              capture_output=True, text=True, check=True).stdout
     body_text, code = missing.rsplit("\n", 1)
     assert code == "404"

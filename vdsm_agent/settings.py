@@ -310,9 +310,10 @@ SETTINGS: tuple[Setting, ...] = (
             "local user other than root and the agent's own user. none: every call "
             "is Forbidden.", parse_role_name),
     Setting("loopback_role", "choice", "",
-            "Role of every caller on the plain loopback TCP listener. Empty: they are "
-            "identified by the uid owning their socket (uid:N), like the Unix socket, so "
-            "root and the agent's user are admin and other local users need [roles].",
+            "Role of every caller on the plain loopback TCP listener, whoever they are: "
+            "any process on the host can connect there, and nothing attests its user. "
+            "Empty: default_role. Privileged local work goes through the Unix socket "
+            "(SO_PEERCRED).",
             parse_optional_role_name),
     Setting("audit_log", "path", "",
             "File that also receives the audit log (one JSON object per line; reopened "

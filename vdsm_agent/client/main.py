@@ -26,6 +26,7 @@ from vdsm_agent.client.params import ParamParser, UsageError, close_matches
 from vdsm_agent.client.schema import SchemaView
 from vdsm_agent.client.transport import (
     DEFAULT_URL,
+    INSTALLED_SOCKET,
     SOCKET_ENV,
     Answer,
     Target,
@@ -67,7 +68,8 @@ params:
 
 target:
   --url, else --unix-socket, else the Unix socket in ${SOCKET_ENV},
-  else {DEFAULT_URL}
+  else {INSTALLED_SOCKET} when it exists, else {DEFAULT_URL}
+  (a loopback TCP caller is anonymous: most verbs need the Unix socket)
 """
 
 _WIDTH = 79

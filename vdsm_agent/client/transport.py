@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
+import os
 import socket
 import urllib.parse
 from typing import Any
@@ -18,6 +19,9 @@ DEFAULT_PORT = 54321
 DEFAULT_PATH = "/jsonrpc"
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}{DEFAULT_PATH}"
 SOCKET_ENV = "VDSM_AGENT_SOCKET"
+# The packaged agent's Unix socket (packaging/generate.py): privileged calls go
+# there, since a loopback TCP caller is anonymous (docs/security.md).
+INSTALLED_SOCKET = "/run/vdsm-agent/agent.sock"
 
 
 class TransportError(Exception):
@@ -67,8 +71,10 @@ def parse_url(url: str) -> Target:
     return Target(parts.scheme, parts.hostname, port or DEFAULT_PORT, path)
 
 
-def choose_target(url: str | None, unix_socket: str | None, environ: dict[str, str]) -> Target:
-    """--url, else --unix-socket, else $VDSM_AGENT_SOCKET, else the loopback default."""
+def choose_target(url: str | None, unix_socket: str | None, environ: dict[str, str],
+                  installed_socket: str = INSTALLED_SOCKET) -> Target:
+    """--url, else --unix-socket, else $VDSM_AGENT_SOCKET, else the installed agent's
+    socket when it exists, else the loopback default."""
     if url is not None:
         return parse_url(url)
     socket_path = unix_socket if unix_socket is not None else environ.get(SOCKET_ENV)
@@ -76,6 +82,8 @@ def choose_target(url: str | None, unix_socket: str | None, environ: dict[str, s
         return Target("unix", socket_path=socket_path)
     if unix_socket is not None:
         raise UsageError("--unix-socket: empty path")
+    if os.path.exists(installed_socket):
+        return Target("unix", socket_path=installed_socket)
     return parse_url(DEFAULT_URL)
 
 

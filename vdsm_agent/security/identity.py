@@ -4,12 +4,17 @@
   subjectAltName DNS, URI and email entries). The identity is the first name.
 * Unix socket: the peer's credentials (``SO_PEERCRED``): ``uid:N``.
 * Plain TCP (loopback only: the listener refuses anything else at start-up):
-  the uid owning the client's socket, from the kernel's socket table
-  (``/proc/net/tcp``, ``/proc/net/tcp6``: the row whose local address is our
-  peer and whose remote address is us): ``uid:N``, exactly like the Unix
-  socket. This is what ``identd`` does; it needs no client cooperation.
+  **anonymous**, with ``loopback_role`` when it is set, else ``default_role``.
+  Nothing the kernel says of a TCP connection is an attestation: its socket
+  table (``/proc/net/tcp``) lists a socket that its owner already closed (an
+  orphan in FIN_WAIT2) with uid 0, so a local user who sent an admin call and
+  closed the socket at once was sometimes taken for root. Privileged local
+  work goes through the Unix socket.
 * Anything else (no transport, a peer that cannot be identified): ``unknown``
   with role ``none``.
+
+Identity comes only from the kernel's attestation of a Unix socket peer
+(``SO_PEERCRED``) or a verified certificate.
 
 The ``Caller`` is cached per transport (dropped when the transport is
 collected), which keeps the hot path at one dictionary lookup. The HTTP layer
@@ -27,7 +32,6 @@ import pwd
 import socket
 import struct
 import weakref
-from pathlib import Path
 from typing import Any
 
 from vdsm_agent.security.roles import Role, RolePolicy
@@ -35,7 +39,7 @@ from vdsm_agent.security.roles import Role, RolePolicy
 log = logging.getLogger(__name__)
 
 _PEERCRED = struct.Struct("3i")
-PROC_NET = Path("/proc/net")
+ANONYMOUS = "anonymous"
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -100,43 +104,6 @@ def peer_uid_unix(sock: Any) -> int | None:
     return int(uid) if uid >= 0 else None
 
 
-def _proc_address(host: str, port: int) -> tuple[str, str] | None:
-    """``(file, "HEXADDR:HEXPORT")`` as /proc/net/tcp[6] spells a socket address."""
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-    if address.version == 4:
-        (word,) = struct.unpack("=I", address.packed)
-        return "tcp", f"{word:08X}:{port:04X}"
-    words = struct.unpack("=4I", address.packed)
-    return "tcp6", "".join(f"{word:08X}" for word in words) + f":{port:04X}"
-
-
-def peer_uid_tcp(peer: tuple[Any, ...], local: tuple[Any, ...],
-                 proc_net: Path = PROC_NET) -> int | None:
-    """The uid owning the client socket of a local TCP connection, or None.
-
-    The client's socket is the row whose local address is ``peer`` and whose
-    remote address is ``local`` (us). Blocking I/O on procfs: call it in a
-    worker thread.
-    """
-    mine = _proc_address(str(peer[0]), int(peer[1]))
-    theirs = _proc_address(str(local[0]), int(local[1]))
-    if mine is None or theirs is None or mine[0] != theirs[0]:
-        return None
-    try:
-        with open(proc_net / mine[0], encoding="ascii") as table:
-            next(table, None)  # the header
-            for line in table:
-                fields = line.split()
-                if len(fields) > 7 and fields[1] == mine[1] and fields[2] == theirs[1]:
-                    return int(fields[7])
-    except (OSError, ValueError):
-        return None
-    return None
-
-
 def user_name(uid: int) -> str | None:
     try:
         return pwd.getpwuid(uid).pw_name
@@ -160,9 +127,8 @@ def is_loopback(host: str) -> bool:
 class Authenticator:
     """Finds and caches the ``Caller`` of each connection."""
 
-    def __init__(self, policy: RolePolicy, proc_net: Path = PROC_NET) -> None:
+    def __init__(self, policy: RolePolicy) -> None:
         self.policy = policy
-        self.proc_net = proc_net
         # id(transport) -> Caller; the entry goes when the transport is collected
         # (weakref.finalize), before its id could be reused. A plain dict keyed by
         # an int is the cheapest lookup for the hot path.
@@ -195,9 +161,8 @@ class Authenticator:
             return await asyncio.to_thread(self._unix_caller, sock)
         if family in (socket.AF_INET, socket.AF_INET6):
             peer = transport.get_extra_info("peername")
-            local = transport.get_extra_info("sockname")
-            if peer and local and is_loopback(str(peer[0])):
-                return await asyncio.to_thread(self._tcp_caller, tuple(peer), tuple(local))
+            if peer and is_loopback(str(peer[0])):
+                return self.anonymous_tcp()
         return Caller("unknown", "unknown", Role.NONE)
 
     def tls_caller(self, peercert: dict[str, Any] | None) -> Caller:
@@ -216,7 +181,7 @@ class Authenticator:
     def _unix_caller(self, sock: Any) -> Caller:
         return self._local(peer_uid_unix(sock), "unix")
 
-    def _tcp_caller(self, peer: tuple[Any, ...], local: tuple[Any, ...]) -> Caller:
-        if self.policy.loopback is not None:
-            return Caller("loopback", "tcp", self.policy.loopback)
-        return self._local(peer_uid_tcp(peer, local, self.proc_net), "tcp")
+    def anonymous_tcp(self) -> Caller:
+        """A loopback TCP caller: nobody in particular (see the module docstring)."""
+        role = self.policy.loopback if self.policy.loopback is not None else self.policy.default
+        return Caller(ANONYMOUS, "tcp", role)

@@ -12,12 +12,13 @@ has which role:
   URI, email) in certificate order; the first name listed in ``[roles]``
   decides. Names starting with ``uid:`` or ``user:`` are never looked up for a
   certificate, so no certificate can pass for a local user;
-* a local caller (Unix socket, loopback TCP) is ``uid:N``, also looked up as
+* a Unix socket caller is ``uid:N`` (``SO_PEERCRED``), also looked up as
   ``user:NAME``; when neither is listed, root and the agent's own user are
   ``admin`` (they could do anything the agent does anyway) and everyone else
   gets ``default_role``;
-* ``loopback_role``, when set, is the role of every loopback TCP caller,
-  without looking at who they are (a development convenience);
+* a loopback TCP caller is anonymous (nothing attests who it is): it gets
+  ``loopback_role`` when that is set (an explicit grant to every process on
+  the host), else ``default_role``;
 * anyone else: ``default_role`` (built-in default ``none``: refuse).
 """
 
