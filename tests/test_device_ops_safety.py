@@ -19,7 +19,7 @@ from tests import devices_fixtures
 from tests.device_ops_support import Agent, MiB, agent, agents, digest, fill
 from tests.devices_fixtures import DeviceLab, exclusive_open, root_devnum, sh
 from vdsm_agent import errors
-from vdsm_agent.tasks.kinds import safety
+from vdsm_agent.tasks.kinds import paths, safety
 
 lab = devices_fixtures.lab
 __all__ = ["agent", "agents", "lab"]  # fixtures, used by name
@@ -148,8 +148,8 @@ async def test_a_device_held_open_exclusively_is_busy(agent: Agent, lab: DeviceL
 async def test_the_root_filesystems_device_is_refused(agent: Agent) -> None:
     major, minor = root_devnum()
     root = "/dev/" + os.path.basename(os.path.realpath(f"/sys/dev/block/{major}:{minor}"))
-    with pytest.raises(errors.DeviceInUse) as info:
-        safety.check_target(root, None)
+    with pytest.raises(errors.DeviceInUse) as info, paths.resolve_device(root, "f") as target:
+        safety.check_target(target, None)
     assert "root" in {reason["code"] for reason in info.value.data["reasons"]}
     # Through the API with force=false: two independent refusals stand in the way.
     failure = await agent.refused("format", device=root, fstype="ext4")

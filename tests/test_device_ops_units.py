@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -242,11 +243,23 @@ def test_copy_destination_confinement(tmp_path: Path) -> None:
     root.mkdir()
     roots = (str(root),)
     field = "params.params.destination"
-    target, exists = resolve_destination(str(root / "new.img"), roots, field)
-    assert (target.kind, target.path, exists) == ("file", str(root / "new.img"), False)
+    new = resolve_destination(str(root / "new.img"), roots, field)
+    with contextlib.closing(new):
+        assert (new.kind, new.path, new.exists, new.target) == (
+            "file", str(root / "new.img"), False, None)
+        assert new.parent is not None
+        assert new.parent.path == str(root)
+        assert new.name == "new.img"
     (root / "old.img").write_bytes(b"x")
-    assert resolve_destination(str(root / "old.img"), roots, field)[1] is True
-    for bad in (str(root / ".." / "x.img"), str(tmp_path / "x.img")):
+    with contextlib.closing(resolve_destination(str(root / "old.img"), roots, field)) as old:
+        assert old.exists is True
+        info = os.stat(root / "old.img")
+        assert old.target is not None
+        assert old.target.identity == f"file:{info.st_dev}:{info.st_ino}"
+    (root / "link.img").symlink_to(root / "old.img")
+    os.link(root / "old.img", tmp_path / "outside-link.img")
+    for bad in (str(root / ".." / "x.img"), str(tmp_path / "x.img"), str(root / "link.img"),
+                str(root / "old.img")):  # the last one is hard-linked from outside now
         with pytest.raises(errors.PathNotAllowed):
             resolve_destination(bad, roots, field)
     with pytest.raises(errors.InvalidParams):

@@ -138,10 +138,14 @@ async def test_every_id_of_the_target_is_held_and_only_that_target(agents: Any) 
     await agent.call("manageStorageConnection", uri=f"file://{directory}", connectionID="a")
     await agent.call("manageStorageConnection", uri=f"file://{directory}/", connectionID="b")
     await agent.call("manageStorageConnection", uri=f"file://{sibling}", connectionID="c")
-    # Through a symlink from elsewhere under the root: the resolved path counts.
+    # A symlink is never followed (not even one inside the root); another spelling of
+    # the same path is: the resolved path counts.
     link = agent.images / "link.img"
     link.symlink_to(image)
-    task_id = await agent.checksum(link)
+    assert (await agent.fails("startTask", kind="checksum",
+                              params={"path": str(link)})).data["rule"] == "symlink"
+    task_id = (await agent.call("startTask", kind="checksum", params={
+        "path": f"{directory}//./{image.name}"}))["taskID"]
     task = await agent.call("getTask", taskID=task_id)
     assert task["resources"] == ["connection:a", "connection:b", f"file:{image.resolve()}"]
     for connection_id in ("a", "b"):

@@ -104,11 +104,22 @@ async def test_checksum_matches_hashlib(agent: Agent, algorithm: str) -> None:
 
 
 async def test_checksum_of_a_range_with_default_algorithm(agent: Agent) -> None:
-    image = make_image(agent.images / "disk.img", 2 * 1024 * 1024)
-    task_id = await agent.start("checksum", path=str(image), offset=1000, length=500_000)
+    image = make_image(agent.images / "disk.img", 2 * 1024 * 1024 + 4096)
+    # Whole 1 MiB blocks, or up to the end: no force needed.
+    for offset, length in ((1 << 20, 1 << 20), (1 << 20, None)):
+        params = {"offset": offset, **({"length": length} if length is not None else {})}
+        task = await agent.finish(await agent.start("checksum", path=str(image), **params))
+        assert task["params"] == {"path": str(image), "algorithm": "sha256", "force": False,
+                                  **params}
+        assert task["result"]["checksum"] == sha(image, "sha256", offset, length)
+    # Any other range needs force (admin: docs/tasks.md).
+    failure = await agent.fails("startTask", kind="checksum",
+                                params={"path": str(image), "offset": 1000, "length": 500_000})
+    assert (failure.data["field"], failure.data["rule"]) == ("params.params.offset",
+                                                             "granularity")
+    task_id = await agent.start("checksum", path=str(image), offset=1000, length=500_000,
+                                force=True)
     task = await agent.finish(task_id)
-    assert task["params"] == {"path": str(image), "algorithm": "sha256", "offset": 1000,
-                              "length": 500_000}
     assert task["result"]["checksum"] == sha(image, "sha256", 1000, 500_000)
     assert task["result"]["bytes"] == 500_000
 

@@ -161,7 +161,7 @@ def test_test_kinds_only_when_enabled() -> None:
                                                 "test.sleep", "wipe"}
 
 
-def test_path_confinement_resolves_links_and_dotdot(tmp_path: Path) -> None:
+def test_path_confinement_refuses_links_and_dotdot(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()
     (root / "a.img").write_bytes(b"x")
@@ -169,8 +169,11 @@ def test_path_confinement_resolves_links_and_dotdot(tmp_path: Path) -> None:
     (root / "escape").symlink_to(tmp_path / "secret")
     (root / "inner").symlink_to(root / "a.img")
     roots = (str(root),)
-    assert kind_paths.resolve(str(root / "inner"), roots, "f").path == str(root / "a.img")
-    for bad in (str(root / "escape"), str(root / ".." / "secret"), str(tmp_path / "secret")):
+    with kind_paths.resolve(str(root / "a.img"), roots, "f") as target:
+        assert (target.kind, target.path) == ("file", str(root / "a.img"))
+    # A symlink is never followed, not even one that stays inside the root.
+    for bad in (str(root / "escape"), str(root / "inner"), str(root / ".." / "secret"),
+                str(tmp_path / "secret")):
         with pytest.raises(errors.PathNotAllowed):
             kind_paths.resolve(bad, roots, "f")
     # A sibling directory whose name starts like the root is not under it.
@@ -183,16 +186,20 @@ def test_path_confinement_resolves_links_and_dotdot(tmp_path: Path) -> None:
         kind_paths.resolve(str(root) + "/nul\0byte", roots, "f")
 
 
-def test_open_checked_refuses_a_swapped_file(tmp_path: Path) -> None:
+def test_a_resolved_target_reads_its_inode_whatever_the_name_becomes(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()
     (root / "a.img").write_bytes(b"x")
-    target = kind_paths.resolve(str(root / "a.img"), (str(root),), "f")
-    os.close(kind_paths.open_checked(target))
-    (root / "a.img").unlink()
-    (root / "a.img").symlink_to(tmp_path)  # swapped for a link after the check
-    with pytest.raises(OSError):  # O_NOFOLLOW refuses to follow it
-        kind_paths.open_checked(target)
+    (tmp_path / "secret").write_bytes(b"y")
+    with kind_paths.resolve(str(root / "a.img"), (str(root),), "f") as target:
+        (root / "a.img").rename(root / "moved.img")
+        (root / "a.img").symlink_to(tmp_path / "secret")  # swapped for a link after the check
+        fd = kind_paths.open_data(target)
+        try:
+            assert os.read(fd, 10) == b"x"
+        finally:
+            os.close(fd)
+        assert kind_paths.size_of(target) == 1
 
 
 # -- process identity (PID + start time) -------------------------------------------------------

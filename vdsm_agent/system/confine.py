@@ -191,22 +191,26 @@ def _components(path: str, field: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=64)
-def _spellings(root: str) -> tuple[tuple[str, ...], ...]:
-    """A root's components as configured and as resolved (cached: roots are the
-    administrator's, and this is on startTask's path)."""
-    return tuple({tuple(name for name in spelling.split("/") if name)
-                  for spelling in (os.path.normpath(root), os.path.realpath(root))})
+def _spellings(root: str) -> tuple[str, tuple[tuple[str, ...], ...]]:
+    """A root as resolved, and its components as configured and as resolved
+    (cached: roots are the administrator's, and this is on startTask's path)."""
+    real = os.path.realpath(root)
+    return real, tuple({tuple(name for name in spelling.split("/") if name)
+                        for spelling in (os.path.normpath(root), real)})
 
 
 def _root_of(names: list[str], roots: Iterable[str]) -> tuple[str, list[str]] | None:
     """The longest allowed root (as configured or resolved) that is a prefix of
-    ``names``, and the components below it."""
+    ``names``, by its resolved name (one name per file whichever spelling the
+    caller used: a task's resources are named after it), and the components
+    below it."""
     best: tuple[str, list[str]] | None = None
     for root in roots:
-        for prefix in _spellings(root):
+        real, prefixes = _spellings(root)
+        for prefix in prefixes:
             if tuple(names[:len(prefix)]) == prefix and (
                     best is None or len(names) - len(prefix) < len(best[1])):
-                best = ("/" + "/".join(prefix), names[len(prefix):])
+                best = (real, names[len(prefix):])
     return best
 
 

@@ -30,10 +30,10 @@ def device_size(fd: int) -> int:
     return os.lseek(fd, 0, os.SEEK_END)
 
 
-def _queue_dir(path: str) -> str:
-    """The sysfs queue/ directory of a block device (a partition's is its disk's)."""
-    info = os.stat(path)
-    base = f"/sys/dev/block/{os.major(info.st_rdev)}:{os.minor(info.st_rdev)}"
+def _queue_dir(rdev: int) -> str:
+    """The sysfs queue/ directory of a block device by its device number (a
+    partition's is its disk's)."""
+    base = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
     own = os.path.join(base, "queue")
     return own if os.path.isdir(own) else os.path.join(base, "..", "queue")
 
@@ -46,9 +46,10 @@ def _read_int(path: str) -> int:
         return 0
 
 
-def discard_limits(path: str) -> tuple[int, int]:
-    """(granularity, max bytes per request); max 0: the device cannot discard."""
-    queue = _queue_dir(path)
+def discard_limits(rdev: int) -> tuple[int, int]:
+    """(granularity, max bytes per request) of the device numbered ``rdev`` (the
+    ``st_rdev`` of a descriptor); max 0: the device cannot discard."""
+    queue = _queue_dir(rdev)
     return (_read_int(os.path.join(queue, "discard_granularity")),
             _read_int(os.path.join(queue, "discard_max_bytes")))
 

@@ -1,36 +1,55 @@
-"""copy: ``qemu-img convert`` between image files (under the allowed roots) and block devices.
+"""copy: ``qemu-img convert`` between image files (beneath the allowed roots) and block devices.
 
 * Formats: ``raw`` and ``qcow2`` only (a small attack surface). Without
   ``sourceFormat`` the source is probed once with ``qemu-img info`` and the
-  probed format is then passed explicitly (``-f``); a qcow2 backing chain
-  must stay under the allowed roots (or on block devices), checked image by
-  image without letting qemu-img open anything it names first.
-* Destination: an image file (created by the task when missing and
-  ``create`` is true; ``create=false`` needs it to exist and writes into it
-  with ``-n``) or a block device, which gets the same safety checks as a
-  wipe (never in use; ``expect``) and is held open with ``O_EXCL`` while
-  qemu-img writes, so nobody mounts it meanwhile. A raw device must be at
-  least the source's virtual size.
+  probed format is then passed explicitly.
+* Every path is resolved once, to a descriptor (``paths``: no symlink, no
+  ``..``, no other mount, no hard-linked file), and qemu-img gets
+  ``/dev/fd/N`` of it, never the name: whatever happens to the names while
+  the copy runs, it reads and writes the inodes that were checked.
+* A qcow2 source is given as a ``json:`` spec that names every layer of its
+  backing chain by descriptor, with an explicit ``backing`` (null after the
+  last), so qemu-img opens no name an image records. The chain is walked
+  image by image: each backing file an image names (a relative name against
+  that image's resolved directory) is resolved beneath an allowed root (or
+  under /dev) like the source, then probed by descriptor (``qemu-img info``
+  never opens a backing file). A qcow2 image with an external data file is
+  refused: qemu-img would open the data file by the name the image records.
+* Destination: a block device, which gets the same safety checks as a wipe
+  (never in use; ``expect``), is held open with ``O_EXCL`` (a re-open of its
+  descriptor) while qemu-img writes, and must be at least the source's
+  virtual size when raw; an existing image file (``create=false`` writes into
+  it with ``-n``; ``create=true`` re-creates it in place); or a new file,
+  which the task creates itself with ``O_EXCL`` in the descriptor of its
+  resolved parent directory (never following a name) before qemu-img formats
+  it through ``/dev/fd/N``.
 * Raw destinations are written with ``-W`` (out-of-order writes, as oVirt
   does for raw targets): about 30% faster here; qcow2 ones are not (their
   clusters would be allocated out of order).
 * Progress from ``qemu-img convert -p`` (its ``(NN.NN/100%)`` updates, ended
   by ``\\r``), in bytes of the source's virtual size; ``task_io_rate_limit``
   becomes ``-r``.
-* Rollback: after a failure or a cancel, a destination file the task created
-  itself is removed (checked by inode, so never a file that existed before
-  or that someone put in its place).
+* After the copy the destination's path must still lead (beneath its root)
+  to the inode written, or the task fails with ``DestinationReplaced``; the
+  recorded ``target`` is the descriptor's (``fstat``), never a name's.
+* Rollback: after a failure or a cancel (in ``pre`` too, once the file
+  exists), a destination file the task created itself is removed through its
+  parent directory's descriptor, only while that name is still the inode the
+  task created (never a file that existed before or that someone put in its
+  place).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
-import stat
+import struct
 from typing import Any, ClassVar
 
 from vdsm_agent import errors
+from vdsm_agent.system import confine
 from vdsm_agent.tasks.kinds import notes, paths, safety, tools
 from vdsm_agent.tasks.kinds.base import (
     KindEnv,
@@ -46,71 +65,242 @@ INFO_TIMEOUT = 60.0
 COMPARE_TIMEOUT = 6 * 3600.0
 MAX_CHAIN = 16
 PERCENT = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
+# A name qemu would take for a protocol (nbd:, file:, json:...), not a file.
+PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 PATH_SCHEMA: dict[str, Any] = {"type": "string", "minLength": 2, "maxLength": 4096,
                                "pattern": "^/"}
+SOURCE = "params.params.source"
+DESTINATION = "params.params.destination"
+# qcow2 header: magic, version (u32 at 4), incompatible features (u64 at 72, v3).
+QCOW2_MAGIC = b"QFI\xfb"
+QCOW2_HEADER = 80
+QCOW2_EXTERNAL_DATA = 1 << 2
+
+
+# -- images by descriptor ----------------------------------------------------------------------
+
+
+def qcow2_external_data(target: paths.Target, field: str) -> bool:
+    """Whether the image is a qcow2 whose header names an external data file (read
+    through the descriptor, before qemu-img is let near it: qemu-img info would
+    open that file by its name)."""
+    fd = paths.open_data(target, os.O_RDONLY, field)
+    try:
+        header = os.pread(fd, QCOW2_HEADER, 0)
+    finally:
+        os.close(fd)
+    if len(header) < QCOW2_HEADER or header[:4] != QCOW2_MAGIC:
+        return False
+    version, = struct.unpack_from(">I", header, 4)
+    incompatible, = struct.unpack_from(">Q", header, 72)
+    return version >= 3 and bool(incompatible & QCOW2_EXTERNAL_DATA)
+
+
+def refuse_external_data(target: paths.Target, field: str) -> None:
+    if qcow2_external_data(target, field):
+        raise errors.InvalidParams(f"{target.path} is a qcow2 image with an external data "
+                                   "file, which copy does not read or write", field=field,
+                                   rule="dataFile")
+
+
+def file_node(target: paths.Target) -> dict[str, Any]:
+    """The protocol node of a ``json:`` spec: the descriptor, as a file or a device."""
+    driver = "host_device" if target.kind == "device" else "file"
+    return {"driver": driver, "filename": target.fd_path}
+
+
+def image_info(target: paths.Target, fmt: str | None, field: str) -> dict[str, Any]:
+    """``qemu-img info`` of one image by descriptor (never its backing chain)."""
+    from vdsm_agent.system import commands  # pulls in asyncio: only when needed
+
+    if fmt != "raw":
+        refuse_external_data(target, field)
+    argv = ["qemu-img", "info", "--output=json", *(["-f", fmt] if fmt else []), "--",
+            target.fd_path]
+    try:
+        result = commands.run(argv, timeout=INFO_TIMEOUT, pass_fds=(target.fd,))
+    except commands.CommandError as exc:
+        raise errors.InvalidParams(f"cannot inspect {target.path}: {exc}", field=field,
+                                   rule="image") from None
+    if not result.ok:
+        raise errors.InvalidParams(f"qemu-img cannot read {target.path}: "
+                                   f"{result.stderr.strip()}", field=field, rule="image")
+    info = json.loads(result.stdout)
+    assert isinstance(info, dict)
+    if info.get("format") not in FORMATS:
+        raise errors.InvalidParams(f"{target.path} is a {info.get('format')} image; copy "
+                                   f"reads {', '.join(FORMATS)}", field=field, rule="format")
+    if "data-file" in info.get("format-specific", {}).get("data", {}):
+        raise errors.InvalidParams(f"{target.path} is a qcow2 image with an external data "
+                                   "file, which copy does not read or write", field=field,
+                                   rule="dataFile")
+    return info
+
+
+@dataclasses.dataclass
+class Layer:
+    """One image of a source's chain: its descriptor and what qemu-img said of it."""
+
+    target: paths.Target
+    info: dict[str, Any]
+
+    @property
+    def format(self) -> str:
+        return str(self.info["format"])
+
+
+def backing_path(layer: Layer, field: str) -> str | None:
+    """The path of the backing file a layer names (None: it has none).
+
+    A relative name is taken against the layer's resolved directory, as
+    qemu-img would; the result is then confined like any caller's path.
+    """
+    name = layer.info.get("backing-filename")
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name or PROTOCOL.match(name):
+        raise errors.PathNotAllowed(f"{layer.target.path}: backing file {name!r} is not a "
+                                    "local path", field=field, path=layer.target.path,
+                                    rule="backing")
+    joined = name if name.startswith("/") else os.path.join(
+        os.path.dirname(layer.target.path), name)
+    # Lexical: every component is then resolved without following a symlink.
+    return os.path.normpath(joined)
+
+
+@dataclasses.dataclass
+class Source:
+    """A source image and its backing chain, each by descriptor (close it)."""
+
+    layers: list[Layer]
+
+    @property
+    def image(self) -> Layer:
+        return self.layers[0]
+
+    @property
+    def size(self) -> int:
+        return int(self.image.info["virtual-size"])
+
+    def args(self) -> list[str]:
+        """How qemu-img is told about the source (format options, then the image)."""
+        if self.image.format == "raw":
+            return ["-f", "raw", self.image.target.fd_path]
+        return ["json:" + json.dumps(self.spec(), separators=(",", ":"))]
+
+    def format_args(self) -> list[str]:
+        return self.args()[:-1]
+
+    def spec(self) -> dict[str, Any]:
+        """The chain as one ``json:`` spec, every layer by descriptor, ``backing``
+        explicit (qemu-img then opens no name an image records)."""
+        node: dict[str, Any] | None = None
+        for layer in reversed(self.layers):
+            below = node
+            node = {"driver": layer.format, "file": file_node(layer.target)}
+            if layer.format == "qcow2":
+                node["backing"] = below
+        assert node is not None
+        return node
+
+    def fds(self) -> dict[int, str]:
+        return {layer.target.fd: layer.target.path for layer in self.layers}
+
+    def close(self) -> None:
+        for layer in self.layers:
+            layer.target.close()
+
+
+def inspect_source(path: str, fmt: str | None, roots: tuple[str, ...],
+                   field: str = SOURCE) -> Source:
+    """The source and its backing chain, resolved and probed layer by layer."""
+    source = Source([])
+    try:
+        target = paths.resolve(path, roots, field)
+        source.layers.append(Layer(target, {}))
+        source.layers[0].info = image_info(target, fmt, field)
+        layer = source.image
+        while (backing := backing_path(layer, field)) is not None:
+            if len(source.layers) >= MAX_CHAIN:
+                raise errors.InvalidParams(f"{path}: the backing chain is longer than "
+                                           f"{MAX_CHAIN} images", field=field, rule="chain")
+            target = paths.resolve(backing, roots, field)
+            layer = Layer(target, {})
+            source.layers.append(layer)
+            if any(paths.same_inode(target, other.target) for other in source.layers[:-1]):
+                raise errors.InvalidParams(f"{path}: the backing chain loops at {backing}",
+                                           field=field, rule="chain")
+            layer.info = image_info(target, layer_format(source.layers[-2]), field)
+    except BaseException:
+        source.close()
+        raise
+    return source
+
+
+def layer_format(above: Layer) -> str | None:
+    """The format the layer above records for its backing file (None: probe it)."""
+    fmt = above.info.get("backing-filename-format")
+    return fmt if isinstance(fmt, str) else None
+
+
+# -- the destination ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Destination:
+    """Where the copy goes: an existing file or device, or a file to create."""
+
+    path: str  # as resolved (beneath the root's resolved name)
+    target: paths.Target | None  # None until a new file is created
+    parent: paths.Target | None = None  # a new file's directory
+    name: str = ""  # a new file's name in it
+    exists: bool = True
+
+    @property
+    def kind(self) -> str:
+        return "device" if self.target is not None and self.target.kind == "device" else "file"
+
+    @property
+    def resource(self) -> str:
+        return f"{self.kind}:{self.path}"
+
+    def held(self) -> paths.Target:
+        assert self.target is not None, "the destination is resolved or created first"
+        return self.target
+
+    def close(self) -> None:
+        for target in (self.target, self.parent):
+            if target is not None:
+                target.close()
 
 
 def resolve_destination(path: str, roots: tuple[str, ...],
-                        field: str) -> tuple[paths.Target, bool]:
-    """The confined destination and whether it exists (a file may be missing)."""
-    if "\0" in path or not path.startswith("/"):
-        raise errors.InvalidParams("must be an absolute path", field=field, rule="path")
-    real = os.path.realpath(path)
-    if real.startswith(paths.DEV) or real == paths.DEV.rstrip("/"):
-        return safety.resolve_device(path, field), True
-    if not os.path.lexists(real):
-        # Confine the would-be file like an existing one (its directory must exist).
-        resolved_roots = tuple(os.path.realpath(root) for root in roots)
-        if not any(real.startswith(root.rstrip("/") + "/") for root in resolved_roots):
-            raise errors.PathNotAllowed(
-                f"{path} is not under an allowed root (configured: "
-                f"{', '.join(resolved_roots) or 'none'})", field=field, path=path)
-        if not os.path.isdir(os.path.dirname(real)):
-            raise errors.InvalidParams(f"the directory of {path} does not exist", field=field,
-                                       rule="exists")
-        return paths.Target("file", real), False
-    return paths.resolve(path, roots, field), True
-
-
-def image_info(path: str, fmt: str | None, field: str) -> dict[str, Any]:
-    """``qemu-img info`` of one image (never its backing chain)."""
-    from vdsm_agent.system import commands  # pulls in asyncio: only when needed
-
-    argv = ["qemu-img", "info", "--output=json", *(["-f", fmt] if fmt else []), "--", path]
+                        field: str = DESTINATION) -> Destination:
+    """The confined destination (a new file's parent directory when it does not exist)."""
     try:
-        result = commands.run(argv, timeout=INFO_TIMEOUT)
-    except commands.CommandError as exc:
-        raise errors.InvalidParams(f"cannot inspect {path}: {exc}", field=field,
-                                   rule="image") from None
-    if not result.ok:
-        raise errors.InvalidParams(f"qemu-img cannot read {path}: {result.stderr.strip()}",
-                                   field=field, rule="image")
-    info = json.loads(result.stdout)
-    assert isinstance(info, dict)
-    return info
+        target = paths.resolve(path, roots, field)
+    except errors.InvalidParams as exc:
+        if exc.data.get("rule") != "exists":
+            raise
+        parent, name = confine.resolve_parent(path, roots, field)
+        return Destination(os.path.join(parent.path, name), None, parent, name, exists=False)
+    return Destination(target.path, target)
 
 
-def source_info(path: str, fmt: str | None, roots: tuple[str, ...],
-                field: str) -> dict[str, Any]:
-    """The source's info; its format must be allowed and its backing chain confined."""
-    info = image_info(path, fmt, field)
-    if info.get("format") not in FORMATS:
-        raise errors.InvalidParams(f"{path} is a {info.get('format')} image; copy reads "
-                                   f"{', '.join(FORMATS)}", field=field, rule="format")
-    current, depth = info, 0
-    while "backing-filename" in current:
-        depth += 1
-        backing = current.get("full-backing-filename") or current["backing-filename"]
-        if depth > MAX_CHAIN or not isinstance(backing, str) or not backing.startswith("/"):
-            raise errors.PathNotAllowed(f"{path}: backing file {backing!r} is not an absolute "
-                                        "local path (or the chain is too long)", field=field,
-                                        path=path)
-        paths.resolve(backing, roots, field)
-        current = image_info(backing, current.get("backing-filename-format"), field)
-        if current.get("format") not in FORMATS:
-            raise errors.InvalidParams(f"backing file {backing} is a {current.get('format')} "
-                                       "image", field=field, rule="format")
-    return info
+# -- the kind ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything a copy works on, resolved and checked (close it)."""
+
+    source: Source
+    destination: Destination
+    device: dict[str, Any] | None  # the destination device's inventory facts
+
+    def close(self) -> None:
+        self.source.close()
+        self.destination.close()
 
 
 class Copy(TaskKind):
@@ -154,60 +344,66 @@ class Copy(TaskKind):
     }
 
     @classmethod
-    def _source(cls, params: dict[str, Any], env: KindEnv) -> paths.Target:
-        return paths.resolve(params["source"], env.allowed_roots, "params.params.source")
+    def _plan(cls, params: dict[str, Any], env: KindEnv) -> Plan:
+        """Resolve and check source and destination (raise ``errors.*``)."""
+        source = inspect_source(params["source"], params.get("sourceFormat"),
+                                env.allowed_roots)
+        try:
+            destination = resolve_destination(params["destination"], env.allowed_roots)
+        except BaseException:
+            source.close()
+            raise
+        plan = Plan(source, destination, None)
+        try:
+            plan.device = cls._check(params, plan)
+        except BaseException:
+            plan.close()
+            raise
+        return plan
 
     @classmethod
-    def _destination(cls, params: dict[str, Any],
-                     env: KindEnv) -> tuple[paths.Target, bool]:
-        return resolve_destination(params["destination"], env.allowed_roots,
-                                   "params.params.destination")
-
-    @classmethod
-    def _check(cls, params: dict[str, Any], env: KindEnv,
-               ) -> tuple[paths.Target, paths.Target, bool, dict[str, Any] | None,
-                          dict[str, Any]]:
-        """Source, destination, whether it exists, its device facts, the source's info."""
-        field = "params.params.destination"
-        source = cls._source(params, env)
-        destination, exists = cls._destination(params, env)
-        if source.path == destination.path:
-            raise errors.InvalidParams("source and destination are the same", field=field,
-                                       rule="distinct")
-        if not exists and not params["create"]:
+    def _check(cls, params: dict[str, Any], plan: Plan) -> dict[str, Any] | None:
+        """The checks of a resolved plan; the destination device's facts (if one)."""
+        source, destination = plan.source, plan.destination
+        target = destination.target
+        if target is not None and any(paths.same_inode(layer.target, target)
+                                      for layer in source.layers):
+            raise errors.InvalidParams("the destination is the source or one of its backing "
+                                       "files", field=DESTINATION, rule="distinct")
+        if not destination.exists and not params["create"]:
             raise errors.InvalidParams(f"{params['destination']} does not exist (create is "
-                                       "false)", field=field, rule="exists")
-        info = source_info(source.path, params.get("sourceFormat"), env.allowed_roots,
-                           "params.params.source")
-        device = None
-        if destination.kind == "device":
-            device = safety.check_target(destination.path, params.get("expect"))
-            size = int(info["virtual-size"])
-            if params["destinationFormat"] == "raw" and device["size"] < size:
+                                       "false)", field=DESTINATION, rule="exists")
+        if target is not None and target.kind == "device":
+            device = safety.check_target(target, params.get("expect"))
+            if params["destinationFormat"] == "raw" and device["size"] < source.size:
                 raise errors.InvalidParams(
-                    f"{destination.path} has {device['size']} bytes, the source {size}",
-                    field=field, rule="size")
-        else:
-            if params.get("expect"):
-                raise errors.InvalidParams("expect applies to a block-device destination",
-                                           field="params.params.expect", rule="device")
-            reasons = safety.loops_backed_by_file(destination.path) if exists else []
+                    f"{target.path} has {device['size']} bytes, the source {source.size}",
+                    field=DESTINATION, rule="size")
+            return device
+        if params.get("expect"):
+            raise errors.InvalidParams("expect applies to a block-device destination",
+                                       field="params.params.expect", rule="device")
+        if target is not None:
+            reasons = safety.loops_backed_by_file(target)
             if reasons:
-                raise safety.in_use_error(destination.path, reasons)
-        return source, destination, exists, device, info
+                raise safety.in_use_error(target.path, reasons)
+            if not params["create"] and params["destinationFormat"] == "qcow2":
+                refuse_external_data(target, DESTINATION)
+        return None
 
     @classmethod
     def validate(cls, params: dict[str, Any], env: KindEnv) -> None:
         if safety.in_child(env):
-            cls._source(params, env)
-            cls._destination(params, env)
-            return  # pre() repeats every check right before the work
-        cls._check(params, env)
+            return  # pre() resolves everything and repeats every check
+        cls._plan(params, env).close()
 
     @classmethod
     def resources(cls, params: dict[str, Any], env: KindEnv) -> list[str]:
-        destination, _ = cls._destination(params, env)
-        return sorted({cls._source(params, env).resource, destination.resource})
+        with paths.resolve(params["source"], env.allowed_roots, SOURCE) as source:
+            names = {paths.resource(source)}
+        destination = resolve_destination(params["destination"], env.allowed_roots)
+        destination.close()
+        return sorted(names | {destination.resource})
 
     @classmethod
     def verify(cls, params: dict[str, Any], env: KindEnv) -> Verification:
@@ -216,94 +412,129 @@ class Copy(TaskKind):
     @classmethod
     def _verify(cls, params: dict[str, Any], env: KindEnv) -> Verification:
         """``qemu-img compare`` of source and destination (reads both in full)."""
-        source = cls._source(params, env)
-        destination, exists = cls._destination(params, env)
-        if not exists:
-            return Verification(False, f"{destination.path} does not exist")
-        info = source_info(source.path, params.get("sourceFormat"), env.allowed_roots,
-                           "params.params.source")
-        size = int(info["virtual-size"])
-        argv = ["qemu-img", "compare", "-f", info["format"]]
-        second = destination.path
-        if params["destinationFormat"] == "raw" and paths.size_of(destination) > size:
-            # Compare only the copied part of a larger raw destination.
-            driver = "host_device" if destination.kind == "device" else "file"
-            second = "json:" + json.dumps({"driver": "raw", "size": size, "file": {
-                "driver": driver, "filename": destination.path}})
-        else:
-            argv += ["-F", params["destinationFormat"]]
-        from vdsm_agent.system import commands
+        source = inspect_source(params["source"], params.get("sourceFormat"),
+                                env.allowed_roots)
+        try:
+            destination = resolve_destination(params["destination"], env.allowed_roots)
+            try:
+                return cls._compare(params, source, destination)
+            finally:
+                destination.close()
+        finally:
+            source.close()
 
-        result = commands.run([*argv, "--", source.path, second], timeout=COMPARE_TIMEOUT)
+    @classmethod
+    def _compare(cls, params: dict[str, Any], source: Source,
+                 destination: Destination) -> Verification:
+        from vdsm_agent.system import commands  # pulls in asyncio: only when needed
+
+        if destination.target is None:
+            return Verification(False, f"{destination.path} does not exist")
+        target = destination.target
+        size = source.size
+        fmt = params["destinationFormat"]
+        second: list[str]
+        if fmt == "raw" and paths.size_of(target) > size:
+            # Compare only the copied part of a larger raw destination.
+            second = ["json:" + json.dumps({"driver": "raw", "size": size,
+                                            "file": file_node(target)})]
+        elif fmt == "qcow2":
+            second = ["json:" + json.dumps({"driver": "qcow2", "file": file_node(target),
+                                            "backing": None})]
+        else:
+            second = ["-F", "raw", target.fd_path]
+        first = source.args()
+        argv = ["qemu-img", "compare", *first[:-1], *second[:-1], "--", first[-1], second[-1]]
+        result = commands.run(argv, timeout=COMPARE_TIMEOUT,
+                              pass_fds=(*source.fds(), target.fd))
         if result.returncode != 0:
             detail = (result.stdout + result.stderr).strip()
             return Verification(False, f"qemu-img compare: {detail}")
-        target = (safety.target_of(safety.inspect(destination.path), destination.path)
-                  if destination.kind == "device" else safety.file_target(destination.path))
-        return Verification(True, f"{source.path} and {destination.path} are identical", {
-            "bytes": size, "sourceFormat": info["format"],
-            "destinationFormat": params["destinationFormat"], "target": target,
-            "verified": True})
+        recorded = (safety.target_of(safety.inspect(target), target)
+                    if target.kind == "device" else safety.file_target(target))
+        return Verification(True, f"{source.image.target.path} and {target.path} are "
+                                  "identical", {
+                                      "bytes": size, "sourceFormat": source.image.format,
+                                      "destinationFormat": fmt, "target": recorded,
+                                      "verified": True})
 
     # -- child side --------------------------------------------------------------------
 
     def __init__(self, params: dict[str, Any], ctx: TaskContext) -> None:
         super().__init__(params, ctx)
-        self.source = ""
-        self.destination = ""
-        self.dest_is_device = False
-        self.source_format = "raw"
-        self.size = 0
+        self.plan: Plan | None = None
         self.excl_fd = -1
-        self.created: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we made
+        self.created: os.stat_result | None = None  # fstat of the file this task made
         self.target: dict[str, Any] = {}
 
     def pre(self) -> None:
-        source, destination, exists, device, info = self._check(self.params, self.ctx.env)
-        self.source, self.destination = source.path, destination.path
-        self.source_format, self.size = info["format"], int(info["virtual-size"])
-        if source.kind == "device":
-            reasons = safety.in_use_reasons(source.path, safety.inspect(source.path))
+        try:
+            self._prepare()
+        except BaseException:
+            # The framework cleans up only after a successful pre(): a file created
+            # here must not stay behind a failure that follows.
+            try:
+                self.cleanup()
+            except Exception as exc:
+                self.ctx.warn(f"cleanup failed: {type(exc).__name__}: {exc}")
+            raise
+
+    def _prepare(self) -> None:
+        self.plan = plan = self._plan(self.params, self.ctx.env)
+        source, destination = plan.source, plan.destination
+        image = source.image.target
+        if image.kind == "device":
+            reasons = safety.in_use_reasons(image, safety.inspect(image))
             if reasons:
-                self.ctx.warn(f"the source {source.path} is in use ("
+                self.ctx.warn(f"the source {image.path} is in use ("
                               + "; ".join(reason["message"] for reason in reasons)
                               + "): the copy may not be consistent")
-        if device is not None:
-            self.dest_is_device = True
-            self._hold(destination)
-            self.target = safety.target_of(device, destination.path)
+        if plan.device is not None:
+            # O_EXCL on the destination device: no mount, swapon or mkfs while we write.
+            self.excl_fd = safety.open_exclusive(destination.held(), os.O_RDONLY)
+            self.target = safety.target_of(plan.device, destination.held())
             notes.save(self.ctx.env, durable=False, target=self.target)
-            what = safety.describe_device(device)
-        elif not exists:
-            self._create(destination.path)
-            self.target = safety.file_target(destination.path)
-            what = f"{destination.path} (new)"
+            what = safety.describe_device(plan.device)
         else:
-            self.target = safety.file_target(destination.path)
-            what = destination.path
-        self.ctx.print(f"copy {source.path} ({self.source_format}, {self.size} bytes) to "
+            if not destination.exists:
+                self._create(destination)
+            self.target = safety.file_target(destination.held())
+            what = destination.path + ("" if destination.exists else " (new)")
+        self.ctx.print(f"copy {image.path} ({source.image.format}, {source.size} bytes) to "
                        f"{what} as {self.params['destinationFormat']}")
 
-    def _hold(self, destination: paths.Target) -> None:
-        """O_EXCL on the destination device: no mount, swapon or mkfs while we write."""
-        self.excl_fd = safety.open_exclusive(destination, os.O_RDONLY)
-
-    def _create(self, path: str) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o640)
-        try:
-            info = os.fstat(fd)
-        finally:
-            os.close(fd)
-        self.created = (info.st_dev, info.st_ino)
+    def _create(self, destination: Destination) -> None:
+        """The new destination file, made with O_EXCL in its directory's descriptor."""
+        assert destination.parent is not None
+        destination.target = confine.create_file(destination.parent, destination.name,
+                                                 destination.path, DESTINATION)
+        self.created = info = destination.target.info
         notes.save(self.ctx.env, durable=False,
-                   created={"path": path, "dev": info.st_dev, "ino": info.st_ino})
+                   created={"path": destination.path, "dev": info.st_dev, "ino": info.st_ino})
+
+    def _planned(self) -> Plan:
+        assert self.plan is not None, "pre() resolves the source and the destination"
+        return self.plan
+
+    def destination_arg(self) -> str:
+        """How qemu-img is told about the destination: its descriptor; an existing
+        qcow2 written into (-n) as a spec with no backing file."""
+        target = self._planned().destination.held()
+        if self._no_create() and self.params["destinationFormat"] == "qcow2":
+            return "json:" + json.dumps({"driver": "qcow2", "file": file_node(target),
+                                         "backing": None}, separators=(",", ":"))
+        return target.fd_path
+
+    def _no_create(self) -> bool:
+        plan = self._planned()
+        return not self.params["create"] or (plan.device is not None
+                                             and self.params["destinationFormat"] == "raw")
 
     def argv(self) -> list[str]:
-        argv = ["qemu-img", "convert", "-p", "-f", self.source_format,
+        source = self._planned().source
+        argv = ["qemu-img", "convert", "-p", *source.format_args(),
                 "-O", self.params["destinationFormat"]]
-        if not self.params["create"] or (self.dest_is_device
-                                         and self.params["destinationFormat"] == "raw"):
+        if self._no_create():
             argv.append("-n")
         if self.params["destinationFormat"] == "raw":
             # Out-of-order writes: ~30% faster here. Not for qcow2, whose clusters
@@ -311,39 +542,49 @@ class Copy(TaskKind):
             argv.append("-W")
         if self.ctx.env.io_rate_limit > 0:
             argv += ["-r", str(self.ctx.env.io_rate_limit)]
-        return [*argv, "--", tools.check_arg(self.source, "source"),
-                tools.check_arg(self.destination, "destination")]
+        return [*argv, "--", source.args()[-1], self.destination_arg()]
 
     def perform(self) -> dict[str, Any]:
-        self.ctx.progress(0, self.size)
+        plan = self._planned()
+        size = plan.source.size
+        self.ctx.progress(0, size)
 
         def progress(text: str) -> None:
             match = PERCENT.search(text)
             if match:
-                self.ctx.progress(int(float(match.group(1)) * self.size / 100), self.size)
+                self.ctx.progress(int(float(match.group(1)) * size / 100), size)
 
-        run = tools.run(self.ctx, self.argv(), on_segment=progress)
+        destination = plan.destination.held()
+        run = tools.run(self.ctx, self.argv(), on_segment=progress,
+                        fds={**plan.source.fds(), destination.fd: destination.path})
         if run.returncode != 0:
             raise TaskFailure("ToolFailed", f"qemu-img convert failed with exit code "
                               f"{run.returncode}: {run.summary()}", exitCode=run.returncode)
-        if self.created is not None and not self._still_ours():
-            raise TaskFailure("DestinationReplaced", f"{self.destination} was replaced while "
-                              "the copy ran")
-        self.ctx.progress(self.size, self.size)
-        if not self.dest_is_device:
-            self.target = safety.file_target(self.destination)
-        self.ctx.print(f"copied {self.size} bytes")
-        return {"bytes": self.size, "sourceFormat": self.source_format,
+        if destination.kind == "file":
+            self._check_still_named(plan.destination)
+            self.target = safety.file_target(destination)
+        self.ctx.progress(size, size)
+        self.ctx.print(f"copied {size} bytes")
+        return {"bytes": size, "sourceFormat": plan.source.image.format,
                 "destinationFormat": self.params["destinationFormat"],
                 "created": self.created is not None, "target": self.target}
 
-    def _still_ours(self) -> bool:
+    def _check_still_named(self, destination: Destination) -> None:
+        """DestinationReplaced unless the destination's path still leads, beneath its
+        root, to the inode written (a name moved or swapped meanwhile)."""
+        written = destination.held()
         try:
-            info = os.lstat(self.destination)
-        except FileNotFoundError:
-            return False
-        return (stat.S_ISREG(info.st_mode)
-                and (info.st_dev, info.st_ino) == self.created)
+            now = confine.resolve_file(self.params["destination"],
+                                       self.ctx.env.allowed_roots, DESTINATION,
+                                       single_link=False)
+        except errors.RpcError as exc:
+            raise TaskFailure("DestinationReplaced", f"{destination.path} no longer leads "
+                              f"to the file written ({exc.detail or exc.name})",
+                              path=destination.path) from None
+        with now:
+            if not paths.same_inode(now, written):
+                raise TaskFailure("DestinationReplaced", f"{destination.path} was replaced "
+                                  "while the copy ran", path=destination.path)
 
     def post(self, result: dict[str, Any]) -> dict[str, Any]:
         self._release()
@@ -353,15 +594,25 @@ class Copy(TaskKind):
         if self.excl_fd >= 0:
             os.close(self.excl_fd)
             self.excl_fd = -1
+        if self.plan is not None:
+            self.plan.close()
+            self.plan = None
 
     def cleanup(self) -> None:
-        """Remove the destination file this task created (checked by inode); release."""
-        self._release()
-        if self.created is None:
+        """Remove the destination file this task created (by inode, through its
+        directory's descriptor); release every descriptor."""
+        try:
+            self._remove_created()
+        finally:
+            self._release()
+
+    def _remove_created(self) -> None:
+        if self.created is None or self.plan is None:
             return
-        if self._still_ours():
-            os.unlink(self.destination)
-            self.ctx.print(f"removed {self.destination} (created by this task)")
-        elif os.path.lexists(self.destination):
-            self.ctx.warn(f"{self.destination} is no longer the file this task created; "
+        destination = self.plan.destination
+        assert destination.parent is not None
+        if confine.remove_if_same(destination.parent, destination.name, self.created):
+            self.ctx.print(f"removed {destination.path} (created by this task)")
+        else:
+            self.ctx.warn(f"{destination.path} is no longer the file this task created; "
                           "left in place")

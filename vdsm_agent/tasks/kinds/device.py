@@ -23,17 +23,28 @@ def guarded_verify(verify: VerifyFn, params: dict[str, Any], env: KindEnv) -> Ve
 class DeviceKind(TaskKind):
     """A kind whose params name one block device in ``device``.
 
-    At submit, ``validate`` runs the kind's ``_check`` (safety and param checks);
-    in the task's child only the path is resolved, because ``pre()`` repeats
-    every check right before the work. The device is the one resource locked.
+    At submit, ``validate`` resolves the device to a descriptor, runs the
+    kind's ``_check`` on it (safety and param checks) and closes it; in the
+    task's process ``pre()`` resolves it again, repeats every check right
+    before the work and keeps the descriptor until the end. The device is the
+    one resource locked.
     """
 
-    @classmethod
-    def _target(cls, params: dict[str, Any]) -> paths.Target:
-        return safety.resolve_device(params["device"], "params.params.device")
+    FIELD = "params.params.device"
 
     @classmethod
-    def _check(cls, params: dict[str, Any]) -> object:
+    def _resolve(cls, params: dict[str, Any]) -> paths.Target:
+        """The device's descriptor (the caller closes it)."""
+        return paths.resolve_device(params["device"], cls.FIELD)
+
+    @classmethod
+    def _check_params(cls, params: dict[str, Any]) -> None:
+        """Checks of the params alone, before the device is looked at (optional)."""
+        return None
+
+    @classmethod
+    def _check(cls, params: dict[str, Any], target: paths.Target) -> dict[str, Any]:
+        """The kind's checks of the device (raise ``errors.*``); its inventory facts."""
         raise NotImplementedError
 
     @classmethod
@@ -42,14 +53,16 @@ class DeviceKind(TaskKind):
 
     @classmethod
     def validate(cls, params: dict[str, Any], env: KindEnv) -> None:
+        cls._check_params(params)
         if safety.in_child(env):
-            cls._target(params)
-            return
-        cls._check(params)
+            return  # pre() resolves the device and repeats every check
+        with cls._resolve(params) as target:
+            cls._check(params, target)
 
     @classmethod
     def resources(cls, params: dict[str, Any], env: KindEnv) -> list[str]:
-        return [cls._target(params).resource]
+        with cls._resolve(params) as target:
+            return [paths.resource(target)]
 
     @classmethod
     def verify(cls, params: dict[str, Any], env: KindEnv) -> Verification:

@@ -9,6 +9,13 @@ tell this task's filesystem from any other. After a failure or a cancel,
 the signature of a half-made filesystem with that UUID is erased (``wipefs
 --all``), so it is never mistaken for a usable one; the previous contents
 are gone either way.
+
+The device is resolved once, to a descriptor, in the task's process; the
+checks, mkfs, blkid and wipefs all get ``/dev/fd/N`` of it (each tool was
+tried on it: mke2fs, mkfs.xfs, blkid and wipefs open that path like any
+other, and still refuse a device that is mounted or held). The task does not
+hold the device with ``O_EXCL`` itself: mkfs opens it exclusively, and would
+then find it busy.
 """
 
 from __future__ import annotations
@@ -88,14 +95,17 @@ class Format(DeviceKind):
     }
 
     @classmethod
-    def _check(cls, params: dict[str, Any]) -> tuple[paths.Target, dict[str, Any]]:
+    def _check_params(cls, params: dict[str, Any]) -> None:
         fstype = params["fstype"]
         label = params.get("label")
         if label is not None and len(label.encode()) > LABEL_MAX[fstype]:
             raise errors.InvalidParams(f"an {fstype} label has at most {LABEL_MAX[fstype]} "
                                        "characters", field="params.params.label", rule="length")
-        target = cls._target(params)
-        device = safety.check_target(target.path, params.get("expect"))
+
+    @classmethod
+    def _check(cls, params: dict[str, Any], target: paths.Target) -> dict[str, Any]:
+        fstype = params["fstype"]
+        device = safety.check_target(target, params.get("expect"))
         if fstype == "xfs" and device["size"] < XFS_MIN_SIZE:
             raise errors.InvalidParams(f"{target.path} has {device['size']} bytes; xfs needs "
                                        f"at least {XFS_MIN_SIZE}", field="params.params.device",
@@ -103,15 +113,15 @@ class Format(DeviceKind):
         refusal = None if params["force"] else signature_error(target.path, device)
         if refusal is not None:
             raise refusal
-        return target, device
+        return device
 
     @classmethod
     def _verify(cls, params: dict[str, Any], env: KindEnv) -> Verification:
-        target = cls._target(params)
         recorded = notes.load(env)
         if "uuid" not in recorded:
             return Verification(False, "the task never got to run mkfs (no UUID recorded)")
-        device = safety.inspect(target.path)
+        with cls._resolve(params) as target:
+            device = safety.inspect(target)
         if recorded["target"]["identity"] != device["identity"]:
             return Verification(False, f"{target.path} is now {device['identity']}, not the "
                                        f"formatted {recorded['target']['identity']}")
@@ -124,30 +134,36 @@ class Format(DeviceKind):
                                   f"{recorded['uuid']} made by this task", {
                                       "fstype": device["fstype"], "uuid": device["uuid"],
                                       "label": device["label"],
-                                      "target": safety.target_of(device, target.path),
+                                      "target": safety.target_of(device, target),
                                       "verified": True})
 
     # -- child side --------------------------------------------------------------------
 
     def __init__(self, params: dict[str, Any], ctx: TaskContext) -> None:
         super().__init__(params, ctx)
+        self.device: paths.Target | None = None  # the descriptor, held to the end
         self.path = ""
         self.uuid = str(uuid.uuid4())
         self.started_mkfs = False
         self.target: dict[str, Any] = {}
 
     def pre(self) -> None:
-        target, device = self._check(self.params)
+        self.device = target = self._resolve(self.params)
+        device = self._check(self.params, target)
         self.path = target.path
-        self.target = safety.target_of(device, target.path)
+        self.target = safety.target_of(device, target)
         if device["fstype"] or device["partitionTable"] or device["probeError"]:
             self.ctx.print(f"force: overwriting {safety.describe_device(device)}")
         notes.save(self.ctx.env, target=self.target, uuid=self.uuid)
         self.ctx.print(f"format {safety.describe_device(device)} as {self.params['fstype']}, "
                        f"uuid {self.uuid}")
 
+    def _held(self) -> paths.Target:
+        assert self.device is not None, "pre() resolves the device"
+        return self.device
+
     def argv(self) -> list[str]:
-        path = tools.check_arg(self.path, "device")
+        path = self._held().fd_path
         label = self.params.get("label")
         if self.params["fstype"] == "ext4":
             argv = ["mkfs.ext4", "-F", "-U", self.uuid]
@@ -166,12 +182,14 @@ class Format(DeviceKind):
                     self.ctx.progress(percent, 100)
 
         self.started_mkfs = True
-        run = tools.run(self.ctx, self.argv(), on_segment=stage)
+        device = self._held()
+        run = tools.run(self.ctx, self.argv(), on_segment=stage,
+                        fds={device.fd: device.path})
         if run.returncode != 0:
             raise TaskFailure("ToolFailed", f"{run.argv[0]} failed with exit code "
                               f"{run.returncode}: {run.summary()}", exitCode=run.returncode)
         self.ctx.progress(95, 100)
-        signature = safety.probe(self.path)
+        signature = safety.probe(device)
         if (signature.fstype, signature.uuid) != (self.params["fstype"], self.uuid):
             raise TaskFailure("VerifyFailed", f"after mkfs, blkid finds {signature.fstype} "
                               f"{signature.uuid} on {self.path}, not {self.params['fstype']} "
@@ -182,17 +200,31 @@ class Format(DeviceKind):
         return {"fstype": signature.fstype, "uuid": signature.uuid,
                 "label": signature.label, "target": self.target}
 
+    def post(self, result: dict[str, Any]) -> dict[str, Any]:
+        self._release()
+        return result
+
+    def _release(self) -> None:
+        if self.device is not None:
+            self.device.close()
+            self.device = None
+
     def cleanup(self) -> None:
         """Erase the signature of a half-made filesystem of this task (never another's)."""
-        if not self.started_mkfs:
-            return
+        try:
+            if self.started_mkfs and self.device is not None:
+                self._erase(self.device)
+        finally:
+            self._release()
+
+    def _erase(self, device: paths.Target) -> None:
         from vdsm_agent.system import commands  # pulls in asyncio: only when needed
 
-        signature = safety.probe(self.path)
+        signature = safety.probe(device)
         if signature.uuid != self.uuid:
             return
-        result = commands.run(["wipefs", "--all", "--", tools.check_arg(self.path, "device")],
-                              timeout=WIPEFS_TIMEOUT)
+        result = commands.run(["wipefs", "--all", "--", device.fd_path],
+                              timeout=WIPEFS_TIMEOUT, pass_fds=(device.fd,))
         if result.ok:
             self.ctx.print(f"erased the signature of the unfinished {signature.fstype} "
                            f"filesystem {self.uuid}")

@@ -17,6 +17,10 @@ lines on a pipe of their own) and from xfs_repair's ``Phase N`` lines.
 With ``repair`` the device must not be in use (DeviceInUse). A read-only
 check of a device in use runs, with a warning: the results of checking a
 mounted filesystem are unreliable.
+
+The device is resolved once, to a descriptor; e2fsck and xfs_repair get
+``/dev/fd/N`` of it (both open that path like any other, and still see a
+mounted filesystem as mounted).
 """
 
 from __future__ import annotations
@@ -88,9 +92,8 @@ class Fsck(DeviceKind):
     }
 
     @classmethod
-    def _check(cls, params: dict[str, Any]) -> tuple[paths.Target, dict[str, Any]]:
-        target = cls._target(params)
-        device = safety.check_target(target.path, params.get("expect"),
+    def _check(cls, params: dict[str, Any], target: paths.Target) -> dict[str, Any]:
+        device = safety.check_target(target, params.get("expect"),
                                      destructive=params["repair"])
         fstype = device["fstype"]
         if device["probeError"]:
@@ -102,19 +105,21 @@ class Fsck(DeviceKind):
             raise errors.InvalidParams(f"{target.path} has {found}; fsck checks "
                                        f"{', '.join(FSTYPES)}", field="params.params.device",
                                        rule="fstype", fstype=fstype)
-        return target, device
+        return device
 
     @classmethod
     def _verify(cls, params: dict[str, Any], env: KindEnv) -> Verification:
         """A read-only check now: complete when the filesystem is clean."""
-        target, device = cls._check({**params, "repair": False})
-        if safety.in_use_reasons(target.path, device):
-            return Verification(False, f"{target.path} is in use: a check now is unreliable")
-        check = _Quiet()
-        kind = cls({**params, "repair": False}, check)
-        kind.path, kind.fstype = target.path, device["fstype"]
-        kind.target = safety.target_of(device, target.path)
-        result = kind.perform()
+        read_only = {**params, "repair": False}
+        with cls._resolve(read_only) as target:
+            device = cls._check(read_only, target)
+            if safety.in_use_reasons(target, device):
+                return Verification(False, f"{target.path} is in use: a check now is "
+                                           "unreliable")
+            kind = cls(read_only, _Quiet())
+            kind.device, kind.path, kind.fstype = target, target.path, device["fstype"]
+            kind.target = safety.target_of(device, target)
+            result = kind.perform()
         if not result["clean"]:
             return Verification(False, f"{target.path} is not clean: {result['summary']}")
         return Verification(True, f"{target.path}: a read-only check finds it clean",
@@ -124,16 +129,18 @@ class Fsck(DeviceKind):
 
     def __init__(self, params: dict[str, Any], ctx: TaskContext) -> None:
         super().__init__(params, ctx)
+        self.device: paths.Target | None = None  # the descriptor, held to the end
         self.path = ""
         self.fstype = ""
         self.target: dict[str, Any] = {}
 
     def pre(self) -> None:
-        target, device = self._check(self.params)
+        self.device = target = self._resolve(self.params)
+        device = self._check(self.params, target)
         self.path, self.fstype = target.path, device["fstype"]
-        self.target = safety.target_of(device, target.path)
+        self.target = safety.target_of(device, target)
         if not self.params["repair"]:
-            reasons = safety.in_use_reasons(target.path, device)
+            reasons = safety.in_use_reasons(target, device)
             if reasons:
                 self.ctx.warn(f"{target.path} is in use ("
                               + "; ".join(reason["message"] for reason in reasons)
@@ -147,8 +154,22 @@ class Fsck(DeviceKind):
         self.ctx.progress(100, 100)
         return {**result, "fstype": self.fstype, "target": self.target}
 
+    def post(self, result: dict[str, Any]) -> dict[str, Any]:
+        self.cleanup()
+        return result
+
+    def cleanup(self) -> None:
+        # A check writes nothing to undo (a repair cannot be undone); release the device.
+        if self.device is not None:
+            self.device.close()
+            self.device = None
+
+    def _held(self) -> paths.Target:
+        assert self.device is not None, "pre() resolves the device"
+        return self.device
+
     def _e2fsck(self) -> dict[str, Any]:
-        path = tools.check_arg(self.path, "device")
+        device = self._held()
         mode = "-y" if self.params["repair"] else "-n"
 
         def progress(line: str) -> None:
@@ -156,8 +177,9 @@ class Fsck(DeviceKind):
             if percent is not None:
                 self.ctx.progress(int(percent), 100)
 
-        run = tools.run(self.ctx, ["e2fsck", "-f", mode, "-C", "{progress_fd}", "--", path],
-                        progress_fd=True, on_progress=progress)
+        run = tools.run(self.ctx, ["e2fsck", "-f", mode, "-C", "{progress_fd}", "--",
+                                   device.fd_path],
+                        progress_fd=True, on_progress=progress, fds={device.fd: device.path})
         code = run.returncode
         summary = next((line.strip() for line in reversed(run.tail)
                         if E2FSCK_SUMMARY.search(line)), run.summary())
@@ -173,15 +195,15 @@ class Fsck(DeviceKind):
         return {"clean": clean, "summary": summary, "repaired": repaired, "exitCode": code}
 
     def _xfs_run(self, read_only: bool) -> tools.ToolResult:
-        path = tools.check_arg(self.path, "device")
+        device = self._held()
 
         def phase(text: str) -> None:
             match = PHASE.match(text)
             if match:
                 self.ctx.progress(int(match.group(1)) * 100 // (XFS_PHASES + 1), 100)
 
-        argv = ["xfs_repair", *(["-n"] if read_only else []), "--", path]
-        run = tools.run(self.ctx, argv, on_segment=phase)
+        argv = ["xfs_repair", *(["-n"] if read_only else []), "--", device.fd_path]
+        run = tools.run(self.ctx, argv, on_segment=phase, fds={device.fd: device.path})
         if not read_only and run.returncode == 2:
             raise TaskFailure("DirtyLog", f"{self.path} has a dirty xfs log; mount and unmount "
                               "the filesystem to replay it, then check again", exitCode=2)

@@ -1,97 +1,69 @@
-"""Where a task may read or write: image files under allowed roots, block devices under /dev.
+"""Where a task may read or write: image files beneath allowed roots, block devices under /dev.
 
-Paths are resolved (symlinks and ``..``) before any check, so a link inside
-an allowed root cannot lead outside it. The child repeats the check on the
-file descriptor it opened (``check_open_fd``), which closes the gap between
-the agent's check and the child's open.
+A caller's path is resolved **once**, to an ``O_PATH`` descriptor
+(``vdsm_agent.system.confine``): no symlink is followed, no ``..`` taken, no
+mount crossed, no hard-linked file accepted. Everything after that goes
+through the descriptor: data is read or written through a re-open of it
+(``open_data``: ``/proc/self/fd/N`` names that inode and nothing else), sizes
+and identities come from ``fstat`` of it, and tools get ``/dev/fd/N``
+(``Target.fd_path``, passed with ``pass_fds``), never the name.
+
+At submit the agent resolves, checks and closes; the task's process resolves
+again in ``pre()`` and keeps the descriptor for the whole work.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import stat
-from typing import Literal
+from collections.abc import Iterable
 
 from vdsm_agent import errors
+from vdsm_agent.system import confine
 
-DEV = "/dev/"
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    kind: Literal["file", "device"]
-    path: str  # fully resolved
-
-    @property
-    def resource(self) -> str:
-        return f"{self.kind}:{self.path}"
+Target = confine.Resolved
 
 
-def _within(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
+def resolve(path: str, roots: Iterable[str], field: str) -> Target:
+    """A block device under /dev, or a regular file (one link) beneath a root."""
+    return confine.resolve(path, roots, field)
 
 
-def resolve(path: str, allowed_roots: tuple[str, ...], field: str) -> Target:
-    """The resolved, confined target of a caller's path; raise ``errors.*``."""
-    if "\0" in path or not path.startswith("/"):
-        raise errors.InvalidParams("must be an absolute path", field=field, rule="path")
-    real = os.path.realpath(path)
-    if _within(real, DEV.rstrip("/")):
-        return _device(path, real, field)
-    roots = tuple(os.path.realpath(root) for root in allowed_roots)
-    if not any(_within(real, root) for root in roots):
-        raise errors.PathNotAllowed(
-            f"{path} is not under an allowed root (configured: {', '.join(roots) or 'none'})",
-            field=field, path=path)
+def resolve_device(path: str, field: str) -> Target:
+    """A block device under /dev (its /dev symlinks, which are root's, resolved first)."""
+    return confine.resolve_device(path, field)
+
+
+def resource(target: Target) -> str:
+    """The name a task locks for its target: ``file:`` or ``device:`` and the path
+    (beneath the root's resolved name: one name per file, whatever the spelling)."""
+    return f"{'device' if target.kind == 'device' else 'file'}:{target.path}"
+
+
+def open_data(target: Target, flags: int = os.O_RDONLY, field: str | None = None) -> int:
+    """A descriptor for reading or writing the target's inode (a re-open of its
+    ``O_PATH`` descriptor); InvalidParams (rule "open") when the kernel refuses
+    (a device gone meanwhile, no medium, EPERM from a device cgroup, ...)."""
     try:
-        mode = os.stat(real).st_mode
-    except FileNotFoundError:
-        raise errors.InvalidParams(f"{path} does not exist", field=field,
-                                   rule="exists") from None
-    if not stat.S_ISREG(mode):
-        raise errors.InvalidParams(f"{path} is not a regular file", field=field,
-                                   rule="regularFile")
-    return Target("file", real)
-
-
-def _device(path: str, real: str, field: str) -> Target:
-    try:
-        mode = os.stat(real).st_mode
-    except FileNotFoundError:
-        raise errors.DeviceNotFound(f"{path} does not exist", field=field, path=path) from None
-    if not stat.S_ISBLK(mode):
-        raise errors.PathNotAllowed(f"{path} is under /dev but is not a block device",
-                                    field=field, path=path)
-    return Target("device", real)
-
-
-def size_of(target: Target) -> int:
-    """Bytes in a file or a block device; InvalidParams (rule "open") when it cannot be
-    opened (EACCES, EPERM from a device cgroup, gone meanwhile, ...)."""
-    try:
-        fd = os.open(target.path, os.O_RDONLY | os.O_CLOEXEC)
+        return target.reopen(flags)
     except OSError as exc:
+        data = {"field": field} if field else {}
         raise errors.InvalidParams(f"cannot open {target.path}: {exc.strerror or exc}",
-                                   rule="open", path=target.path) from None
+                                   rule="open", path=target.path, **data) from None
+
+
+def size_of(target: Target, field: str | None = None) -> int:
+    """Bytes in the file or block device (a file's from ``fstat`` of its descriptor)."""
+    if target.kind == "file":
+        return os.fstat(target.fd).st_size
+    fd = open_data(target, os.O_RDONLY, field)
     try:
         return os.lseek(fd, 0, os.SEEK_END)
     finally:
         os.close(fd)
 
 
-def open_checked(target: Target, flags: int = os.O_RDONLY) -> int:
-    """Open the target and prove the descriptor is the confined file it names."""
-    fd = os.open(target.path, flags | os.O_CLOEXEC | os.O_NOFOLLOW)
-    try:
-        opened = os.readlink(f"/proc/self/fd/{fd}")
-        mode = os.fstat(fd).st_mode
-        wanted = stat.S_ISBLK(mode) if target.kind == "device" else stat.S_ISREG(mode)
-        if opened != target.path or not wanted:
-            raise errors.PathNotAllowed(
-                f"{target.path} changed since the task was accepted (now {opened})",
-                path=target.path)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+def same_inode(one: Target, other: Target) -> bool:
+    """Whether two targets are one file or one device (whatever their names)."""
+    if one.kind == "device" or other.kind == "device":
+        return one.kind == other.kind and one.info.st_rdev == other.info.st_rdev
+    return (one.info.st_dev, one.info.st_ino) == (other.info.st_dev, other.info.st_ino)

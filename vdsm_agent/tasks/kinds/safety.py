@@ -19,13 +19,19 @@ looks at a device (a checksum or copy of image files) need not pay for.
 
 In the task's process the kinds' ``validate`` leaves these checks to
 ``pre``, which runs right after it and keeps the facts (``in_child``).
+
+Every check works on the device's **descriptor** (``paths.Target``): the
+inventory's facts are those of its device number (``st_rdev`` of the
+descriptor, not of a name looked up again), blkid reads ``/dev/fd/N``, and the
+exclusive-open probe and the ``O_EXCL`` hold re-open the descriptor. So the
+device judged is the device worked on, whatever happens to the names in /dev
+meanwhile.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import stat
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -97,82 +103,76 @@ def busy_error(path: str) -> errors.DeviceInUse:
 
 
 def open_exclusive(target: paths.Target, flags: int) -> int:
-    """Open a device with ``O_EXCL`` and keep it: no mount, swapon or mkfs meanwhile."""
+    """Re-open the device's descriptor with ``O_EXCL`` and keep it: no mount, swapon
+    or mkfs meanwhile."""
     try:
-        return paths.open_checked(target, flags | os.O_EXCL)
+        return target.reopen(flags | os.O_EXCL)
     except OSError as exc:
         if exc.errno == errno.EBUSY:
             raise busy_error(target.path) from None
-        raise
+        raise errors.InvalidParams(f"cannot open {target.path}: {exc.strerror or exc}",
+                                   rule="open", path=target.path) from None
 
 
-def resolve_device(path: str, field: str) -> paths.Target:
-    """The resolved block device a ``device`` param names; raise ``errors.*``.
+def inspect(target: paths.Target, timeout: float = PROBE_TIMEOUT) -> Device:
+    """The inventory's Device object for the descriptor's block device (fresh, blocking).
 
-    Like ``paths.resolve`` for ``/dev``: absent is DeviceNotFound, anything
-    but a block device (a character device, a regular file, a path that
-    resolves outside /dev) is PathNotAllowed.
+    Found by the descriptor's device number, so the facts are about the device
+    the task holds, not about whatever a name leads to by now.
     """
-    if "\0" in path or not path.startswith("/"):
-        raise errors.InvalidParams("must be an absolute path", field=field, rule="path")
-    real = os.path.realpath(path)
-    if not real.startswith(paths.DEV):
-        raise errors.PathNotAllowed(f"{path} is not a block device under /dev (resolves to "
-                                    f"{real})", field=field, path=path)
-    try:
-        mode = os.stat(real).st_mode
-    except FileNotFoundError:
-        raise errors.DeviceNotFound(f"{path} does not exist", field=field, path=path) from None
-    if not stat.S_ISBLK(mode):
-        raise errors.PathNotAllowed(f"{path} is under /dev but is not a block device",
-                                    field=field, path=path)
-    return paths.Target("device", real)
+    from vdsm_agent.devices import blkid, collect, sysfs, usage
 
-
-def inspect(path: str, timeout: float = PROBE_TIMEOUT) -> Device:
-    """The inventory's Device object for the block device at ``path`` (fresh, blocking)."""
-    from vdsm_agent.devices import blkid, collect, procfs, sysfs, usage
-
-    devnum = procfs.block_devnum(path)
+    devnum = os.major(target.info.st_rdev), os.minor(target.info.st_rdev)
     facts = sorted(collect.inherit_from_disks(sysfs.enumerate_block_devices()),
                    key=lambda item: collect.natural_key(item.name))
-    target = next((item for item in facts if item.devnum == devnum), None)
-    if devnum is None or target is None:
-        raise errors.DeviceNotFound(f"no block device at {path}", path=path)
-    signature = blkid.probe(target.devnode, timeout) if target.size > 0 else blkid.NO_SIGNATURE
+    found = next((item for item in facts if item.devnum == devnum), None)
+    if found is None:
+        raise errors.DeviceNotFound(f"no block device at {target.path}", path=target.path)
+    signature = probe(target, timeout) if found.size > 0 else blkid.NO_SIGNATURE
     host = collect.host_state(facts)
     nodes = [collect.to_node(item) for item in facts]
     verdicts = usage.evaluate(nodes, host)
-    node = nodes[facts.index(target)]
-    partitions = [other for other in nodes if other.parent == target.name]
+    node = nodes[facts.index(found)]
+    partitions = [other for other in nodes if other.parent == found.name]
     backs = collect.backed_loops(node, usage.loops_backed_by(nodes), partitions)
-    disk = next((item for item in facts if item.name == target.parent), None)
-    return collect.describe(target, node, signature, host, verdicts[target.name], partitions,
-                            backs, sysfs.by_id_links().get(target.name, []), disk)
+    disk = next((item for item in facts if item.name == found.parent), None)
+    return collect.describe(found, node, signature, host, verdicts[found.name], partitions,
+                            backs, sysfs.by_id_links().get(found.name, []), disk)
 
 
-def probe(path: str) -> Signature:
-    """``blkid -p`` of one device (a ``devices.blkid.Signature``)."""
+def probe(target: paths.Target, timeout: float = PROBE_TIMEOUT) -> Signature:
+    """``blkid -p`` of the descriptor's device (``/dev/fd/N``; a ``devices.blkid.Signature``)."""
     from vdsm_agent.devices import blkid
+    from vdsm_agent.system import commands  # pulls in asyncio: only when needed
 
-    return blkid.probe(path, PROBE_TIMEOUT)
+    try:
+        result = commands.run(["blkid", "-p", "-o", "export", "--", target.fd_path],
+                              timeout=timeout, pass_fds=(target.fd,))
+    except (commands.CommandError, UnicodeDecodeError) as exc:
+        return blkid.failure(str(exc))
+    return blkid.interpret(result)
 
 
-def check_not_in_use(path: str, device: Device) -> None:
-    """DeviceInUse with the reasons, as ``Inventory.check_not_in_use`` decides."""
+def check_not_in_use(target: paths.Target, device: Device) -> None:
+    """DeviceInUse with the reasons, as ``Inventory.check_not_in_use`` decides (its
+    exclusive-open probe done on the descriptor)."""
     from vdsm_agent.devices import inventory
 
     if device["inUse"]:
-        raise inventory.in_use_error(path, device["inUseReasons"])
-    busy = inventory.exclusive_open_probe(path)
+        raise inventory.in_use_error(target.path, device["inUseReasons"])
+    try:
+        busy = inventory.exclusive_open_probe(f"/proc/self/fd/{target.fd}")
+    except errors.DeviceNotFound:
+        raise errors.DeviceNotFound(f"no block device at {target.path}",
+                                    path=target.path) from None
     if busy is not None:
-        raise inventory.in_use_error(path, [busy.as_dict()])
+        raise inventory.in_use_error(target.path, [busy.as_dict()])
 
 
-def in_use_reasons(path: str, device: Device) -> list[dict[str, str]]:
+def in_use_reasons(target: paths.Target, device: Device) -> list[dict[str, str]]:
     """The reasons without raising (for kinds that only warn, e.g. a read-only fsck)."""
     try:
-        check_not_in_use(path, device)
+        check_not_in_use(target, device)
     except errors.DeviceInUse as exc:
         return list(exc.data["reasons"])
     return []
@@ -201,24 +201,27 @@ def check_expect(path: str, device: Device, expect: Mapping[str, Any] | None) ->
             identity=device["identity"], mismatches=mismatches)
 
 
-def check_target(path: str, expect: Mapping[str, Any] | None,
+def check_target(target: paths.Target, expect: Mapping[str, Any] | None,
                  destructive: bool = True) -> Device:
     """A device about to be worked on: expect first, then (if destructive) not in use."""
-    device = inspect(path)
-    check_expect(path, device, expect)
+    device = inspect(target)
+    check_expect(target.path, device, expect)
     if destructive:
-        check_not_in_use(path, device)
+        check_not_in_use(target, device)
     return device
 
 
-def target_of(device: Device, path: str) -> dict[str, Any]:
-    """What the task records about its device (its ``target`` in the result)."""
-    return {"path": path, "identity": device["identity"], "size": device["size"]}
+def target_of(device: Device, target: paths.Target) -> dict[str, Any]:
+    """What the task records about its device (its ``target`` in the result): the
+    inventory's identity of the descriptor's device number."""
+    return {"path": target.path, "identity": device["identity"], "size": device["size"]}
 
 
-def file_target(path: str) -> dict[str, Any]:
-    info = os.stat(path)
-    return {"path": path, "identity": f"file:{info.st_dev}:{info.st_ino}",
+def file_target(target: paths.Target) -> dict[str, Any]:
+    """What the task records about its file: identity and size from ``fstat`` of
+    the descriptor (never a stat of the name)."""
+    info = os.fstat(target.fd)
+    return {"path": target.path, "identity": f"file:{info.st_dev}:{info.st_ino}",
             "size": info.st_size}
 
 
@@ -231,16 +234,15 @@ def describe_device(device: Device) -> str:
             f"{signature})")
 
 
-def loops_backed_by_file(path: str, sys_block: str = "/sys/block") -> list[dict[str, str]]:
+def loops_backed_by_file(target: paths.Target,
+                         sys_block: str = "/sys/block") -> list[dict[str, str]]:
     """In-use reasons for an image file that an attached loop device uses.
 
     Reads ``loop/backing_file`` of each loop device in sysfs (what the
-    inventory reads too) and compares the file's identity, not its name.
+    inventory reads too) and compares the file's identity (its descriptor's),
+    not its name.
     """
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        return []
+    info = target.info
     reasons: list[dict[str, str]] = []
     try:
         names = sorted(name for name in os.listdir(sys_block) if name.startswith("loop"))

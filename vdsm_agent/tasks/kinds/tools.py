@@ -3,6 +3,10 @@
 * argv lists only, never a shell; ``check_arg`` refuses any value that could
   be taken for an option (a leading ``-``) or holds a NUL byte, and the kinds
   put ``--`` before paths where the tool accepts it.
+* A tool never gets a caller's path by name: it gets ``/dev/fd/N`` of the
+  descriptor the task resolved (``fds``: inherited through ``pass_fds``), so
+  it opens that inode whatever the name leads to by then. The output says
+  which name each ``/dev/fd/N`` was resolved from.
 * The tool runs in the task's own process group (not a new session), so the
   task manager's SIGTERM on cancel and its SIGKILL after ``cancel_grace``
   reach the tool too. The runner also sends SIGTERM itself when it sees the
@@ -30,7 +34,7 @@ import shlex
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from vdsm_agent.tasks.kinds.base import Canceled, TaskContext, TaskFailure
 
@@ -84,12 +88,14 @@ class _Splitter:
 
 
 def run(ctx: TaskContext, argv: Sequence[str], *, on_segment: Segment | None = None,
-        progress_fd: bool = False, on_progress: Segment | None = None) -> ToolResult:
+        progress_fd: bool = False, on_progress: Segment | None = None,
+        fds: Mapping[int, str] | None = None) -> ToolResult:
     """Run ``argv`` to its end; Canceled if the task was cancelled meanwhile.
 
     With ``progress_fd``, the tool gets a pipe whose write end number replaces
     the ``{progress_fd}`` placeholder in argv, and each line on it goes to
-    ``on_progress``.
+    ``on_progress``. ``fds``: descriptors the tool inherits (named in argv as
+    ``/dev/fd/N``), each with the path it was resolved from (for the output).
     """
     args = list(argv)
     read_end = write_end = -1
@@ -108,10 +114,15 @@ def run(ctx: TaskContext, argv: Sequence[str], *, on_segment: Segment | None = N
             on_segment(text)
 
     ctx.print("$ " + shlex.join(args))
+    inherited = tuple(fds or ())
+    if fds:
+        ctx.print("  where " + ", ".join(f"/dev/fd/{fd} is {name}"
+                                         for fd, name in sorted(fds.items())))
     try:
         proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=tool_env(), close_fds=True, pass_fds=(write_end,) if progress_fd else ())
+            env=tool_env(), close_fds=True,
+            pass_fds=(*inherited, write_end) if progress_fd else inherited)
     except OSError as exc:
         if read_end >= 0:
             os.close(read_end)

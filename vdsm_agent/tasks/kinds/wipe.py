@@ -9,7 +9,9 @@ warning says so). A device that cannot discard at all fails the task with
 ``DiscardNotSupported`` before anything is written: silently writing zeros
 instead could allocate a whole thin-provisioned LUN.
 
-The device is held open with ``O_EXCL`` for the whole work, so nobody can
+The device is resolved once, to a descriptor (``paths``), checked through
+it (the inventory's facts of its device number) and held open with
+``O_EXCL`` (a re-open of that descriptor) for the whole work, so nobody can
 mount it, swapon it or run mkfs on it meanwhile. A wipe cannot be rolled
 back: a cancel stops it between two writes and the output says how far it
 got.
@@ -92,20 +94,26 @@ class Wipe(DeviceKind):
     }
 
     @classmethod
-    def _check(cls, params: dict[str, Any]) -> None:
-        device = safety.check_target(cls._target(params).path, params.get("expect"))
+    def _check(cls, params: dict[str, Any], target: paths.Target) -> dict[str, Any]:
+        device = safety.check_target(target, params.get("expect"))
         check_range(params, device["size"])
+        return device
 
     @classmethod
     def _verify(cls, params: dict[str, Any], env: KindEnv) -> Verification:
-        target = cls._target(params)
-        device = safety.inspect(target.path)
+        with cls._resolve(params) as target:
+            return cls._verify_on(params, env, target)
+
+    @classmethod
+    def _verify_on(cls, params: dict[str, Any], env: KindEnv,
+                   target: paths.Target) -> Verification:
+        device = safety.inspect(target)
         recorded = notes.load(env).get("target")
         if recorded and recorded["identity"] != device["identity"]:
             return Verification(False, f"{target.path} is now {device['identity']}, not the "
                                        f"wiped {recorded['identity']}")
         offset, length = check_range(params, device["size"])
-        fd = paths.open_checked(target, os.O_RDONLY | os.O_DIRECT)
+        fd = paths.open_data(target, os.O_RDONLY | os.O_DIRECT)
         try:
             found = blockio.zero_samples(fd, offset, length, blockio.logical_block_size(fd))
         finally:
@@ -114,13 +122,14 @@ class Wipe(DeviceKind):
             return Verification(False, f"non-zero data at offset {found} of {target.path}")
         return Verification(True, f"{target.path}: sampled the range, all zeros", {
             "bytes": length, "method": params["method"],
-            "target": safety.target_of(device, target.path), "verified": True})
+            "target": safety.target_of(device, target), "verified": True})
 
     # -- child side --------------------------------------------------------------------
 
     def __init__(self, params: dict[str, Any], ctx: TaskContext) -> None:
         super().__init__(params, ctx)
-        self.fd = -1
+        self.device: paths.Target | None = None  # the O_PATH descriptor, held to the end
+        self.fd = -1  # its O_EXCL re-open, for the I/O
         self.path = ""
         self.offset = 0
         self.length = 0
@@ -130,13 +139,13 @@ class Wipe(DeviceKind):
         self.reporter = ProgressLines(ctx, 0, "wiped")
 
     def pre(self) -> None:
-        target = self._target(self.params)
+        self.device = target = self._resolve(self.params)
         self.path = target.path
-        device = safety.check_target(target.path, self.params.get("expect"))
+        device = self._check(self.params, target)
         self.offset, self.length = check_range(self.params, device["size"])
         # O_EXCL: held until the end, nobody mounts or formats the device meanwhile.
         self.fd = safety.open_exclusive(target, os.O_RDWR | os.O_DIRECT)
-        self.target = safety.target_of(device, target.path)
+        self.target = safety.target_of(device, target)
         # Only verify's identity check reads it: not worth an fsync before the work.
         notes.save(self.ctx.env, durable=False, target=self.target)
         self.ctx.print(f"wipe ({self.params['method']}) of {safety.describe_device(device)}: "
@@ -199,7 +208,7 @@ class Wipe(DeviceKind):
             self._advance(tail[1] - tail[0])
 
     def _discard(self, buffer: blockio.AlignedBuffer, block: int) -> None:
-        granularity, max_bytes = blockio.discard_limits(self.path)
+        granularity, max_bytes = blockio.discard_limits(os.fstat(self.fd).st_rdev)
         if max_bytes <= 0:
             raise TaskFailure("DiscardNotSupported",
                               f"{self.path} does not support discard "
@@ -253,3 +262,6 @@ class Wipe(DeviceKind):
                                "the data in that part is gone")
             os.close(self.fd)
             self.fd = -1
+        if self.device is not None:
+            self.device.close()
+            self.device = None
