@@ -67,9 +67,14 @@ class StateSpace:
 
     def available(self) -> int:
         """Bytes the agent may still write there. As root it may use the blocks
-        ext4 keeps for root, so those count; the task processes run as root too."""
+        ext4 keeps for root, so those count; the task processes run as root too.
+        No free inode left (where the filesystem counts them) is no room at all:
+        every new file would fail."""
         stats = os.statvfs(self.directory)
-        blocks = stats.f_bfree if os.geteuid() == 0 else stats.f_bavail
+        root = os.geteuid() == 0
+        if stats.f_files and not (stats.f_ffree if root else stats.f_favail):
+            return 0
+        blocks = stats.f_bfree if root else stats.f_bavail
         return int(blocks * stats.f_frsize)
 
     def note_full(self, why: str) -> None:

@@ -117,7 +117,9 @@ class FinalFiles:
 
 
 def read_final(task_files: files.TaskFiles) -> FinalFiles:
-    """Blocking: the outcome, last status and output extent of an ended task."""
+    """Blocking: the outcome, last status and output extent of an ended task. The
+    room allocated for an outcome it never wrote is given back."""
+    files.remove_quietly(task_files.outcome_room)
     outcome = files.read_json(task_files.outcome)
     status = files.read_json(task_files.status)
     return FinalFiles(outcome if isinstance(outcome, dict) else None,
