@@ -328,6 +328,31 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("task_max_wait", "seconds", 600.0,
             "Longest waitTask long-poll (its timeout; at least its default, 30); a larger "
             "timeout is InvalidParams.", parse_task_max_wait),
+    Setting("max_long_polls", "integer", 64,
+            "Long-polls (waitTask, getEvents) and streams (GET /events, GET "
+            "/tasks/ID/output) served at once, whoever calls; each also holds one of "
+            "max_concurrent_requests. Beyond it they answer LimitExceeded at once.",
+            parse_positive_int),
+    Setting("reserved_requests", "integer", 16,
+            "Of max_concurrent_requests, the slots only admin callers may take (root on "
+            "the Unix socket is admin); at most a quarter of max_concurrent_requests.",
+            parse_non_negative_int),
+    Setting("max_connections", "integer", 1000,
+            "Open connections on each TCP listener (plain and TLS); a connection beyond "
+            "it is closed at once, unread. TCP connections also leave free the file "
+            "descriptors that the Unix socket and the agent's own work need.",
+            parse_positive_int),
+    Setting("unix_max_connections", "integer", 64,
+            "Open connections on the Unix socket (its own cap and descriptors, apart "
+            "from TCP); the last 8 are kept for root and the agent's own user.",
+            parse_positive_int),
+    Setting("header_timeout", "seconds", 10.0,
+            "A new connection must send a complete request head within this many "
+            "seconds (a TLS connection: finish its handshake too), and a request's body "
+            "must arrive within it; otherwise the connection is closed.", parse_seconds),
+    Setting("keepalive_timeout", "seconds", 60.0,
+            "An idle connection is closed this many seconds after its last answer "
+            "unless its next request head has arrived.", parse_seconds),
 )
 
 BY_NAME = {setting.name: setting for setting in SETTINGS}
