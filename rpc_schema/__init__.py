@@ -6,6 +6,18 @@ examples. The agent loads it at start-up and validates every request's params
 with a compiled validator before any handler runs. ``rpc_schema.openrpc``
 turns it into the OpenRPC document served by ``rpc.discover`` and
 ``rpc_schema.docs`` into the human reference in ``docs/``.
+
+Two rules beyond JSON Schema apply to every validator compiled here
+(``compile_validator``; the task kinds' params use it too):
+
+* ``"integer"`` means a JSON integer: ``5.0`` is refused ("must be
+  integer"), although JSON Schema since draft 06 counts a float without a
+  fractional part as an integer. Counts, offsets and sizes are used as Python
+  ints (slicing, ``seek``, ``range``), where a float fails late, as an
+  internal error;
+* params may nest at most ``MAX_PARAMS_DEPTH`` objects and arrays deep
+  (``rule: "maxDepth"``): everything that copies, redacts or stores params
+  can then never recurse without bound.
 """
 
 from __future__ import annotations
@@ -15,12 +27,21 @@ import functools
 import json
 from collections.abc import Callable, Mapping
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import fastjsonschema
+from fastjsonschema.draft04 import CodeGeneratorDraft04
+from fastjsonschema.draft2019 import CodeGeneratorDraft2019
+from fastjsonschema.ref_resolver import RefResolver
 
 # Roles a verb may require, weakest first ("none": public, like GET /health).
 ROLES = ("none", "read", "operate", "admin")
+
+# How deep params may nest (the params object itself is level 1). The deepest
+# verb params today are 4 levels; the limit leaves room and keeps every
+# recursive copy, redaction or JSON encoding of params far from Python's
+# recursion limit and orjson's 255 levels.
+MAX_PARAMS_DEPTH = 32
 
 
 class ParamsInvalid(Exception):
@@ -56,13 +77,50 @@ class Verb:
 
         Components ride along so that params may ``$ref`` "#/components/schemas/...".
         """
-        return fastjsonschema.compile({**self.params, "components": self.components})
+        return compile_validator({**self.params, "components": self.components})
 
     def validate_params(self, params: Mapping[str, Any]) -> None:
+        if params and nested_too_deep(params, MAX_PARAMS_DEPTH):
+            raise ParamsInvalid(
+                "params", "maxDepth",
+                f"params nest more than {MAX_PARAMS_DEPTH} objects and arrays deep")
         try:
             self.check(params)
         except fastjsonschema.JsonSchemaValueException as exc:
             raise _explain(exc) from None
+
+
+class _StrictIntegers(CodeGeneratorDraft2019):
+    """fastjsonschema's default draft (2019-09), but with draft 04's type check:
+    ``"integer"`` is a Python int (never a bool, never a float such as 5.0)."""
+
+    def generate_type(self) -> None:
+        CodeGeneratorDraft04.generate_type(self)  # type: ignore[no-untyped-call]
+
+
+def compile_validator(definition: dict[str, Any]) -> Callable[[Any], Any]:
+    """A validator for ``definition`` as ``fastjsonschema.compile`` makes one
+    (defaults filled in, JsonSchemaValueException on invalid data), except
+    that integers are strict (see the module docstring)."""
+    resolver = RefResolver.from_schema(definition, handlers={}, store={})
+    generator = _StrictIntegers(definition, resolver=resolver)  # type: ignore[no-untyped-call]
+    state = generator.global_state
+    exec(generator.func_code, state)  # what fastjsonschema.compile does with its code
+    return cast(Callable[[Any], Any], state[resolver.get_scope_name()])
+
+
+def nested_too_deep(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests dicts and lists more than ``limit`` deep; iterative
+    (a recursive walk is what deep params must not reach)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in item.values() if type(item) is dict else item:
+            if type(child) is dict or type(child) is list:
+                stack.append((child, depth + 1))
+    return False
 
 
 def _explain(exc: fastjsonschema.JsonSchemaValueException) -> ParamsInvalid:

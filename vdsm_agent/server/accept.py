@@ -23,7 +23,10 @@ own instead of asyncio's (docs/security.md, "Limits"):
   Python 3.11, scheduled one more retry each time: the log grew by gigabytes.
   The Unix socket keeps a spare descriptor for that moment: it closes the
   spare, accepts the waiting connection (root's, most likely) and serves it,
-  and takes a spare again once a descriptor is free.
+  and takes a spare again once a descriptor is free. Meanwhile, and for
+  ``SHORTAGE_HOLD`` seconds after the last such failure, the TCP listeners
+  close every connection they accept, so that a descriptor freed by anyone
+  goes back to the Unix socket's spare rather than to the flood.
 
 Refusals, deadlines and failed accepts are logged once per interval per
 listener (``logs.StormLog``), never once per connection.
@@ -49,6 +52,7 @@ log = logging.getLogger(__name__)
 # accept() failures that mean "no resources now", not "this connection failed".
 OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_PAUSE = 0.25  # seconds between accept() tries while out of resources
+SHORTAGE_HOLD = 2.0  # seconds TCP sheds connections after accept() last ran out
 ACCEPT_BATCH = 128  # connections accepted per readable event (then others get a turn)
 BACKLOG = 128
 # Unix socket connections kept for root and the agent's own user.
@@ -119,6 +123,13 @@ def _peer_uid(conn: socket.socket) -> int | None:
     return int.from_bytes(raw[4:8], "little", signed=True)
 
 
+@dataclasses.dataclass
+class Shortage:
+    """Shared by one daemon's listeners: until when (loop time) descriptors are short."""
+
+    until: float = 0.0
+
+
 class Listener:
     """One listening socket: its accept loop, its cap and its open connections."""
 
@@ -126,7 +137,8 @@ class Listener:
                  cap: int, cap_name: str, storms: StormLog, header_timeout: float,
                  fd_ceiling: int | None = None, fd_limit: int = 0,
                  ssl_context: ssl.SSLContext | None = None,
-                 reserved_for: frozenset[int] = frozenset(), spare_fd: bool = False) -> None:
+                 reserved_for: frozenset[int] = frozenset(), spare_fd: bool = False,
+                 shortage: Shortage | None = None) -> None:
         self.name = name
         self.sock = sock
         self.factory = factory
@@ -139,6 +151,7 @@ class Listener:
         self.ssl_context = ssl_context
         # Unix socket: uids that may take the last ROOT_RESERVE connections.
         self.reserved_for = reserved_for
+        self.shortage = shortage or Shortage()
         self.open = 0  # connections accepted and not yet closed
         self.refused = 0  # connections closed unread since start (any reason)
         self._loop = asyncio.get_running_loop()
@@ -180,6 +193,7 @@ class Listener:
             except OSError as exc:
                 if exc.errno not in OUT_OF_RESOURCES:
                     continue  # that one connection failed (ECONNABORTED, ...)
+                self.shortage.until = self._loop.time() + SHORTAGE_HOLD
                 spared = self._accept_with_spare()
                 if spared is None:
                     self._pause(exc)
@@ -198,9 +212,13 @@ class Listener:
         """Why ``conn`` is closed unread, or None to serve it."""
         if self.open >= self.cap:
             return f"{self.cap_name} ({self.cap}) reached"
-        if self.fd_ceiling is not None and conn.fileno() >= self.fd_ceiling:
-            return (f"open file descriptors near RLIMIT_NOFILE ({self.fd_limit}), the "
-                    "rest kept for the Unix socket and the agent's own work")
+        if self.fd_ceiling is not None:  # a TCP listener
+            if conn.fileno() >= self.fd_ceiling:
+                return (f"open file descriptors near RLIMIT_NOFILE ({self.fd_limit}), the "
+                        "rest kept for the Unix socket and the agent's own work")
+            if self._loop.time() < self.shortage.until:
+                return ("out of file descriptors: TCP connections are closed until "
+                        "accept() has not failed for " f"{SHORTAGE_HOLD:g} s")
         if (self.reserved_for and self.open >= self.cap - ROOT_RESERVE
                 and _peer_uid(conn) not in self.reserved_for):
             return (f"{self.cap_name} ({self.cap}) reached for callers other than root "

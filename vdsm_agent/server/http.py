@@ -21,6 +21,21 @@ def json_response(payload: object, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(payload), status=status, content_type=JSON)
 
 
+async def _body_too_slow(request: web.Request, body_timeout: float) -> web.Response:
+    """HTTP 408 with a JSON-RPC error, then the connection is closed at once
+    (aiohttp would otherwise linger up to 10 s to read the rest of the body)."""
+    response = json_response(error_response(
+        errors.INVALID_REQUEST, "Invalid request",
+        {"name": "LimitExceeded", "limit": "header_timeout", "max": body_timeout,
+         "detail": f"the request body did not arrive within {body_timeout:g} s"}),
+        status=408)
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
+    return response
+
+
 async def jsonrpc_response(request: web.Request, dispatcher: Dispatcher,
                            max_body_size: int, body_timeout: float = 10.0) -> web.Response:
     """Answer one ``POST /jsonrpc``: always a JSON-RPC answer (or 204), never HTTP 500.
@@ -39,13 +54,7 @@ async def jsonrpc_response(request: web.Request, dispatcher: Dispatcher,
             {"name": "LimitExceeded", "limit": "max_body_size", "max": max_body_size,
              "detail": f"request body larger than {max_body_size} bytes"}), status=413)
     except TimeoutError:
-        response = json_response(error_response(
-            errors.INVALID_REQUEST, "Invalid request",
-            {"name": "LimitExceeded", "limit": "header_timeout", "max": body_timeout,
-             "detail": f"the request body did not arrive within {body_timeout:g} s"}),
-            status=408)
-        response.force_close()
-        return response
+        return await _body_too_slow(request, body_timeout)
     try:
         answer = await dispatcher.dispatch(body)
     except Exception:

@@ -33,6 +33,7 @@ from vdsm_agent.server.accept import (
     ConnectionLimits,
     Listener,
     ProtocolFactory,
+    Shortage,
     own_uids,
     raise_fd_limit,
     tcp_fd_ceiling,
@@ -185,6 +186,7 @@ class Guard:
         self.fd_limit = raise_fd_limit()
         self.tcp_fd_ceiling = tcp_fd_ceiling(self.fd_limit, limits.unix_max_connections)
         self.storms = StormLog(log)
+        self.shortage = Shortage()
         self.tcp_listeners = 0
         if self.tcp_fd_ceiling < 64:
             log.warning("the file descriptor limit (RLIMIT_NOFILE %d) leaves almost no "
@@ -200,7 +202,7 @@ class Guard:
                              cap=self.limits.max_connections, cap_name="max_connections",
                              storms=self.storms, header_timeout=self.limits.header_timeout,
                              fd_ceiling=self.tcp_fd_ceiling, fd_limit=self.fd_limit,
-                             ssl_context=ssl_context)
+                             ssl_context=ssl_context, shortage=self.shortage)
                     for sock in tcp_sockets(host, port)]
 
         return GuardedSite(runner, f"{scheme}://{host}:{port}", make)
@@ -211,7 +213,8 @@ class Guard:
                              cap=self.limits.unix_max_connections,
                              cap_name="unix_max_connections", storms=self.storms,
                              header_timeout=self.limits.header_timeout,
-                             reserved_for=own_uids(), spare_fd=True)]
+                             reserved_for=own_uids(), spare_fd=True,
+                             shortage=self.shortage)]
 
         return GuardedSite(runner, f"unix:{path}", make)
 
