@@ -98,15 +98,15 @@ def in_use_refusal(target: paths.Target, reasons: list[dict[str, str]]) -> error
 
 def check_policy(params: dict[str, Any], target: paths.Target, offset: int,
                  length: int, size: int) -> list[dict[str, str]]:
-    """What a caller without ``force`` may not read (see the module); the in-use
-    reasons of a device read with ``force`` (to warn about)."""
-    if not params.get("force"):
-        check_granularity(offset, length, size)
-    if target.kind != "device":
-        return []
-    reasons = device_in_use(target)
-    if reasons and not params.get("force"):
+    """What a caller without ``force`` may not read (see the module): a device in use
+    first (the whole of it is refused), then the range; the in-use reasons of a
+    device read with ``force`` (to warn about)."""
+    force = bool(params.get("force"))
+    reasons = device_in_use(target) if target.kind == "device" else []
+    if reasons and not force:
         raise in_use_refusal(target, reasons)
+    if not force:
+        check_granularity(offset, length, size)
     return reasons
 
 
