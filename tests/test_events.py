@@ -338,7 +338,8 @@ async def test_long_poll_returns_when_an_event_arrives_and_after_its_timeout(rpc
     assert answer["lastSeq"] == since + 1
 
 
-async def test_two_hundred_waiters_wait_on_one_event(rpc) -> None:
+async def test_two_hundred_waiters_wait_on_one_event(agents: Any) -> None:
+    rpc = await agents(max_long_polls=200)  # 64 long-polls at once by default
     feed = feed_of(rpc)
     since = feed.last_seq
     url = rpc.client.make_url("/jsonrpc")
