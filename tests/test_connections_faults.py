@@ -250,7 +250,9 @@ def test_restart_adopts_what_is_attached(agents, tmp_path, gluster_server, ssh_s
     uris = {"lo": f"loop://{image}", "fi": f"file://{directory}", "gl": gluster_server.uri,
             "ss": ssh_server.uri}
     ids = sorted(uris)
-    agent = launch(agents, tmp_path, {**ssh_server.settings, "allowed_root": str(tmp_path)})
+    # The image is resolved beneath an allowed root at every connect, adoption included.
+    settings = {**ssh_server.settings, "allowed_root": str(tmp_path)}
+    agent = launch(agents, tmp_path, settings)
     for connection_id, uri in uris.items():
         agent.call("manageStorageConnection", uri=uri, connectionID=connection_id)
     agent.call("manageStorageConnection", uri=uris["gl"], connectionID="gl-2")
@@ -264,7 +266,7 @@ def test_restart_adopts_what_is_attached(agents, tmp_path, gluster_server, ssh_s
         else:
             agent.stop()
         started = time.monotonic()
-        agent = launch(agents, tmp_path, ssh_server.settings)
+        agent = launch(agents, tmp_path, settings)
         listed = agent.call("getStorageConnectionList")
         assert {cid for cid, s in listed.items() if s["managed"]} == {*ids, "gl-2"}
         for connection_id in ids:

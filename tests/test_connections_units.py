@@ -4,8 +4,11 @@ on this kernel), with sysfs and the mount table as fixture files."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import os
 import random
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -13,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.connections_support import FakeRunner, ok
+from tests.loop_support import LoopJanitor, backing_of, devices_bound_to, loop_janitor
 from vdsm_agent import errors, settings
 from vdsm_agent.connections import uri as uris
 from vdsm_agent.connections.backends import BACKENDS, by_scheme
@@ -28,7 +32,10 @@ from vdsm_agent.connections.backoff import Backoff
 from vdsm_agent.connections.manager import ConnectionManager
 from vdsm_agent.connections.monitor import Health, MonitorPolicy, State, next_state, rfc3339
 from vdsm_agent.connections.probes import ProbePool, ProbeResult
+from vdsm_agent.system import loopdev
 from vdsm_agent.system.commands import CommandTimeout
+
+__all__ = ["loop_janitor"]  # fixture, used by name
 
 IQN = "iqn.2024-01.test.lbs:lun1"
 
@@ -510,49 +517,168 @@ def test_fuse_probe_reports_a_dead_daemon_as_broken(context, tmp_path):
 
 
 # -- loop -----------------------------------------------------------------------------------------
+# The loop backend runs no command: it binds a loop device to the image's descriptor
+# by ioctl (system/loopdev.py, tested on its own in test_loopdev.py). These run it on
+# real loop devices (root) with real sysfs; the refusals need neither.
 
 
-def bind_loop(context: BackendContext, name: str, backing: str) -> None:
-    (context.sysfs_root / "block" / name / "loop").mkdir(parents=True, exist_ok=True)
-    (context.sysfs_root / "block" / name / "loop" / "backing_file").write_text(backing + "\n")
+@pytest.fixture
+def loop_context(tmp_path: Path) -> BackendContext:
+    """A context for real loop devices: /sys, /dev, ``images`` as the allowed root."""
+    (tmp_path / "images").mkdir()
+    return BackendContext(runner=FakeRunner(), mount_root=tmp_path / "mnt",
+                          allowed_roots=(str(tmp_path / "images"),), disconnect_timeout=10.0)
 
 
-async def test_loop_commands_and_adoption(context):
-    def respond(argv: list[str]) -> object:
-        if argv[:3] == ["losetup", "-f", "--show"]:
-            bind_loop(context, "loop5", argv[-1])
-            return ok(argv, stdout="/dev/loop5\n")
-        return ok(argv)
-    context.runner = runner = FakeRunner(respond)  # type: ignore[arg-type]
-    backend = LoopBackend(context)
-    endpoint = backend.parse("loop:///var/tmp/disk.img")
+def loop_image(context: BackendContext, name: str = "disk.img",
+               janitor: LoopJanitor | None = None) -> Path:
+    path = Path(context.allowed_roots[0]) / name
+    with open(path, "xb") as stream:
+        stream.truncate(1024 * 1024)
+    if janitor is not None:
+        janitor.track(path)
+    return path
+
+
+@pytest.mark.root
+async def test_loop_binds_the_image_by_descriptor_and_adopts_by_identity(loop_context,
+                                                                         loop_janitor):
+    image = loop_image(loop_context, janitor=loop_janitor)
+    backend = LoopBackend(loop_context)
+    endpoint = backend.parse(f"loop://{image}")
+    backend.authorize(endpoint)
     attachment = await backend.connect(endpoint)
-    assert attachment.device == "/dev/loop5"
-    assert runner.calls == [(["losetup", "-f", "--show", "--", "/var/tmp/disk.img"], 60.0)]
-    assert (await backend.connect(endpoint)).adopted  # bound already: no second losetup
-    assert len(runner.calls) == 1
+    identity = backing_of(image)
+    assert not attachment.adopted
+    assert attachment.info["backing"] == identity.identity
+    assert devices_bound_to(identity) == {loopdev.number_of(attachment.device or ""): identity}
+    assert backend.describe(endpoint, attachment) == {
+        "image": str(image), "device": attachment.device, "imageIdentity": identity.identity}
+    assert backend.probe(endpoint, attachment).ok
+    # Renamed: the name means nothing, the file is the same one; a restart adopts it.
+    os.rename(image, image.with_name("moved.img"))
+    os.rename(image.with_name("moved.img"), image)
+    again = await LoopBackend(loop_context).connect(endpoint)
+    assert again.adopted
+    assert again.device == attachment.device
     await backend.disconnect(endpoint, attachment)
-    assert runner.calls[-1] == (["losetup", "-d", "/dev/loop5"], 10.0)
+    assert devices_bound_to(identity) == {}
+    await backend.disconnect(endpoint, attachment)  # detached already: success
+    assert loop_context.runner.calls == []  # type: ignore[attr-defined]
 
 
-async def test_loop_never_detaches_a_reused_device(context):
-    context.runner = runner = FakeRunner()
-    backend = LoopBackend(context)
-    endpoint = backend.parse("loop:///var/tmp/disk.img")
-    bind_loop(context, "loop5", "/var/tmp/someone-else.img")
-    await backend.disconnect(endpoint, Attachment(identity="/dev/loop5", device="/dev/loop5"))
-    assert runner.calls == []
+@pytest.mark.root
+async def test_loop_probe_and_disconnect_follow_the_file_not_the_number(loop_context,
+                                                                        loop_janitor):
+    image = loop_image(loop_context, janitor=loop_janitor)
+    other = loop_image(loop_context, "other.img", janitor=loop_janitor)
+    backend = LoopBackend(loop_context)
+    endpoint = backend.parse(f"loop://{image}")
+    attachment = await backend.connect(endpoint)
+    number = loopdev.number_of(attachment.device or "")
+    assert number is not None
+    assert loopdev.detach(number, backing_of(image), wait=2)  # behind the backend's back
+    failure = backend.probe(endpoint, attachment)
+    assert (failure.code, failure.broken) == ("Detached", True)
+    # A number that now serves another file (detached behind our back, then reused):
+    # neither probed as ours nor detached.
+    other_device = subprocess.run(["losetup", "-f", "--show", str(other)], check=True,
+                                  capture_output=True, text=True, timeout=30).stdout.strip()
+    reused = Attachment(identity=other_device, device=other_device, info=attachment.info)
+    failure = backend.probe(endpoint, reused)
+    assert (failure.code, failure.broken) == ("Detached", True)
+    assert "another file" in failure.message
+    await backend.disconnect(endpoint, reused)
+    other_number = loopdev.number_of(other_device)
+    assert devices_bound_to(backing_of(other)) == {other_number: backing_of(other)}
+    # Repair binds the image again; a deleted image is reported, not repaired.
+    repaired = await backend.repair(endpoint, attachment, failure)
+    assert devices_bound_to(backing_of(image))
+    image.unlink()
+    failure = backend.probe(endpoint, repaired)
+    assert (failure.code, failure.broken) == ("ENOENT", False)
+    await backend.disconnect(endpoint, repaired)
+    assert loop_janitor.bound().keys() == {other_number}
 
 
-async def test_loop_missing_image_is_enoent(context):
-    def respond(argv: list[str]) -> object:
-        return ok(argv, rc=1, stderr="losetup: /x.img: failed to set up loop device: "
-                                     "No such file or directory")
-    context.runner = FakeRunner(respond)  # type: ignore[arg-type]
-    backend = LoopBackend(context)
+@pytest.mark.root
+async def test_loop_disconnect_of_a_device_held_open_fails_and_leaves_it_bound(loop_context,
+                                                                             loop_janitor):
+    image = loop_image(loop_context, janitor=loop_janitor)
+    backend = LoopBackend(loop_context)
+    endpoint = backend.parse(f"loop://{image}")
+    attachment = await backend.connect(endpoint)
+    holder = os.open(str(attachment.device), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with pytest.raises(BackendError) as caught:
+            await backend.disconnect(endpoint, attachment)
+    finally:
+        os.close(holder)
+    assert caught.value.code == "DeviceBusy"
+    assert devices_bound_to(backing_of(image))  # still bound after the holder's close
+    assert backend.probe(endpoint, attachment).ok
+    await backend.disconnect(endpoint, attachment)
+    assert devices_bound_to(backing_of(image)) == {}
+
+
+@pytest.mark.root
+async def test_a_cancelled_loop_connect_leaves_nothing_bound(loop_context, loop_janitor,
+                                                             monkeypatch):
+    image = loop_image(loop_context, janitor=loop_janitor)
+    binding = threading.Event()
+    real_attach = loopdev.attach
+
+    def slow_attach(fd: int, **kwargs: object) -> int:
+        binding.set()
+        time.sleep(0.2)  # the thread is inside the bind when the connect is cancelled
+        return real_attach(fd, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loopdev, "attach", slow_attach)
+    backend = LoopBackend(loop_context)
+    connect = asyncio.create_task(backend.connect(backend.parse(f"loop://{image}")))
+    while not binding.is_set():
+        await asyncio.sleep(0.005)
+    connect.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await connect
+    assert devices_bound_to(backing_of(image)) == {}
+
+
+async def test_loop_image_swapped_after_the_check_is_refused_at_connect(loop_context):
+    image = loop_image(loop_context)
+    outside = image.parent.parent / "outside.img"
+    outside.write_bytes(b"x")
+    backend = LoopBackend(loop_context)
+    endpoint = backend.parse(f"loop://{image}")
+    backend.authorize(endpoint)  # a regular file in the root: accepted
+    (image.parent / "link").symlink_to(outside)
+    os.rename(image.parent / "link", image)
     with pytest.raises(BackendError) as caught:
-        await backend.connect(backend.parse("loop:///x.img"))
+        await backend.connect(endpoint)  # resolved again, refused before any ioctl
+    assert caught.value.code == "PathNotAllowed"
+    assert "symbolic link" in caught.value.message
+    assert devices_bound_to(backing_of(outside)) == {}
+
+
+async def test_loop_missing_image_is_enoent_and_accepted_at_manage(loop_context):
+    backend = LoopBackend(loop_context)
+    endpoint = backend.parse(f"loop://{loop_context.allowed_roots[0]}/later.img")
+    backend.authorize(endpoint)  # may appear later: connect retries until it does
+    with pytest.raises(BackendError) as caught:
+        await backend.connect(endpoint)
     assert caught.value.code == "ENOENT"
+
+
+async def test_loop_image_that_is_not_a_regular_file_is_refused(loop_context):
+    directory = Path(loop_context.allowed_roots[0]) / "dir.img"
+    directory.mkdir()
+    backend = LoopBackend(loop_context)
+    endpoint = backend.parse(f"loop://{directory}")
+    with pytest.raises(errors.InvalidParams):
+        backend.authorize(endpoint)
+    with pytest.raises(BackendError) as caught:
+        await backend.connect(endpoint)
+    assert caught.value.code == "InvalidImage"
 
 
 # -- iSCSI ----------------------------------------------------------------------------------------

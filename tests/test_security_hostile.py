@@ -8,6 +8,11 @@ and nothing outside the allowed roots is touched.
   runner of the connection tests, and every argv it produced is checked: no
   control characters, no option the program's fixed vocabulary does not have,
   ``-o`` lists only with known option names, mount points under the mount root.
+* ``loop://`` images: outside the root, through a symlink (file or directory),
+  ``..`` or a hard link: refused at manage; swapped for a symlink after that
+  check: refused when connect resolves the image again. No ``losetup`` runs
+  (the device is bound to the image's descriptor; tests/test_loop_confinement.py
+  replays the race on a real agent).
 * Paths for tasks: ``..``, symlinks leading out of the allowed root, leading
   ``-``, NUL, control characters, very long paths: refused at submit. A file
   swapped for a symlink after the task was accepted is refused by the task
@@ -30,13 +35,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from tests.connections_support import FakeRunner, ok
+from tests.loop_support import backing_of, devices_bound_to
 from tests.security_support import HOSTILE_PARTS, IQN, hostile_uris
 from tests.support import RpcClient
 from tests.tasks_support import become_subreaper, kill_task_processes, make_image, task_config
 from vdsm_agent import errors
 from vdsm_agent import settings as agent_settings
 from vdsm_agent.connections.backends import iscsi
-from vdsm_agent.connections.backends.base import Attachment, BackendError
+from vdsm_agent.connections.backends.base import Attachment, BackendContext, BackendError
+from vdsm_agent.connections.backends.loop import LoopBackend
 from vdsm_agent.connections.backends.nfs import _ALLOWED as NFS_OPTIONS
 from vdsm_agent.connections.manager import ConnectionManager
 from vdsm_agent.devices import inventory, usage
@@ -49,7 +56,6 @@ OPTION_WORDS = {
     "mount": {"-t", "-o", "-f", "-l"},
     "umount": {"-f", "-l"},
     "sshfs": {"-o", "-p"},
-    "losetup": {"-f", "--show", "--", "-d"},
     "iscsiadm": {"-m", "-t", "-p", "-T", "--login", "--logout"},
 }
 SSH_OPTIONS = {"reconnect", "ServerAliveInterval", "ServerAliveCountMax", "ConnectTimeout",
@@ -60,8 +66,6 @@ CONTROL = re.compile(r"[\x00-\x1f\x7f\s]")
 def _respond(argv: list[str]) -> Any:
     if argv[:3] == ["iscsiadm", "-m", "discovery"]:
         return ok(argv, stdout=f"10.0.0.1:3260,1 {IQN}\n")
-    if argv[:1] == ["losetup"] and "--show" in argv:
-        return ok(argv, stdout="/dev/loop99\n")
     return ok(argv)
 
 
@@ -138,30 +142,38 @@ def test_hostile_uris_never_reach_a_command_line_as_options(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("image", ["/etc/shadow", "/dev/vda", "{images}/../outside.img",
-                                   "{images}/link-out.img"])
+                                   "{images}/link-out.img", "{images}/dir-out/outside.img",
+                                   "{images}/hard.img", "{images}/sub/../../outside.img"])
 def test_loop_images_stay_inside_the_allowed_roots(tmp_path, image):
     images = tmp_path / "images"
     images.mkdir()
-    (tmp_path / "outside.img").write_bytes(b"x")
-    (images / "link-out.img").symlink_to(tmp_path / "outside.img")
+    (images / "sub").mkdir()
+    outside = tmp_path / "outside.img"
+    outside.write_bytes(b"x")
+    (images / "link-out.img").symlink_to(outside)
+    (images / "dir-out").symlink_to(tmp_path)
+    os.link(outside, images / "hard.img")  # a hard link carries the outside file in
     (images / "ok.img").write_bytes(b"x")
-    config = agent_settings.defaults().replace(state_dir=str(tmp_path / "state"),
-                                               allowed_roots=[str(images)])
-    runner = FakeRunner(_respond)
-    manager = ConnectionManager(config, None, runner=runner)
+    context = BackendContext(runner=FakeRunner(_respond), mount_root=tmp_path / "mnt",
+                             allowed_roots=(str(images),))
+    backend = LoopBackend(context)
+    # ".." is refused by the URI parser already; the rest by confinement at manage.
+    with pytest.raises((errors.PathNotAllowed, errors.InvalidUri)):
+        backend.authorize(backend.parse("loop://" + image.format(images=images)))
+    # An image inside the root is accepted; swapped for a symlink to the outside file
+    # after that check, it is refused when the connect resolves it again.
+    endpoint = backend.parse(f"loop://{images}/ok.img")
+    backend.authorize(endpoint)
+    os.replace(images / "link-out.img", images / "ok.img")
     loop = asyncio.new_event_loop()
     try:
-        # ".." is refused by the URI parser already; the rest by confinement.
-        with pytest.raises((errors.PathNotAllowed, errors.InvalidUri)):
-            loop.run_until_complete(
-                manager.manage("c1", "loop://" + image.format(images=images)))
-        # An image inside the root is accepted (registered; the connect runs later).
-        loop.run_until_complete(manager.manage("c2", f"loop://{images}/ok.img"))
-        assert not any("losetup" in argv[0] and image.split("/")[-1] in " ".join(argv)
-                       for argv in runner.argvs)
+        with pytest.raises(BackendError) as caught:
+            loop.run_until_complete(backend.connect(endpoint))
     finally:
-        loop.run_until_complete(manager.close())
         loop.close()
+    assert caught.value.code == "PathNotAllowed"
+    assert context.runner.calls == []  # type: ignore[attr-defined]  # no losetup, ever
+    assert devices_bound_to(backing_of(outside)) == {}
 
 
 # -- task paths and device names ----------------------------------------------------------

@@ -11,18 +11,17 @@ opened.
 
 from __future__ import annotations
 
-import fcntl
+import ctypes
 import os
 import stat
 import struct
 
 from vdsm_agent.devices.usage import DevNum
+from vdsm_agent.system import loopdev
 
-LOOP_GET_STATUS64 = 0x4C05
-# struct loop_info64: lo_device, lo_inode, lo_rdevice, lo_offset, lo_sizelimit
-# (u64 each), lo_number, lo_encrypt_type, lo_encrypt_key_size, lo_flags (u32
-# each), lo_file_name[64], lo_crypt_name[64], lo_encrypt_key[32], lo_init[2] (u64).
-LOOP_INFO64_SIZE = 232
+# The ioctl and its struct live in system.loopdev; the size is kept for raw parsers.
+LOOP_INFO64_SIZE = ctypes.sizeof(loopdev.LoopInfo64)
+# struct loop_info64 begins with lo_device, lo_inode, lo_rdevice (u64 each).
 _HEAD = struct.Struct("=QQQ")
 _DELETED = " (deleted)"
 
@@ -33,30 +32,24 @@ def split_dev(encoded: int) -> DevNum:
     return os.major(encoded), os.minor(encoded)
 
 
-def backing_from_status(status: bytes) -> DevNum | None:
-    """The device a loop_info64 says the backing file is on (or is, for a block device)."""
-    if len(status) < _HEAD.size:
-        return None
-    device, _inode, rdevice = _HEAD.unpack_from(status)
+def _backing(device: int, rdevice: int) -> DevNum | None:
     if rdevice:
         # The backing file is itself a block device node: that device is what backs the loop.
         return split_dev(rdevice)
     return split_dev(device) if device else None
 
 
-def status_backing(devnode: str) -> DevNum | None:
-    try:
-        fd = os.open(devnode, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
+def backing_from_status(status: bytes) -> DevNum | None:
+    """The device a raw loop_info64 says the backing file is on (or is, for a block device)."""
+    if len(status) < _HEAD.size:
         return None
-    try:
-        buffer = bytearray(LOOP_INFO64_SIZE)
-        fcntl.ioctl(fd, LOOP_GET_STATUS64, buffer)
-    except OSError:
-        return None  # ENXIO: not attached (any more)
-    finally:
-        os.close(fd)
-    return backing_from_status(bytes(buffer))
+    device, _inode, rdevice = _HEAD.unpack_from(status)
+    return _backing(device, rdevice)
+
+
+def status_backing(devnode: str) -> DevNum | None:
+    status = loopdev.status_of(devnode)  # None: not attached (any more), or cannot be opened
+    return None if status is None else _backing(status.device, status.rdevice)
 
 
 def stat_backing(backing_file: str) -> DevNum | None:
