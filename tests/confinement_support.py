@@ -38,6 +38,8 @@ import pytest
 from tests.security_support import start_agent
 from tests.support import AgentProcess, RpcFailure, free_port
 from tests.tasks_support import become_subreaper, kill_task_processes
+from vdsm_agent.tasks.kinds import KindEnv
+from vdsm_agent.tasks.kinds.base import Canceled
 
 MiB = 1024 * 1024
 
@@ -208,12 +210,31 @@ while True:
 """
 
 
+# Rewrites the start of a file with one content, then the other, in a loop, until
+# killed. argv: the seconds each content stays ("A,B" or one for both), the file,
+# the two contents' files.
+FLIPPER = r"""
+import os, sys, time
+pauses = [float(value) for value in sys.argv[1].split(",")] * 2
+target = sys.argv[2]
+contents = [open(name, "rb").read() for name in sys.argv[3:5]]
+fd = os.open(target, os.O_WRONLY)
+print("ready", flush=True)
+while True:
+    for content, pause in zip(contents, pauses):
+        os.pwrite(fd, content, 0)
+        time.sleep(pause)
+"""
+
+
 class Racer:
-    """A process of the user swapping names in ``cwd`` until ``stop()``."""
+    """A process of the user swapping names in ``cwd`` (or running ``script`` with
+    ``args``) until ``stop()``."""
 
     def __init__(self, user: User, cwd: Path, pairs: list[tuple[str, str]],
-                 pause: float = 0.0005) -> None:
-        argv = ["/usr/bin/python3", "-I", "-c", RACER, str(pause)]
+                 pause: float | str = 0.0005, script: str = RACER,
+                 args: tuple[str, ...] = ()) -> None:
+        argv = ["/usr/bin/python3", "-I", "-c", script, str(pause), *args]
         for one, other in pairs:
             argv += [one, other]
         self.proc = subprocess.Popen(argv, user=user.uid, group=user.gid, extra_groups=[],
@@ -255,3 +276,30 @@ def user_call(user: User, agent: AgentProcess, method: str, **params: Any) -> di
     from tests.security_support import run_as
 
     return run_as(user.uid, str(agent.socket_path), method, **params)
+
+
+class LocalContext:
+    """A task context for a kind run in this process (what the child provides)."""
+
+    def __init__(self, env: KindEnv) -> None:
+        self.env = env
+        self.lines: list[str] = []
+        self.warnings: list[str] = []
+        self.cancel_requested = False
+
+    def progress(self, done: int, total: int | None) -> None: ...
+    def heartbeat(self) -> None: ...
+    def write(self, data: bytes) -> None: ...
+
+    def print(self, line: str) -> None:
+        self.lines.append(line)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+    def check_cancel(self) -> None:
+        if self.cancel_requested:
+            raise Canceled()
+
+    def sleep(self, seconds: float) -> None: ...
+    def throttle(self, nbytes: int) -> None: ...

@@ -13,7 +13,8 @@
   space, a failure in ``pre`` right after the create) leaves no file behind.
 * The qcow2 backing chain is opened by descriptor: swapping a backing file for
   a symlink after it was resolved changes nothing; an external data file, a
-  protocol as backing file and a chain that loops are refused.
+  protocol as backing file and a chain that loops are refused; qemu-img in
+  its Landlock sandbox opens nothing but the descriptors it was given.
 
 The race replays (many tries, a racing process of the user) are in
 tests/test_confinement_races.py.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -33,6 +35,7 @@ import pytest
 from tests import devices_fixtures
 from tests.confinement_support import (
     Arena,
+    LocalContext,
     MiB,
     User,
     agent_factory,
@@ -49,8 +52,7 @@ from tests.confinement_support import (
 from tests.devices_fixtures import DeviceLab, sh
 from tests.support import AgentProcess
 from vdsm_agent import errors
-from vdsm_agent.tasks.kinds import KindEnv, copy, paths
-from vdsm_agent.tasks.kinds.base import Canceled
+from vdsm_agent.tasks.kinds import KindEnv, copy, paths, sandbox, tools
 
 lab = devices_fixtures.lab
 __all__ = ["agent_factory", "arena", "lab", "local_user"]  # fixtures, used by name
@@ -291,33 +293,6 @@ def fill_up(path: Path) -> None:
         os.close(fd)
 
 
-class _Context:
-    """A task context for a kind run in this process (what the child provides)."""
-
-    def __init__(self, env: KindEnv) -> None:
-        self.env = env
-        self.lines: list[str] = []
-        self.warnings: list[str] = []
-        self.cancel_requested = False
-
-    def progress(self, done: int, total: int | None) -> None: ...
-    def heartbeat(self) -> None: ...
-    def write(self, data: bytes) -> None: ...
-
-    def print(self, line: str) -> None:
-        self.lines.append(line)
-
-    def warn(self, message: str) -> None:
-        self.warnings.append(message)
-
-    def check_cancel(self) -> None:
-        if self.cancel_requested:
-            raise Canceled()
-
-    def sleep(self, seconds: float) -> None: ...
-    def throttle(self, nbytes: int) -> None: ...
-
-
 @pytest.mark.tool("qemu-img")
 def test_a_failure_in_pre_after_the_create_removes_the_file(arena: Arena) -> None:
     """The task's directory is full (a real full tmpfs): the note of the created file
@@ -331,7 +306,7 @@ def test_a_failure_in_pre_after_the_create_removes_the_file(arena: Arena) -> Non
     destination = arena.root / "new.img"
     env = KindEnv(allowed_roots=(str(arena.root),), task_id="t", task_dir=str(notes_dir))
     params = copy.Copy.check_params({"source": str(source), "destination": str(destination)})
-    kind = copy.Copy(params, _Context(env))
+    kind = copy.Copy(params, LocalContext(env))
     with pytest.raises(OSError) as info:
         kind.pre()
     assert info.value.errno == errno.ENOSPC
@@ -436,3 +411,63 @@ def test_a_checksum_of_a_device_is_judged_on_the_descriptors_device(
                        ("/dev/shm", "PathNotAllowed"), ("/dev/no-such-disk", "DeviceNotFound")):
         error = refused(submit(agent, "checksum", path=path))
         assert error["data"]["name"] == name, (path, error)
+
+
+# -- qemu-img in a Landlock sandbox: only the task's descriptors -------------------------------
+
+
+def data_file_image(path: Path, data_file: Path) -> Path:
+    """A qcow2 whose header names ``data_file`` as its external data file (made before
+    the data file is filled: qemu-img create truncates it)."""
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={data_file},data_file_raw=on",
+             str(path), "1M")
+    return path
+
+
+@pytest.mark.tool("qemu-img")
+def test_qemu_img_in_the_sandbox_opens_nothing_but_its_descriptors(arena: Arena) -> None:
+    if sandbox.abi_version() <= 0:
+        pytest.skip("no Landlock in this kernel")
+    secret = arena.outside / "secret.raw"
+    image = data_file_image(arena.root / "external.qcow2", secret)
+    secret.write_bytes(os.urandom(MiB))
+    destination = random_file(arena.root / "out.img", MiB)
+    before = sha256(destination)
+    ctx = LocalContext(KindEnv())
+    source = os.open(image, os.O_PATH | os.O_CLOEXEC)
+    target = os.open(destination, os.O_PATH | os.O_CLOEXEC)
+    jail = sandbox.build({source: sandbox.READ, target: sandbox.WRITE})
+    assert jail is not None
+    try:
+        spec = "json:" + json.dumps({"driver": "qcow2", "backing": None, "file": {
+            "driver": "file", "filename": f"/dev/fd/{source}"}})
+        # The header names a file outside: qemu-img may not open it.
+        run = tools.run(ctx, ["qemu-img", "convert", "-n", "-O", "raw", "--", spec,
+                              f"/dev/fd/{target}"], fds={source: "src", target: "dst"},
+                        sandbox=jail)
+        assert run.returncode != 0
+        assert "Permission denied" in run.summary(), run.tail
+        # Nor any name at all, however it is spelled.
+        run = tools.run(ctx, ["qemu-img", "info", "--", str(secret)], sandbox=jail)
+        assert "Permission denied" in run.summary(), run.tail
+        # What it was given, it may use.
+        plain = random_file(arena.root / "plain.img", MiB)
+        plain_fd = os.open(plain, os.O_PATH | os.O_CLOEXEC)
+        try:
+            allowed = sandbox.build({plain_fd: sandbox.READ, target: sandbox.WRITE})
+            assert allowed is not None
+            try:
+                run = tools.run(ctx, ["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw",
+                                      "--", f"/dev/fd/{plain_fd}", f"/dev/fd/{target}"],
+                                fds={plain_fd: "plain", target: "dst"}, sandbox=allowed)
+            finally:
+                allowed.close()
+        finally:
+            os.close(plain_fd)
+        assert run.returncode == 0, run.tail
+        assert sha256(destination) == sha256(plain) != before
+    finally:
+        jail.close()
+        os.close(source)
+        os.close(target)
+

@@ -10,6 +10,12 @@ in a tight loop while root submits tasks over the agent's Unix socket:
   a file inside the root (issue 15, item 2). Before the fix, qemu-img opened
   the destination by name after the agent had checked it, and overwrote the
   outside file;
+* the header of a qcow2 source rewritten by its owner, back and forth, between
+  a plain image and one whose external data file is a secret outside the
+  root: no copy ever holds the secret (qemu-img would open the data file by
+  the name in the header; the task refuses such an image, and runs qemu-img
+  in a Landlock sandbox that lets it open only the task's descriptors, for
+  the moment between the check and qemu-img's open);
 * a checksum's directory swapped with a regular file (the path vanishes and
   comes back while it is being resolved): every answer is ``accepted`` or a
   named error, never -32603, and a task that starts on such a path fails
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import os
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -28,7 +35,9 @@ from typing import Any
 import pytest
 
 from tests.confinement_support import (
+    FLIPPER,
     Arena,
+    MiB,
     Racer,
     agent_factory,
     arena,
@@ -41,11 +50,13 @@ from tests.confinement_support import (
     wait,
 )
 from tests.support import AgentProcess
+from vdsm_agent.tasks.kinds import sandbox
 
 __all__ = ["agent_factory", "arena", "local_user"]  # fixtures, used by name
 
 pytestmark = [pytest.mark.root, pytest.mark.tool("qemu-img")]
 
+CLUSTER = 64 * 1024  # a qcow2's first cluster: its header and header extensions
 LANES = 4  # destinations copied to at once (one task per destination: its lock)
 TRIES = 240  # copy tasks, over both races
 # Seconds between swaps: each name is one thing or the other for as long as a copy's
@@ -164,6 +175,72 @@ def test_copy_destination_swapped_for_a_symlink_never_writes_outside(
     for seen in (file_seen, dir_seen):
         assert seen["done"] >= 3, seen
         assert sum(count for what, count in seen.items() if what != "done") >= 3, seen
+
+
+def test_a_qcow2_header_rewritten_under_a_copy_never_leaks_a_file_outside(
+        arena: Arena, agent_factory: Any) -> None:
+    """Copies of an image whose owner flips its header between "plain" and "external
+    data file: a secret outside the root"."""
+    if sandbox.abi_version() <= 0:
+        pytest.skip("no Landlock in this kernel: the window between the task's check "
+                    "and qemu-img's open stays open (docs/device-operations.md)")
+    agent = agent_factory("--max-running-tasks", "2")
+    root = arena.root
+    secret = arena.outside / "secret.raw"
+    image = root / "image.qcow2"  # its clusters map 1:1 onto the secret
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    f"data_file={secret},data_file_raw=on", str(image), "1M"], check=True,
+                   timeout=60)
+    secret.write_bytes(os.urandom(MiB))  # after the create, which truncates it
+    os.chmod(secret, 0o600)
+    leaky = arena.base / "leaky-header"  # the header naming the secret
+    leaky.write_bytes(image.read_bytes()[:CLUSTER])
+    plain = arena.base / "plain.qcow2"  # same layout, no external data file
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(plain), "1M"], check=True,
+                   timeout=60)
+    clean = arena.base / "clean-header"
+    clean.write_bytes(plain.read_bytes()[:CLUSTER])
+    for path in (leaky, clean):
+        os.chmod(path, 0o644)
+    sources = [image, root / "image-1.qcow2"]
+    sources[1].write_bytes(image.read_bytes())
+    for source in sources:  # plain when the flipper starts
+        with open(source, "r+b") as stream:
+            stream.write(clean.read_bytes())
+    arena.own(*sources)
+    outcomes: collections.Counter[str] = collections.Counter()
+    details: list[str] = []
+    # The secret's header for 3 ms, the plain one for 30: most checks see a plain
+    # image, and some copies start while the header names the secret.
+    flippers = [Racer(arena.user, root, [], pause="0.003,0.03", script=FLIPPER,
+                      args=(str(source), str(leaky), str(clean))) for source in sources]
+    try:
+        for attempt in range(60):
+            for lane, source in enumerate(sources):
+                destination = root / f"copy-{attempt}-{lane}.img"
+                answer = submit(agent, "copy", source=str(source),
+                                destination=str(destination))
+                if "error" in answer:
+                    error = answer["error"]
+                    assert error["code"] != -32603, error
+                    outcomes[f"refused:{error['data'].get('rule')}"] += 1
+                    continue
+                task = wait(agent, answer["result"]["taskID"])
+                if task["state"] == "done":
+                    outcomes["done"] += 1
+                    assert sha256(destination) != sha256(secret)
+                    assert secret.read_bytes()[:4096] not in destination.read_bytes()
+                else:
+                    assert task["error"]["name"] in ("InvalidParams", "ToolFailed"), task
+                    outcomes[f"failed:{task['error']['name']}"] += 1
+                    details.append(task["error"]["detail"])
+                    assert not destination.exists()
+    finally:
+        for flipper in flippers:
+            flipper.stop()
+    print("header flips:", dict(outcomes), *sorted(set(details)), sep="\n")
+    assert outcomes["done"] >= 3, outcomes
+    assert sum(count for what, count in outcomes.items() if what != "done") >= 3, outcomes
 
 
 def test_a_path_vanishing_while_it_is_resolved_is_a_named_error(

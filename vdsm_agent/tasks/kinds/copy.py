@@ -15,6 +15,9 @@
   under /dev) like the source, then probed by descriptor (``qemu-img info``
   never opens a backing file). A qcow2 image with an external data file is
   refused: qemu-img would open the data file by the name the image records.
+  Because an image's owner may rewrite its header after that check,
+  ``qemu-img convert`` runs in a Landlock sandbox (``sandbox``) that lets it
+  open only the task's descriptors (and the system's programs).
 * Destination: a block device, which gets the same safety checks as a wipe
   (never in use; ``expect``), is held open with ``O_EXCL`` (a re-open of its
   descriptor) while qemu-img writes, and must be at least the source's
@@ -50,7 +53,7 @@ from typing import Any, ClassVar
 
 from vdsm_agent import errors
 from vdsm_agent.system import confine
-from vdsm_agent.tasks.kinds import notes, paths, safety, tools
+from vdsm_agent.tasks.kinds import notes, paths, safety, sandbox, tools
 from vdsm_agent.tasks.kinds.base import (
     KindEnv,
     TaskContext,
@@ -555,8 +558,17 @@ class Copy(TaskKind):
                 self.ctx.progress(int(float(match.group(1)) * size / 100), size)
 
         destination = plan.destination.held()
-        run = tools.run(self.ctx, self.argv(), on_segment=progress,
-                        fds={**plan.source.fds(), destination.fd: destination.path})
+        fds = {**plan.source.fds(), destination.fd: destination.path}
+        jail = sandbox.build({**{fd: sandbox.READ for fd in plan.source.fds()},
+                              destination.fd: sandbox.WRITE})
+        if jail is None:
+            self.ctx.print("no Landlock in this kernel: qemu-img runs unconfined (it is "
+                           "given descriptors only)")
+        try:
+            run = tools.run(self.ctx, self.argv(), on_segment=progress, fds=fds, sandbox=jail)
+        finally:
+            if jail is not None:
+                jail.close()
         if run.returncode != 0:
             raise TaskFailure("ToolFailed", f"qemu-img convert failed with exit code "
                               f"{run.returncode}: {run.summary()}", exitCode=run.returncode)

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from vdsm_agent.tasks.kinds.base import Canceled, TaskContext, TaskFailure
+from vdsm_agent.tasks.kinds.sandbox import Sandbox
 
 TERM_WAIT = 2.0  # seconds between our SIGTERM to the tool and SIGKILL
 POLL = 0.2  # seconds between heartbeats while the tool is silent
@@ -89,13 +90,15 @@ class _Splitter:
 
 def run(ctx: TaskContext, argv: Sequence[str], *, on_segment: Segment | None = None,
         progress_fd: bool = False, on_progress: Segment | None = None,
-        fds: Mapping[int, str] | None = None) -> ToolResult:
+        fds: Mapping[int, str] | None = None, sandbox: Sandbox | None = None) -> ToolResult:
     """Run ``argv`` to its end; Canceled if the task was cancelled meanwhile.
 
     With ``progress_fd``, the tool gets a pipe whose write end number replaces
     the ``{progress_fd}`` placeholder in argv, and each line on it goes to
     ``on_progress``. ``fds``: descriptors the tool inherits (named in argv as
     ``/dev/fd/N``), each with the path it was resolved from (for the output).
+    ``sandbox``: a Landlock ruleset the tool's process enters before exec
+    (``kinds.sandbox``; only from a single-threaded process: the task's).
     """
     args = list(argv)
     read_end = write_end = -1
@@ -122,7 +125,8 @@ def run(ctx: TaskContext, argv: Sequence[str], *, on_segment: Segment | None = N
         proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env=tool_env(), close_fds=True,
-            pass_fds=(*inherited, write_end) if progress_fd else inherited)
+            pass_fds=(*inherited, write_end) if progress_fd else inherited,
+            preexec_fn=sandbox.enter if sandbox is not None else None)
     except OSError as exc:
         if read_end >= 0:
             os.close(read_end)
