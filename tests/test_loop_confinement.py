@@ -311,3 +311,24 @@ def test_a_wipe_of_the_loop_device_after_the_swap_never_touches_the_outside_file
     assert not rounds.faults, (len(rounds.faults), rounds.faults[:5], dict(rounds.seen))
     assert wiped, "no round bound a device to wipe: the test proves nothing"
     assert sha256(victim) == data
+
+
+def test_unmanage_at_once_after_manage_leaves_nothing_bound(
+        loop_janitor: LoopJanitor, arena: Arena, agent_factory: Any,
+        swapper: Swapper) -> None:
+    """The unmanage stops the connect wherever it is (the bind runs in a thread and
+    cannot be abandoned half-way): disconnected is true, and nothing stays bound."""
+    agent = agent_factory(*AGENT_FLAGS)
+    swapper.do(f"image disk.img {MiB}")
+    image = arena.root / "disk.img"
+    identity = loop_janitor.track(image)
+    left = []
+    for number in range(100):
+        agent.call("manageStorageConnection", uri=f"loop://{image}", connectionID=f"u{number}")
+        answer = agent.call("unmanageStorageConnection", connectionID=f"u{number}")
+        assert answer["disconnected"] is True, answer
+        if devices_bound_to(identity):
+            left.append(number)
+            for device, backing in devices_bound_to(identity).items():
+                loopdev.detach(device, backing, wait=2)
+    assert not left, left
