@@ -286,6 +286,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("events_max_wait", "seconds", 60.0,
             "Longest getEvents long-poll (its timeout); a larger timeout is InvalidParams.",
             parse_seconds),
+    Setting("stream_keepalive_interval", "seconds", 15.0,
+            "A followed stream with nothing to send sends a keep-alive this often, so "
+            "that proxies and clients do not time it out: a keepalive line on GET "
+            "/events?follow=1, a NUL byte on GET /tasks/ID/output?follow=1&keepalive=1.",
+            parse_seconds),
+    Setting("stream_stall_timeout", "seconds", 60.0,
+            "A followed stream whose client takes nothing for this long while data waits "
+            "for it is disconnected (meanwhile it holds at most 64 KiB of unsent data).",
+            parse_seconds),
     # -- security and limits (vdsm_agent/security, docs/security.md) --
     Setting("tls_listen", "HOST:PORT", "",
             "TCP address for HTTPS: TLS 1.2 or newer, a client certificate signed by a CA "

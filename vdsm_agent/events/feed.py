@@ -21,8 +21,10 @@ Sources (wired in ``server/app.py``):
 
 Readers: ``read`` answers at once; ``wait`` is the long-poll (one shared
 ``asyncio.Event`` per publish, replaced each time: any number of waiters cost
-one future each and no polling); ``stream`` feeds ``GET /events``. ``close``
-(agent shutdown) wakes every waiter and ends every stream.
+one future each and no polling); ``stream`` feeds ``GET /events``, in batches
+of at most ``STREAM_BATCH`` events (a follower held back by a slow client keeps
+one batch; ``ndjson_pieces`` encodes it a piece at a time). ``close`` (agent
+shutdown) wakes every waiter and ends every stream.
 
 Everything runs on the agent's event loop; nothing here blocks.
 """
@@ -38,8 +40,10 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from vdsm_agent.tasks.runtime import Pulse, wait_event
 from vdsm_agent.tasks.states import FINAL, State
@@ -54,7 +58,9 @@ Event = dict[str, Any]
 
 DEFAULT_MAX_EVENTS = 10000
 DEFAULT_PROGRESS_INTERVAL = 1.0
-STREAM_BATCH = 1000  # events per write of the HTTP stream
+# Events per batch of the HTTP stream: what a follower held back by its client
+# keeps (it was 1000, and a batch went to the connection whole).
+STREAM_BATCH = 100
 STREAM_IDLE_CHECK = 10.0  # seconds between checks that an idle stream's client is still there
 
 _FINAL_STATES = frozenset(str(state) for state in FINAL)
@@ -68,6 +74,20 @@ def rfc3339(timestamp: float) -> str:
     """``2025-01-02T03:04:05.123456Z`` (UTC, microseconds), like the task timestamps."""
     moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def ndjson_pieces(items: Iterable[Mapping[str, Any]], size: int) -> Iterator[bytes]:
+    """``items`` as JSON lines, in pieces of about ``size`` bytes (whole lines).
+    Lines are appended to the piece at once: an orjson result has room for
+    8 KiB, so a list of them would hold ten times what it says."""
+    piece = bytearray()
+    for item in items:
+        piece += orjson.dumps(item, option=orjson.OPT_APPEND_NEWLINE)
+        if len(piece) >= size:
+            done, piece = bytes(piece), bytearray()
+            yield done
+    if piece:
+        yield bytes(piece)
 
 
 def connection_time(timestamp: float) -> str:
@@ -288,12 +308,19 @@ class EventFeed:
                 return page
             await wait_event(pulse, remaining)
 
+    def keepalive(self) -> Event:
+        """The line a followed stream sends while nothing happens (not an event: no
+        ``seq``; ``lastSeq`` is the newest event, which the follower has seen)."""
+        return {"type": "keepalive", "at": rfc3339(self._wall_clock()),
+                "lastSeq": self._last_seq}
+
     async def stream(self, since: int, epoch: str | None = None, follow: bool = False,
-                     alive: Callable[[], bool] = lambda: True) -> AsyncIterator[list[Event]]:
+                     alive: Callable[[], bool] = lambda: True) -> AsyncGenerator[list[Event], None]:
         """Batches for ``GET /events``: a hello line, then the events after ``since``;
         with ``follow``, new ones as they come until the feed closes or ``alive()``
         turns false. A reader that falls behind the bound gets a ``gap`` line and
-        goes on from the oldest retained event."""
+        goes on from the oldest retained event. A batch is the reader's: it may
+        clear it once written (then a reader held back keeps no event alive)."""
         page = self.read(since, epoch, STREAM_BATCH)
         yield [{"type": "hello", "epoch": self.epoch, "since": since,
                 "nextSince": page.next_since, "oldestSeq": page.oldest_seq,

@@ -6,20 +6,27 @@ line. Without ``follow`` it sends the retained events after ``since`` and
 ends; with ``follow`` it goes on sending new events as they come until the
 client goes away or the agent shuts down, so ``curl -N '.../events?follow=1'``
 prints them live. A reader that falls behind the bound gets a ``gap`` line and
-continues from the oldest retained event. Bad query values are HTTP 400 with a
-JSON body.
+continues from the oldest retained event. While nothing happens a followed
+stream sends a ``keepalive`` line every ``stream_keepalive_interval`` seconds
+(proxies and clients time idle streams out). A slow reader holds its stream
+back, with a bounded buffer; one that takes nothing for
+``stream_stall_timeout`` seconds is disconnected (``server/streaming.py``).
+Bad query values are HTTP 400 with a JSON body.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 
 import orjson
 from aiohttp import web
 
 from vdsm_agent import errors
 from vdsm_agent.agent import Agent
-from vdsm_agent.events.feed import EventFeed
+from vdsm_agent.events.feed import Event, EventFeed, ndjson_pieces
+from vdsm_agent.server import streaming
+from vdsm_agent.settings import Config
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +42,8 @@ def _bad_request(detail: str, field: str) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=400, content_type="application/json")
 
 
-async def stream_events(request: web.Request, feed: EventFeed) -> web.StreamResponse:
+async def stream_events(request: web.Request, feed: EventFeed,
+                        config: Config) -> web.StreamResponse:
     query = request.query
     try:
         since = int(query.get("since", "0"))
@@ -59,12 +67,21 @@ async def stream_events(request: web.Request, feed: EventFeed) -> web.StreamResp
         transport = request.transport
         return transport is not None and not transport.is_closing()
 
+    batches: AsyncIterator[list[Event] | None] = feed.stream(since, epoch, follow, alive)
+    if follow:
+        batches = streaming.with_keepalive(batches, config.stream_keepalive_interval)
     try:
-        async for batch in feed.stream(since, epoch, follow, alive):
-            await response.write(b"".join(orjson.dumps(event) + b"\n" for event in batch))
-        await response.write_eof()
+        async with (streaming.Follower(request, response, config.stream_stall_timeout)
+                    as follower, streaming.closing(batches)):
+            async for batch in batches:
+                if batch is None:
+                    batch = [feed.keepalive()]
+                for piece in ndjson_pieces(batch, streaming.PIECE // 2):  # < PIECE: not cut
+                    await follower.send(piece)
+                batch.clear()  # sent: a follower held back keeps no event alive
+            await response.write_eof()
     except ConnectionError:
-        pass  # the client went away
+        pass  # the client went away, or stalled and was dropped
     return response
 
 
@@ -77,7 +94,8 @@ def install(app: web.Application, agent_key: web.AppKey[Agent]) -> None:
             app[agent_key].events.close()
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        return await stream_events(request, request.app[agent_key].events)
+        agent = request.app[agent_key]
+        return await stream_events(request, agent.events, agent.config)
 
     app.on_shutdown.append(on_shutdown)
     app.router.add_get(ROUTE, handler)
