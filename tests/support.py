@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import http.client
 import json
@@ -11,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -199,3 +200,31 @@ def spawn_agent(argv: list[str], port: int, socket_path: Path, state_dir: Path,
         proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
     return AgentProcess(proc=proc, port=port, socket_path=socket_path, state_dir=state_dir,
                         log_path=log_path, argv=argv)
+
+
+@contextlib.contextmanager
+def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """A factory of ready real agents, each ``start(nofile=None, socket_dir=None,
+    **flags)`` (``nofile``: its RLIMIT_NOFILE from the start, with ``prlimit``);
+    logging at info; every agent is stopped by PID on the way out."""
+    started: list[AgentProcess] = []
+
+    def start(nofile: int | None = None, socket_dir: Path | None = None,
+              **flags: Any) -> AgentProcess:
+        index = len(started)
+        state = tmp_path / f"state{index}"
+        port = free_port()
+        socket_path = (socket_dir or tmp_path) / f"agent{index}.sock"
+        argv = agent_argv(state, port, socket_path, flags, log_level="info")
+        if nofile is not None:
+            argv = ["prlimit", f"--nofile={nofile}", *argv]
+        agent = spawn_agent(argv, port, socket_path, state, tmp_path / f"agent{index}.log")
+        started.append(agent)
+        agent.wait_ready(timeout=30)
+        return agent
+
+    try:
+        yield start
+    finally:
+        for agent in started:
+            agent.stop()

@@ -23,12 +23,11 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.security_support import NOBODY, client_context, https_get, make_pki
-from tests.support import AgentProcess, agent_argv, free_port, spawn_agent, until
+from tests.support import AgentProcess, agent_factory, free_port, until
 
 HALF_REQUEST = b"POST /jsonrpc HTT"
 PING = json.dumps({"jsonrpc": "2.0", "method": "ping", "id": 1}).encode()
@@ -62,8 +61,9 @@ def open_half_requests(port: int, count: int, within: float,
                 selector.register(sock, selectors.EVENT_WRITE)
                 pending.add(sock)
             for key, _events in selector.select(0.05):
-                sock = key.fileobj
-                assert isinstance(sock, socket.socket)
+                ready = key.fileobj
+                assert isinstance(ready, socket.socket)
+                sock = ready
                 selector.unregister(sock)
                 pending.discard(sock)
                 try:
@@ -130,27 +130,9 @@ def check_log(agent: AgentProcess, max_storm_lines: int) -> str:
 
 @pytest.fixture
 def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
-    """Factory: a real agent with flags (``nofile``: its RLIMIT_NOFILE from the start);
-    every agent is stopped at teardown, by PID."""
-    started: list[AgentProcess] = []
-
-    def start(nofile: int | None = None, socket_dir: Path | None = None,
-              **flags: Any) -> AgentProcess:
-        index = len(started)
-        state = tmp_path / f"state{index}"
-        port = free_port()
-        socket_path = (socket_dir or tmp_path) / f"agent{index}.sock"
-        argv = agent_argv(state, port, socket_path, flags, log_level="info")
-        if nofile is not None:
-            argv = ["prlimit", f"--nofile={nofile}", *argv]
-        agent = spawn_agent(argv, port, socket_path, state, tmp_path / f"agent{index}.log")
-        started.append(agent)
-        agent.wait_ready(timeout=30)
-        return agent
-
-    yield start
-    for agent in started:
-        agent.stop()
+    """Factory: ``start(nofile=None, socket_dir=None, **flags)``, a ready real agent."""
+    with agent_factory(tmp_path) as start:
+        yield start
 
 
 # -- the attacks ------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from rpc_schema import MAX_PARAMS_DEPTH
-from tests.support import AgentProcess, agent_argv, free_port, spawn_agent
+from tests.support import AgentProcess, agent_factory
 from vdsm_agent import errors
 from vdsm_agent.security.identity import Caller
 from vdsm_agent.security.limits import Limiter
@@ -33,23 +33,9 @@ MAX_CONCURRENT = 256  # the default
 
 @pytest.fixture
 def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
-    """Factory: a real agent with flags; every agent is stopped at teardown, by PID."""
-    started: list[AgentProcess] = []
-
-    def start(**flags: Any) -> AgentProcess:
-        index = len(started)
-        state = tmp_path / f"state{index}"
-        port = free_port()
-        socket_path = tmp_path / f"agent{index}.sock"
-        agent = spawn_agent(agent_argv(state, port, socket_path, flags, log_level="info"),
-                            port, socket_path, state, tmp_path / f"agent{index}.log")
-        started.append(agent)
-        agent.wait_ready(timeout=30)
-        return agent
-
-    yield start
-    for agent in started:
-        agent.stop()
+    """Factory: ``start(**flags)``, a ready real agent."""
+    with agent_factory(tmp_path) as start:
+        yield start
 
 
 def answer(agent: AgentProcess, body: bytes | str, unix: bool = True) -> Any:
