@@ -471,3 +471,43 @@ def test_qemu_img_in_the_sandbox_opens_nothing_but_its_descriptors(arena: Arena)
         os.close(source)
         os.close(target)
 
+
+
+@pytest.mark.parametrize("use_openat2", [True, False], ids=["openat2", "nofollow-walk"])
+def test_the_rules_hold_with_openat2_and_with_the_fallback_walk(
+        arena: Arena, use_openat2: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same refusals whether the kernel resolves (openat2) or the walk does."""
+    from vdsm_agent.system import confine
+
+    if use_openat2:
+        try:
+            os.close(confine.openat2(-100, "/", os.O_PATH, 0))
+        except OSError:
+            pytest.skip("no openat2 in this kernel")
+    monkeypatch.setattr(confine, "openat2_available", None if use_openat2 else False)
+    root = arena.root
+    roots = (str(root),)
+    random_file(root / "plain.img", 4096)
+    (root / "dir").mkdir()
+    random_file(root / "dir" / "inner.img", 4096)
+    (root / "link.img").symlink_to(root / "plain.img")
+    (root / "dirlink").symlink_to(root / "dir")
+    os.link(random_file(arena.outside / "victim.img", 4096), root / "hard.img")
+    cases = {
+        str(root / "link.img"): ("PathNotAllowed", "symlink"),
+        str(root / "dirlink" / "inner.img"): ("PathNotAllowed", "symlink"),
+        f"{root}/dir/../plain.img": ("PathNotAllowed", "dotdot"),
+        str(root / "hard.img"): ("PathNotAllowed", "hardLink"),
+        str(root / "bound" / "victim.img"): ("PathNotAllowed", "mount"),
+        str(root / "missing.img"): ("InvalidParams", "exists"),
+        str(root / "plain.img" / "below.img"): ("InvalidParams", "exists"),
+        f"{root}/{'y' * 256}": ("InvalidParams", "nameLength"),
+    }
+    with bind_mount(arena.outside, root / "bound"):
+        for path, (name, rule) in cases.items():
+            with pytest.raises(errors.RpcError) as info:
+                paths.resolve(path, roots, "f")
+            assert (info.value.name, info.value.data.get("rule")) == (name, rule), path
+        with paths.resolve(str(root / "dir" / "inner.img"), roots, "f") as target:
+            assert target.path == str(root / "dir" / "inner.img")
+        assert confine.openat2_available is use_openat2
