@@ -568,6 +568,21 @@ async def test_loop_binds_the_image_by_descriptor_and_adopts_by_identity(loop_co
 
 
 @pytest.mark.root
+async def test_loop_does_not_adopt_a_device_on_a_slice_of_the_image(loop_context, loop_janitor):
+    image = loop_image(loop_context, janitor=loop_janitor)
+    sliced = subprocess.run(["losetup", "-f", "--show", "--offset", "4096", str(image)],
+                            check=True, capture_output=True, text=True,
+                            timeout=30).stdout.strip()
+    backend = LoopBackend(loop_context)
+    endpoint = backend.parse(f"loop://{image}")
+    attachment = await backend.connect(endpoint)
+    assert not attachment.adopted
+    assert attachment.device != sliced
+    await backend.disconnect(endpoint, attachment)
+    assert set(devices_bound_to(backing_of(image))) == {loopdev.number_of(sliced)}
+
+
+@pytest.mark.root
 async def test_loop_probe_and_disconnect_follow_the_file_not_the_number(loop_context,
                                                                         loop_janitor):
     image = loop_image(loop_context, janitor=loop_janitor)

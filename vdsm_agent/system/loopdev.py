@@ -114,6 +114,8 @@ class Status:
     device: int  # lo_device: st_dev of the backing file (kernel encoding)
     inode: int
     rdevice: int  # lo_rdevice: st_rdev of the backing file (a block device node)
+    offset: int  # where in the file the device starts, and its size limit (0: none)
+    sizelimit: int
     flags: int
     file_name: str  # what the binder put in lo_file_name (informative, at most 63 bytes)
 
@@ -124,6 +126,11 @@ class Status:
     @property
     def read_only(self) -> bool:
         return bool(self.flags & LO_FLAGS_READ_ONLY)
+
+    @property
+    def whole(self) -> bool:
+        """The device serves the whole file (no offset, no size limit)."""
+        return self.offset == 0 and self.sizelimit == 0
 
 
 def device_path(number: int, dev_root: Path = DEV) -> Path:
@@ -144,7 +151,8 @@ def status(fd: int) -> Status:
     info = LoopInfo64()
     fcntl.ioctl(fd, LOOP_GET_STATUS64, info)
     return Status(number=info.lo_number, device=info.lo_device, inode=info.lo_inode,
-                  rdevice=info.lo_rdevice, flags=info.lo_flags,
+                  rdevice=info.lo_rdevice, offset=info.lo_offset,
+                  sizelimit=info.lo_sizelimit, flags=info.lo_flags,
                   file_name=info.lo_file_name.decode(errors="replace"))
 
 
@@ -178,15 +186,21 @@ def bound_numbers(sysfs_root: Path = Path("/sys")) -> list[int]:
     return sorted(numbers)
 
 
+def bound(sysfs_root: Path = Path("/sys"), dev_root: Path = DEV) -> dict[int, Status]:
+    """Every bound loop device's status, by number."""
+    found = {}
+    for number in bound_numbers(sysfs_root):
+        current = status_of(device_path(number, dev_root))
+        if current is not None:
+            found[number] = current
+    return found
+
+
 def bound_to(backing: Backing, sysfs_root: Path = Path("/sys"),
              dev_root: Path = DEV) -> list[int]:
     """The numbers of the loop devices whose backing file is ``backing`` (by the kernel)."""
-    found = []
-    for number in bound_numbers(sysfs_root):
-        current = status_of(device_path(number, dev_root))
-        if current is not None and current.backing == backing:
-            found.append(number)
-    return found
+    return [number for number, current in bound(sysfs_root, dev_root).items()
+            if current.backing == backing]
 
 
 # -- binding --------------------------------------------------------------------------------

@@ -54,25 +54,23 @@ class LoopEndpoint(uris.Endpoint):
     image: str
 
 
-def _loop_number(name: str) -> int:
-    digits = name[4:]
-    return int(digits) if digits.isdigit() else -1
+def backing_name(sysfs_root: Path, number: int) -> str | None:
+    """The kernel's name of the file behind loopN (sysfs ``backing_file``): informative
+    only, it follows renames and gains `` (deleted)`` when the file is unlinked."""
+    path = sysfs_root / "block" / f"loop{number}" / "loop" / "backing_file"
+    try:
+        return path.read_text().rstrip("\n")
+    except OSError:
+        return None  # not bound (any more)
 
 
 def bound_loop_devices(sysfs_root: Path) -> dict[str, str]:
-    """``{"/dev/loopN": backing file}`` for every bound loop device, in order."""
+    """``{"/dev/loopN": backing file name}`` for every bound loop device, in order."""
     found: dict[str, str] = {}
-    try:
-        names = sorted((p.name for p in (sysfs_root / "block").iterdir()
-                        if p.name.startswith("loop")), key=_loop_number)
-    except OSError:
-        return found
-    for name in names:
-        try:
-            backing = (sysfs_root / "block" / name / "loop" / "backing_file").read_text()
-        except OSError:
-            continue  # not bound
-        found[f"/dev/{name}"] = backing.rstrip("\n")
+    for number in loopdev.bound_numbers(sysfs_root):
+        name = backing_name(sysfs_root, number)
+        if name is not None:
+            found[f"/dev/loop{number}"] = name
     return found
 
 
@@ -150,9 +148,11 @@ class LoopBackend(Backend[LoopEndpoint]):
             raise _refused(exc) from None
         with image:
             backing = loopdev.Backing.of(image.info)
-            for number in loopdev.bound_to(backing, self.context.sysfs_root,
-                                           self.context.dev_root):
-                return self._attachment(number, backing, adopted=True)
+            for number, current in loopdev.bound(self.context.sysfs_root,
+                                                 self.context.dev_root).items():
+                # A device on a slice of the file (losetup -o/--sizelimit) is not the image.
+                if current.backing == backing and current.whole:
+                    return self._attachment(number, backing, adopted=True)
             try:
                 fd, read_only = _open_image(image)
                 try:
@@ -169,15 +169,7 @@ class LoopBackend(Backend[LoopEndpoint]):
         device = f"/dev/loop{number}"
         return Attachment(identity=device, adopted=adopted, device=device,
                           info={"backing": backing.identity,
-                                "name": self._backing_name(number) or ""})
-
-    def _backing_name(self, number: int) -> str | None:
-        """The kernel's name of the file behind loopN (sysfs; informative only)."""
-        path = self.context.sysfs_root / "block" / f"loop{number}" / "loop" / "backing_file"
-        try:
-            return path.read_text().rstrip("\n")
-        except OSError:
-            return None
+                                "name": backing_name(self.context.sysfs_root, number) or ""})
 
     # -- disconnect -------------------------------------------------------------------
 
@@ -222,7 +214,7 @@ class LoopBackend(Backend[LoopEndpoint]):
         if current.backing != backing:
             return ProbeResult.failure("Detached", f"{device} is now bound to another file",
                                        broken=True)
-        name = self._backing_name(number) or ""
+        name = backing_name(self.context.sysfs_root, number) or ""
         if name.endswith(_DELETED) and not str(attachment.info.get("name")).endswith(_DELETED):
             return ProbeResult.failure("ENOENT", f"the image behind {device} was deleted")
         try:
