@@ -246,19 +246,28 @@ def test_slow_followers_cost_bounded_memory_given_back_when_they_go(tmp_path: Pa
 
 
 def test_a_follower_that_takes_nothing_is_dropped(tmp_path: Path) -> None:
-    with agent_runner(tmp_path, stream_stall_timeout=1) as runner:
+    stall = 2.0
+    with agent_runner(tmp_path, stream_stall_timeout=stall) as runner:
         events = Events(runner)
         agent = runner.start()
         events.produce(agent, 1000)  # ~0.9 MB to send: more than the socket buffers take
-        stalled = slow_follower(agent)
-        with follow(agent, "/events?follow=1") as stream:  # and one that reads
+        stalled = slow_follower(agent)  # takes nothing
+        trickle = slow_follower(agent)  # takes 32 KiB every 0.2 s: slow, but reading
+        with follow(agent, "/events?follow=1") as stream:  # and one that reads at once
             reader = Pump(stream)
+            trickle.settimeout(10)
+            taken = 0
+            ends = time.monotonic() + 2.5 * stall
+            while time.monotonic() < ends:
+                piece = trickle.recv(32768)
+                assert piece, "the slow follower was dropped"
+                taken += len(piece)
+                time.sleep(0.2)
             stalled.settimeout(15)
-            time.sleep(3)  # the stall timeout passes
             received = 0
             while piece := stalled.recv(65536):  # what the socket holds, then the end
                 received += len(piece)
-            assert received > 0
+            assert 0 < received < 900_000  # not all of it: dropped
             stalled.close()
             events.round(agent)
             data = b""
@@ -269,7 +278,14 @@ def test_a_follower_that_takes_nothing_is_dropped(tmp_path: Path) -> None:
             assert lines[0]["type"] == "hello"
             seqs = [line["seq"] for line in lines if "seq" in line]
             assert seqs == list(range(1, 1000 + CONNECTIONS + 1))  # it got everything
+            trickle.settimeout(10)
+            while taken < 900_000:  # and the slow one gets it all too, at its pace
+                piece = trickle.recv(65536)
+                assert piece, "the slow follower was dropped"
+                taken += len(piece)
+        trickle.close()
         logs = runner.logs()
-        assert "dropped a follower" in logs
-        assert "stream_stall_timeout" in logs
+        dropped = [line for line in logs.splitlines() if "dropped a follower" in line]
+        assert len(dropped) == 1, dropped
+        assert "stream_stall_timeout" in dropped[0]
         assert "Traceback" not in logs

@@ -12,7 +12,7 @@ A follower costs the agent a bounded amount of memory, whatever its client does:
   batch: 0.2-1 MB) and waited there for the client, once per follower.
 * **Stall.** A client that takes nothing for ``stream_stall_timeout`` seconds
   while data waits for it is disconnected (one log line): it cannot hold a
-  request slot and its buffers for ever.
+  request slot and its buffers for ever. One that reads, however slowly, is not.
 * **Keep-alive.** While the source has nothing to send, ``with_keepalive``
   yields None every ``stream_keepalive_interval`` seconds and the handler sends
   a keep-alive, so that proxies and clients with idle timeouts keep the stream
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 PIECE = 16 * 1024  # bytes per write to the connection
 BUFFER_LIMIT = 64 * 1024  # a follower's unsent bytes before its stream waits
+STALL_CHECK = 1.0  # seconds between looks at a held-back follower's progress
 TRIM_DELAY = 0.5  # seconds after a follower ended (the others of a burst end too)
 TRIM_INTERVAL = 5.0  # seconds between two malloc_trim calls at most
 
@@ -71,8 +72,8 @@ class Follower:
     async def __aenter__(self) -> Follower:
         transport = self._request.transport
         if transport is not None:
-            # The protocol pauses (and ``drain`` waits) above BUFFER_LIMIT, not
-            # asyncio's default 64 KiB plus aiohttp's own 64 KiB between drains.
+            # The protocol pauses above BUFFER_LIMIT and ``drain`` waits until the
+            # buffer is under a quarter of it (what asyncio does by default).
             self._limits = transport.get_write_buffer_limits()
             transport.set_write_buffer_limits(high=BUFFER_LIMIT)
         return self
@@ -94,19 +95,45 @@ class Follower:
         transport = self._request.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client went away")
-        try:
-            async with asyncio.timeout(self._stall_timeout):
-                if transport.get_write_buffer_size() > BUFFER_LIMIT:
-                    await self._request.writer.drain()  # until under the low-water mark
-                await self._response.write(piece)  # aiohttp may drain here too
-        except TimeoutError:
-            peer = self._request.remote or "the Unix socket"
-            log.info("%s %s: dropped a follower (%s) that took nothing for %g s "
-                     "(stream_stall_timeout)", self._request.method, self._request.path,
-                     peer, self._stall_timeout)
-            transport.abort()  # what it did not take is dropped with it
-            raise Stalled(f"the client took nothing for {self._stall_timeout:g} s") from None
+        if transport.get_write_buffer_size() > BUFFER_LIMIT:
+            # Until the client has taken enough: the buffer is under the low-water mark.
+            await self._while_taking(transport, self._request.writer.drain())
+        write = self._response.write(piece)
+        if transport.get_write_buffer_size() + len(piece) <= BUFFER_LIMIT:
+            await write  # the protocol will not pause: aiohttp waits for no one
+        else:
+            await self._while_taking(transport, write)  # aiohttp may wait for the client
         self.sent += len(piece)
+
+    async def _while_taking(self, transport: asyncio.Transport,
+                            step: Awaitable[None]) -> None:
+        """Await ``step``, which waits for the client to read, as long as the client
+        takes something at least every ``stall_timeout`` seconds; else drop it."""
+        loop = asyncio.get_running_loop()
+        waiting = asyncio.ensure_future(step)
+        try:
+            unsent = transport.get_write_buffer_size()
+            deadline = loop.time() + self._stall_timeout
+            while True:
+                check = min(STALL_CHECK, max(deadline - loop.time(), 0.0))
+                done, _ = await asyncio.wait({waiting}, timeout=check)
+                if done:
+                    return waiting.result()
+                if transport.get_write_buffer_size() < unsent:  # it took some: more time
+                    unsent = transport.get_write_buffer_size()
+                    deadline = loop.time() + self._stall_timeout
+                elif loop.time() >= deadline:
+                    self._drop(transport)
+        finally:
+            waiting.cancel()  # when dropped or cancelled; a no-op when done
+
+    def _drop(self, transport: asyncio.Transport) -> None:
+        peer = self._request.remote or "the Unix socket"
+        log.info("%s %s: dropped a follower (%s) that took nothing for %g s "
+                 "(stream_stall_timeout)", self._request.method, self._request.path,
+                 peer, self._stall_timeout)
+        transport.abort()  # what it did not take is dropped with it
+        raise Stalled(f"the client took nothing for {self._stall_timeout:g} s")
 
 
 async def with_keepalive(source: AsyncIterator[T], interval: float) -> AsyncIterator[T | None]:
