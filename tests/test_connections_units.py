@@ -617,6 +617,25 @@ async def test_loop_probe_and_disconnect_follow_the_file_not_the_number(loop_con
 
 
 @pytest.mark.root
+async def test_loop_repair_after_the_image_was_replaced_detaches_the_old_device(
+        loop_context, loop_janitor):
+    image = loop_image(loop_context, janitor=loop_janitor)
+    old = backing_of(image)
+    backend = LoopBackend(loop_context)
+    endpoint = backend.parse(f"loop://{image}")
+    attachment = await backend.connect(endpoint)
+    image.unlink()
+    loop_image(loop_context, janitor=loop_janitor)  # a new file by the same name
+    failure = backend.probe(endpoint, attachment)
+    assert failure.code == "ENOENT"
+    repaired = await backend.repair(endpoint, attachment, failure)
+    assert repaired.info["backing"] == backing_of(image).identity
+    assert devices_bound_to(old) == {}  # not left behind, serving a deleted file
+    await backend.disconnect(endpoint, repaired)
+    assert loop_janitor.bound() == {}
+
+
+@pytest.mark.root
 async def test_loop_disconnect_of_a_device_held_open_fails_and_leaves_it_bound(loop_context,
                                                                              loop_janitor):
     image = loop_image(loop_context, janitor=loop_janitor)

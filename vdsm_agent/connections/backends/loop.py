@@ -171,6 +171,20 @@ class LoopBackend(Backend[LoopEndpoint]):
                           info={"backing": backing.identity,
                                 "name": backing_name(self.context.sysfs_root, number) or ""})
 
+    async def repair(self, endpoint: LoopEndpoint, attachment: Attachment | None,
+                     failure: ProbeResult) -> Attachment:
+        """Connect again; a device still bound to the file the connection had before
+        (the image was deleted or replaced since) is detached, not left behind."""
+        repaired = await self.connect(endpoint)
+        if attachment is not None and attachment.info.get("backing") != repaired.info.get(
+                "backing"):
+            try:
+                await asyncio.to_thread(self._unbind, attachment)
+            except BackendError as exc:
+                log.warning("loop: %s, bound to the image's previous file, is left bound: %s",
+                            attachment.device, exc.message)
+        return repaired
+
     # -- disconnect -------------------------------------------------------------------
 
     async def disconnect(self, endpoint: LoopEndpoint, attachment: Attachment | None) -> None:
