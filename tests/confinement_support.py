@@ -283,6 +283,8 @@ class LocalContext:
 
     def __init__(self, env: KindEnv) -> None:
         self.env = env
+        self.task_id = env.task_id
+        self.phase = "initializing"
         self.lines: list[str] = []
         self.warnings: list[str] = []
         self.cancel_requested = False
@@ -302,4 +304,7 @@ class LocalContext:
             raise Canceled()
 
     def sleep(self, seconds: float) -> None: ...
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
     def throttle(self, nbytes: int) -> None: ...

@@ -52,6 +52,7 @@ from tests.confinement_support import (
 from tests.devices_fixtures import DeviceLab, sh
 from tests.support import AgentProcess
 from vdsm_agent import errors
+from vdsm_agent.tasks import child
 from vdsm_agent.tasks.kinds import KindEnv, copy, paths, sandbox, tools
 
 lab = devices_fixtures.lab
@@ -306,10 +307,12 @@ def test_a_failure_in_pre_after_the_create_removes_the_file(arena: Arena) -> Non
     destination = arena.root / "new.img"
     env = KindEnv(allowed_roots=(str(arena.root),), task_id="t", task_dir=str(notes_dir))
     params = copy.Copy.check_params({"source": str(source), "destination": str(destination)})
-    kind = copy.Copy(params, LocalContext(env))
-    with pytest.raises(OSError) as info:
-        kind.pre()
-    assert info.value.errno == errno.ENOSPC
+    # The task process's own run (tasks/child.py): pre() fails, then cleanup runs.
+    outcome = child.run(LocalContext(env), {  # type: ignore[arg-type]
+        "kind": "copy", "params": params,
+        "resources": copy.Copy.resources(params, KindEnv(allowed_roots=env.allowed_roots))})
+    assert outcome["state"] == "failed"
+    assert "No space left" in outcome["error"]["detail"], outcome
     assert not destination.exists()
     assert sorted(os.listdir(arena.root)) == ["source.img"]
 

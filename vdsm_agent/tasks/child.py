@@ -194,7 +194,8 @@ def _failure(exc: BaseException) -> dict[str, Any]:
 
 
 def _prepare(kind_cls: type[TaskKind], ctx: ChildContext, spec: dict[str, Any]) -> TaskKind:
-    """Re-validate in the child: the world may have changed since the agent checked."""
+    """Re-validate in the child (the world may have changed since the agent
+    checked); the kind's instance, whose ``pre`` has not run yet."""
     params = spec["params"]
     kind_cls.validate(params, ctx.env)
     resources = kind_cls.resources(params, ctx.env)
@@ -202,9 +203,7 @@ def _prepare(kind_cls: type[TaskKind], ctx: ChildContext, spec: dict[str, Any]) 
         raise TaskFailure("ResourceChanged",
                           f"the task now needs {resources}, not the locked "
                           f"{spec.get('resources')}")
-    kind = kind_cls(params, ctx)
-    kind.pre()
-    return kind
+    return kind_cls(params, ctx)
 
 
 def run(ctx: ChildContext, spec: dict[str, Any]) -> dict[str, Any]:
@@ -223,6 +222,9 @@ def run(ctx: ChildContext, spec: dict[str, Any]) -> dict[str, Any]:
     kind: TaskKind | None = None
     try:
         kind = _prepare(kind_cls, ctx, spec)
+        # Inside the try with ``kind`` set: a pre() that fails half-way (after
+        # creating a file, opening a device) is cleaned up like any failure.
+        kind.pre()
         ctx.set_phase("running")
         result = kind.post(kind.perform())
     except Canceled:

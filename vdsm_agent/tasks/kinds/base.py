@@ -198,5 +198,6 @@ class TaskKind(abc.ABC):
         return result
 
     def cleanup(self) -> None:
-        """Undo or release a partial result after a failure or a cancel."""
+        """Undo or release a partial result after a failure or a cancel, including
+        a ``pre`` that failed half-way (so it must cope with what ``pre`` did not do)."""
         return None  # optional hook: nothing to do by default

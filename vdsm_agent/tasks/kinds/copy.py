@@ -471,18 +471,6 @@ class Copy(TaskKind):
         self.target: dict[str, Any] = {}
 
     def pre(self) -> None:
-        try:
-            self._prepare()
-        except BaseException:
-            # The framework cleans up only after a successful pre(): a file created
-            # here must not stay behind a failure that follows.
-            try:
-                self.cleanup()
-            except Exception as exc:
-                self.ctx.warn(f"cleanup failed: {type(exc).__name__}: {exc}")
-            raise
-
-    def _prepare(self) -> None:
         self.plan = plan = self._plan(self.params, self.ctx.env)
         source, destination = plan.source, plan.destination
         image = source.image.target
