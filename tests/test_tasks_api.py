@@ -590,7 +590,8 @@ async def test_wait_times_out_with_the_running_task(agent: Agent) -> None:
     assert task["state"] in ("initializing", "running")
 
 
-async def test_many_waiters_all_wake_at_the_end(agent: Agent) -> None:
+async def test_many_waiters_all_wake_at_the_end(agents: Any) -> None:
+    agent: Agent = await agents(max_long_polls=200)  # 64 long-polls at once by default
     task_id = await agent.start(seconds=0.8)
     started = time.monotonic()
     answers = await asyncio.gather(*(agent.call("waitTask", taskID=task_id, timeout=30)
