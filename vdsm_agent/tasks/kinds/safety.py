@@ -234,27 +234,15 @@ def describe_device(device: Device) -> str:
             f"{signature})")
 
 
-def loops_backed_by_file(target: paths.Target,
-                         sys_block: str = "/sys/block") -> list[dict[str, str]]:
+def loops_backed_by_file(target: paths.Target) -> list[dict[str, str]]:
     """In-use reasons for an image file that an attached loop device uses.
 
-    Reads ``loop/backing_file`` of each loop device in sysfs (what the
-    inventory reads too) and compares the file's identity (its descriptor's),
-    not its name.
+    Which file backs a loop device is the kernel's answer (``LOOP_GET_STATUS64``:
+    the open file's st_dev and inode), compared with the descriptor's identity:
+    right after a rename or an unlink, unlike the name sysfs shows.
     """
-    info = target.info
-    reasons: list[dict[str, str]] = []
-    try:
-        names = sorted(name for name in os.listdir(sys_block) if name.startswith("loop"))
-    except OSError:
-        return []
-    for name in names:
-        try:
-            with open(os.path.join(sys_block, name, "loop", "backing_file"), "rb") as file:
-                backing_file = os.fsdecode(file.read().rstrip(b"\n"))
-            backing = os.stat(backing_file)
-        except (OSError, ValueError):
-            continue  # not attached, or its file is gone
-        if (backing.st_dev, backing.st_ino) == (info.st_dev, info.st_ino):
-            reasons.append({"code": "backs-loop", "message": f"backs /dev/{name}"})
-    return reasons
+    from vdsm_agent.system import loopdev
+
+    backing = loopdev.Backing.of(target.info)
+    return [{"code": "backs-loop", "message": f"backs /dev/loop{number}"}
+            for number in loopdev.bound_to(backing)]
