@@ -245,6 +245,40 @@ def test_slow_followers_cost_bounded_memory_given_back_when_they_go(tmp_path: Pa
         print(f"RSS after they left: {after:.1f} MiB (+{after - baseline:.1f})")
 
 
+def test_slow_output_followers_memory_is_given_back(tmp_path: Path) -> None:
+    followers = 20
+    with agent_runner(tmp_path, stream_stall_timeout=600,
+                      max_long_polls=followers + 20) as runner:
+        agent = runner.start()
+        task_id = agent.call("startTask", unix=True, kind="test.sleep", params={
+            "seconds": 60, "outputBytes": 8 * MiB, "printEvery": 0})["taskID"]
+        until(lambda: agent.call("getTask", unix=True, taskID=task_id)["outputSize"]
+              >= 8 * MiB, timeout=60, what="8 MiB of output")
+        status, _ = agent.http("GET", f"/tasks/{task_id}/output", unix=True)  # warm up
+        assert status == 200
+        time.sleep(1.5)
+        baseline = rss(agent)
+        slow = [slow_follower(agent, f"/tasks/{task_id}/output?follow=1")
+                for _ in range(followers)]
+        try:
+            time.sleep(2)
+            peak = rss(agent)
+        finally:
+            for sock in slow:
+                sock.close()
+        print(f"\nRSS with {followers} slow output followers: baseline {baseline:.1f} MiB, "
+              f"peak {peak:.1f} MiB (+{peak - baseline:.1f})")
+        # Each holds one read of the task's output (1 MiB, tasks/manager.py) and at
+        # most 64 KiB of unsent data; before, also that read again, buffered whole.
+        assert peak - baseline < 1.5 * followers, (baseline, peak)
+        # Given back once they left: before, the handlers' frames (and their 1 MiB
+        # reads) hung on a reference cycle of asyncio's until a full collection.
+        after = until(lambda: (now := rss(agent)) < baseline + 4.5 and now, timeout=10,
+                      what=f"RSS back near {baseline:.1f} MiB (now {rss(agent):.1f})")
+        print(f"RSS after they left: {after:.1f} MiB (+{after - baseline:.1f})")
+        agent.call("cancelTask", unix=True, taskID=task_id)
+
+
 def test_a_follower_that_takes_nothing_is_dropped(tmp_path: Path) -> None:
     stall = 2.0
     with agent_runner(tmp_path, stream_stall_timeout=stall) as runner:
