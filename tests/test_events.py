@@ -552,7 +552,8 @@ def test_curl_follows_the_stream(tmp_path: Path) -> None:
         agent = runner.start()
         # One stream whose client goes away before an event, one before the shutdown.
         gone_before_event, gone_before_stop = (subprocess.Popen(
-            [curl, "-sS", "-N", f"http://127.0.0.1:{agent.port}/events?follow=1"],
+            [curl, "-sS", "-N", "--unix-socket", str(agent.socket_path),
+             "http://localhost/events?follow=1"],
             stdout=subprocess.PIPE) for _ in range(2))
         readers = [_line_reader(gone_before_event.stdout), _line_reader(gone_before_stop.stdout)]
         try:
