@@ -42,7 +42,7 @@ def _bad_request(detail: str, field: str) -> web.Response:
     return _json_error(400, errors.InvalidParams(detail, field=field, rule="query"))
 
 
-KEEPALIVE = b"\0"  # never in a task's output, which is text
+KEEPALIVE = b"\0"  # task output is text: the client strips these
 
 
 async def stream_output(request: web.Request, manager: TaskManager,
