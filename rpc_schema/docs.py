@@ -78,7 +78,8 @@ def _access_lines(schema: ApiSchema) -> list[str]:
         return []
     lines = ["## Roles", "",
              "Each verb needs a role (`none` < `read` < `operate` < `admin`; `none` is",
-             "public; docs/security.md says who has which). A call beyond the caller's role answers `Forbidden`."]
+             "public; docs/security.md says who has which). A call beyond the caller's "
+             "role answers `Forbidden`."]
     if schema.common_errors:
         lines.append("Any verb may also answer " + ", ".join(
             f"`{name}` ({schema.errors[name]['code']})" for name in schema.common_errors)
