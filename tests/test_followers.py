@@ -235,7 +235,7 @@ def test_slow_followers_cost_bounded_memory_given_back_when_they_go(tmp_path: Pa
                 sock.close()
         print(f"\nRSS with {followers} slow followers: baseline {baseline:.1f} MiB, "
               f"peak {peak:.1f} MiB (+{peak - baseline:.1f})")
-        # Each holds ~120 KiB of the agent's memory (64 KiB of unsent data, a piece, a
+        # Each holds ~130 KiB of the agent's memory (64 KiB of unsent data, a piece, a
         # batch); it held ~1.5 MB each before (a 1000-event batch, encoded and buffered).
         assert peak - baseline < 16, (baseline, peak)
         # Given back soon after they left (glibc keeps freed heap pages until
@@ -269,7 +269,7 @@ def test_slow_output_followers_memory_is_given_back(tmp_path: Path) -> None:
         print(f"\nRSS with {followers} slow output followers: baseline {baseline:.1f} MiB, "
               f"peak {peak:.1f} MiB (+{peak - baseline:.1f})")
         # Each holds one read of the task's output (1 MiB, tasks/manager.py) and at
-        # most 64 KiB of unsent data; before, also that read again, buffered whole.
+        # most 128 KiB of unsent data; before, also that read again, buffered whole.
         assert peak - baseline < 1.5 * followers, (baseline, peak)
         # Given back once they left: before, the handlers' frames (and their 1 MiB
         # reads) hung on a reference cycle of asyncio's until a full collection.

@@ -293,7 +293,7 @@ SETTINGS: tuple[Setting, ...] = (
             parse_seconds),
     Setting("stream_stall_timeout", "seconds", 60.0,
             "A followed stream whose client takes nothing for this long while data waits "
-            "for it is disconnected (meanwhile it holds at most 64 KiB of unsent data).",
+            "for it is disconnected (meanwhile it holds at most 128 KiB of unsent data).",
             parse_seconds),
     # -- security and limits (vdsm_agent/security, docs/security.md) --
     Setting("tls_listen", "HOST:PORT", "",

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 ROUTE = "/events"
 CONTENT_TYPE = "application/x-ndjson"
+# Bytes of event lines per write: less than streaming.PIECE (a piece is not cut
+# again), small enough that a held-back follower keeps little (~0.9 KB an event).
+LINES_PIECE = 16 * 1024
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
 
@@ -76,7 +79,7 @@ async def stream_events(request: web.Request, feed: EventFeed,
             async for batch in batches:
                 if batch is None:
                     batch = [feed.keepalive()]
-                for piece in ndjson_pieces(batch, streaming.PIECE // 2):  # < PIECE: not cut
+                for piece in ndjson_pieces(batch, LINES_PIECE):
                     await follower.send(piece)
                 batch.clear()  # sent: a follower held back keeps no event alive
             await response.write_eof()
