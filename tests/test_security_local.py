@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import tempfile
@@ -153,3 +154,29 @@ def test_a_local_user_cannot_pass_for_root_by_closing_its_socket(tmp_path, local
              if '"verb":"manageStorageConnection"' in line and '"forged-' in line]
     assert len(calls) >= 250  # most calls were read and judged (none queued forever)
     assert {(call["identity"], call["event"]) for call in calls} == {("anonymous", "forbidden")}
+    assert "Traceback" not in local_agent.log_path.read_text()
+
+
+def _answers(agent: AgentProcess) -> bool:
+    try:
+        return agent.call("ping")["uptime"] > 0
+    except OSError:
+        return False
+
+
+def test_clients_that_leave_before_their_call_is_read_cost_no_traceback(local_agent):
+    """300 pings over the Unix socket, each closed right after sending: the agent
+    fails to read some bodies (the client is gone), and says so at debug level only,
+    not with a traceback per connection (a log flood any socket user could cause)."""
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "ping"}).encode()
+    request = (b"POST /jsonrpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    for _ in range(300):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(local_agent.socket_path))
+            sock.sendall(request)
+    # (While the agent works through them, the socket's connection cap may refuse us.)
+    until(lambda: _answers(local_agent), timeout=20, what="the agent answering again")
+    log = local_agent.log_path.read_text()
+    assert "Traceback" not in log
+    assert "Error handling request" not in log

@@ -55,6 +55,12 @@ async def jsonrpc_response(request: web.Request, dispatcher: Dispatcher,
              "detail": f"request body larger than {max_body_size} bytes"}), status=413)
     except TimeoutError:
         return await _body_too_slow(request, body_timeout)
+    except ConnectionError:
+        # The client left before its body was read (aiohttp fails the read even when
+        # the body had arrived): nothing to run and nobody to answer. Not logged as
+        # an error: any local process can do this as often as it likes.
+        log.debug("the client of a POST /jsonrpc went away before its body was read")
+        return web.Response(status=400)
     try:
         answer = await dispatcher.dispatch(body)
     except Exception:
