@@ -43,7 +43,7 @@ from typing import Any
 from benchmarks import agents, bench_http
 from benchmarks.agents import free_port, kill_task_processes, spawn
 from vdsm_agent import errors
-from vdsm_agent.tasks.kinds import KindEnv
+from vdsm_agent.tasks.kinds import KindEnv, checksum
 from vdsm_agent.tasks.kinds.checksum import Checksum
 
 MiB = 1024 * 1024
@@ -115,15 +115,7 @@ def old_size_of(target: OldTarget) -> int:
 
 def old_validate(cls: type[Checksum], params: dict[str, Any], env: KindEnv) -> None:
     size = old_size_of(old_resolve(params["path"], env.allowed_roots, "params.params.path"))
-    offset = params.get("offset", 0)
-    length = params.get("length")
-    if offset > size:
-        raise errors.InvalidParams(f"offset {offset} is beyond the end ({size} bytes)",
-                                   field="params.params.offset", rule="range")
-    if length is not None and offset + length > size:
-        raise errors.InvalidParams(
-            f"offset + length ({offset + length}) is beyond the end ({size} bytes)",
-            field="params.params.length", rule="range")
+    checksum.check_range(params, size)
 
 
 def old_resources(cls: type[Checksum], params: dict[str, Any], env: KindEnv) -> list[str]:

@@ -19,6 +19,7 @@ from typing import Any
 import jsonschema
 
 import rpc_schema
+from vdsm_agent.client.transport import UnixHTTPConnection
 
 SCHEMA = rpc_schema.load("agent")
 
@@ -70,22 +71,6 @@ class RpcClient:
             raise RpcFailure(answer["error"])
         check_result(method, answer["result"])
         return answer["result"]
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 30) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self.socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
 
 
 @dataclasses.dataclass
