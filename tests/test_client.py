@@ -100,14 +100,16 @@ def test_get_capabilities_and_tables(agent_process):
     # The same agent, for speed: the table views.
     table = cli("--unix-socket", str(agent_process.socket_path), "getCapabilities", "--table")
     assert table.returncode == 0, table.stderr
-    assert table.stdout.splitlines()[0].split() == ["field", "value"]
-    assert any(line.split()[0] == "hostname" for line in table.stdout.splitlines())
+    # One object: a key/value table, nested objects as dotted keys.
+    fields = dict(line.split(None, 1) for line in table.stdout.splitlines())
+    assert fields["version"] == __version__
+    assert fields["hostname"] == capabilities["hostname"]
+    assert any(key.startswith("limits.") for key in fields)
 
     devices = cli("--unix-socket", str(agent_process.socket_path), "getDeviceList", "--table")
     assert devices.returncode == 0, devices.stderr
     header = devices.stdout.splitlines()[0].split()
-    assert "path" in header
-    assert "name" in header
+    assert header == ["name", "type", "size", "fstype", "inUse", "mountpoints"]
 
     chosen = cli("--unix-socket", str(agent_process.socket_path), "getDeviceList",
                  "--columns", "path,inUse")

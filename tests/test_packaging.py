@@ -256,6 +256,8 @@ def man_text(page: str) -> str:
 def test_agent_man_page_lists_every_flag() -> None:
     page = man_text(generate.page_agent())
     for action in build_parser()._actions:
+        if action.dest == "help":  # argparse-manpage leaves -h/--help out
+            continue
         for option in action.option_strings:
             assert option in page, option
     for setting in settings.SETTINGS:
@@ -274,6 +276,29 @@ def test_client_man_page_lists_every_option_and_exit_code() -> None:
     for code in (client.EXIT_OK, client.EXIT_APPLICATION_ERROR, client.EXIT_USAGE,
                  client.EXIT_PROTOCOL_ERROR, client.EXIT_UNREACHABLE):
         assert re.search(rf"^  {code}  ", page, re.M), code
+
+
+def test_man_pages_in_the_tree_are_current() -> None:
+    """man/ is what packaging/generate.py makes now (readable from a checkout with
+    man -l; the packages install it)."""
+    pages = generate.manpages(generate.console_scripts())
+    kept = {path.name for path in (ROOT / "man").iterdir()}
+    assert kept == set(pages), "regenerate: .venv/bin/python packaging/generate.py --out . manpages"
+    for name, text in pages.items():
+        assert (ROOT / "man" / name).read_text(encoding="utf-8") == text, (
+            f"man/{name} is stale: .venv/bin/python packaging/generate.py --out . manpages")
+    assert "vdsm-engine-call.1" in pages  # the engine's client has its own page
+
+
+def test_completion_scripts_for_the_client_programs(tmp_path: Path) -> None:
+    assert generate.main(["--out", str(tmp_path), "completions"]) == 0
+    names = {str(path.relative_to(tmp_path / "completion"))
+             for path in (tmp_path / "completion").rglob("*")}
+    assert {"bash/vdsm-agent-client", "zsh/_vdsm-agent-client", "bash/vdsm-engine",
+            "zsh/_vdsm-engine"} <= names
+    for packaging_file in (PACKAGING / "debian" / "rules", SPEC):
+        text = packaging_file.read_text(encoding="utf-8")
+        assert "completions" in text and "completion/bash/" in text, packaging_file.name
 
 
 def test_config_man_page_lists_every_setting() -> None:

@@ -52,8 +52,9 @@ class TlsFiles:
     key: str | None = None
 
 
-def parse_url(url: str) -> Target:
-    """``http(s)://host[:port][/path]``; the port defaults to 54321, the path to /jsonrpc."""
+def parse_url(url: str, default_port: int = DEFAULT_PORT) -> Target:
+    """``http(s)://host[:port][/path]``; the port defaults to ``default_port`` (the
+    agent's 54321), the path to /jsonrpc."""
     if "://" not in url:
         url = "http://" + url
     try:
@@ -68,23 +69,41 @@ def parse_url(url: str) -> Target:
     path = parts.path if parts.path not in ("", "/") else DEFAULT_PATH
     if parts.query:
         path += "?" + parts.query
-    return Target(parts.scheme, parts.hostname, port or DEFAULT_PORT, path)
+    return Target(parts.scheme, parts.hostname, port or default_port, path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Defaults:
+    """Where a program's requests go when the command line does not say."""
+
+    url: str = DEFAULT_URL
+    port: int = DEFAULT_PORT
+    url_env: str | None = None  # an environment variable with a URL
+    socket_env: str | None = SOCKET_ENV  # one with a Unix socket path
+    installed_socket: str | None = INSTALLED_SOCKET  # used when it exists
 
 
 def choose_target(url: str | None, unix_socket: str | None, environ: dict[str, str],
-                  installed_socket: str = INSTALLED_SOCKET) -> Target:
-    """--url, else --unix-socket, else $VDSM_AGENT_SOCKET, else the installed agent's
-    socket when it exists, else the loopback default."""
+                  installed_socket: str | None = INSTALLED_SOCKET,
+                  defaults: Defaults | None = None) -> Target:
+    """--url, else --unix-socket, else $URL_ENV, else $SOCKET_ENV, else the
+    installed socket when it exists, else the loopback default URL."""
+    defaults = defaults or Defaults(installed_socket=installed_socket)
     if url is not None:
-        return parse_url(url)
-    socket_path = unix_socket if unix_socket is not None else environ.get(SOCKET_ENV)
-    if socket_path:
-        return Target("unix", socket_path=socket_path)
+        return parse_url(url, defaults.port)
     if unix_socket is not None:
-        raise UsageError("--unix-socket: empty path")
-    if os.path.exists(installed_socket):
-        return Target("unix", socket_path=installed_socket)
-    return parse_url(DEFAULT_URL)
+        if not unix_socket:
+            raise UsageError("--unix-socket: empty path")
+        return Target("unix", socket_path=unix_socket)
+    env_url = environ.get(defaults.url_env) if defaults.url_env else None
+    if env_url:
+        return parse_url(env_url, defaults.port)
+    env_socket = environ.get(defaults.socket_env) if defaults.socket_env else None
+    if env_socket:
+        return Target("unix", socket_path=env_socket)
+    if defaults.installed_socket and os.path.exists(defaults.installed_socket):
+        return Target("unix", socket_path=defaults.installed_socket)
+    return parse_url(defaults.url, defaults.port)
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -129,8 +148,10 @@ class Answer:
     body: bytes
 
 
-def post(target: Target, body: bytes, timeout: float, tls: TlsFiles | None = None) -> Answer:
-    """POST ``body`` and return the HTTP answer; TransportError if there is none."""
+def post(target: Target, body: bytes, timeout: float, tls: TlsFiles | None = None,
+         server: str = "agent") -> Answer:
+    """POST ``body`` and return the HTTP answer; TransportError if there is none.
+    ``server`` names what answers there, in messages ("is the agent running?")."""
     conn = _connection(target, timeout, tls or TlsFiles())
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     try:
@@ -140,19 +161,19 @@ def post(target: Target, body: bytes, timeout: float, tls: TlsFiles | None = Non
     except TimeoutError:
         raise TransportError(f"no answer within {timeout:g} s (see --timeout)") from None
     except OSError as exc:
-        raise TransportError(_describe_os_error(exc, target)) from None
+        raise TransportError(_describe_os_error(exc, target, server)) from None
     except http.client.HTTPException as exc:
         raise TransportError(f"bad HTTP answer: {type(exc).__name__}: {exc}") from None
     finally:
         conn.close()
 
 
-def _describe_os_error(exc: OSError, target: Target) -> str:
+def _describe_os_error(exc: OSError, target: Target, server: str = "agent") -> str:
     reason: Any = exc.strerror or str(exc) or type(exc).__name__
     if isinstance(exc, FileNotFoundError) and target.scheme == "unix":
-        return f"no socket at {target.socket_path} (is the agent running?)"
+        return f"no socket at {target.socket_path} (is the {server} running?)"
     if isinstance(exc, ConnectionRefusedError):
-        return "connection refused (is the agent running and listening there?)"
+        return f"connection refused (is the {server} running and listening there?)"
     if isinstance(exc, PermissionError) and target.scheme == "unix":
         return f"{reason} (the socket is for its owner and group only)"
     return str(reason)

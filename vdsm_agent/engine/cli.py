@@ -1,183 +1,169 @@
 """``vdsm-engine call``: call one verb of the engine's API from a shell.
 
-The agent client's machinery, pointed at ``rpc_schema/engine.json``: verbs,
-params and their types come from the schema (``name=value`` and
-``name:=JSON`` words, ``VERB --help``), output is JSON or a table, and the
-exit codes are the client's (docs/cli.md): 0 ok, 1 application error, 2 usage,
-3 protocol error, 4 unreachable. Standard library, ``rpc_schema`` and
-``vdsm_agent.client`` only, so that a call starts fast.
+The agent's client (``vdsm_agent.client.command``) given the engine's
+``Program``: ``rpc_schema/engine.json``, ``--url`` else ``$VDSM_ENGINE_URL``
+else http://127.0.0.1:54322/jsonrpc, "engine" in its messages, the engine
+verbs' default table columns, and ``--watch`` for jobs (waitJob, getJob,
+startTask, cancelTask) and one host's task (getTask). Everything else —
+``name=value`` words, help, tables, completion, exit codes (docs/cli.md) —
+is the agent client's.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
-import urllib.parse
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import rpc_schema
-from rpc_schema import ApiSchema, Verb
-from vdsm_agent.client import main as client_main
-from vdsm_agent.client.output import error_line, to_json
-from vdsm_agent.client.params import ParamParser, UsageError, close_matches
-from vdsm_agent.client.schema import SchemaView
-from vdsm_agent.client.transport import Answer, Target, TlsFiles, TransportError, parse_url, post
+from vdsm_agent import __version__
+from vdsm_agent.client import command
+from vdsm_agent.client.command import Caller
+from vdsm_agent.client.program import Program
+from vdsm_agent.client.transport import Defaults
+from vdsm_agent.client.units import BYTE_KINDS
+from vdsm_agent.client.watch import FINAL_TASK_STATES, OutputTail, Snapshot, task_summary
 from vdsm_agent.engine.settings import DEFAULT_PORT
 
 PROG = "vdsm-engine call"
 URL_ENV = "VDSM_ENGINE_URL"
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}/jsonrpc"
+FINAL_JOB_STATES = frozenset({"done", "failed", "partial"})
 
-EXIT_OK = client_main.EXIT_OK
-EXIT_APPLICATION_ERROR = client_main.EXIT_APPLICATION_ERROR
-EXIT_USAGE = client_main.EXIT_USAGE
-EXIT_PROTOCOL_ERROR = client_main.EXIT_PROTOCOL_ERROR
-EXIT_UNREACHABLE = client_main.EXIT_UNREACHABLE
-
-
-def add_arguments(parser: argparse.ArgumentParser, schema: ApiSchema) -> None:
-    parser.description = ("Call a verb of the engine's JSON-RPC API and print its result as "
-                          "JSON.\n\n" + client_main._verbs_help(schema))
-    parser.epilog = (client_main.PARAMS_HELP.split("target:")[0]
-                     + f"target:\n  --url, else ${URL_ENV}, else {DEFAULT_URL}\n\n"
-                     + client_main.EXIT_CODES_HELP.replace("the agent", "the engine"))
-    parser.add_argument("-h", "--help", action="store_true",
-                        help="show this help, or a verb's params with VERB --help")
-    parser.add_argument("--url", metavar="URL",
-                        help=f"http(s)://host[:port][/jsonrpc] (port {DEFAULT_PORT}, path "
-                             "/jsonrpc by default)")
-    parser.add_argument("--timeout", metavar="SECONDS", type=client_main._positive_seconds,
-                        default=60.0, help="give up after this long (default 60)")
-    style = parser.add_mutually_exclusive_group()
-    style.add_argument("--compact", action="store_true", help="print the result on one line")
-    style.add_argument("--table", action="store_true",
-                       help="print a list result (or an object's one list of objects) as a "
-                            "table")
-    parser.add_argument("--columns", metavar="A,B,C", type=client_main._columns,
-                        help="the table's columns, in order (implies --table)")
-    parser.add_argument("--max-width", metavar="N", type=client_main._width, default=40,
-                        help="cut table cells to N characters (default 40, 0: never)")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show the request and HTTP status on stderr")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the JSON-RPC request instead of sending it")
-    tls = parser.add_argument_group("TLS (https URLs)")
-    tls.add_argument("--cacert", metavar="FILE", help="CA bundle to verify the engine with")
-    tls.add_argument("--cert", metavar="FILE", help="client certificate (PEM)")
-    tls.add_argument("--key", metavar="FILE", help="client key (PEM), if not in --cert")
-    parser.add_argument("words", nargs="*", metavar="VERB [name=value ...]",
-                        help=argparse.SUPPRESS)
+EXIT_OK = command.EXIT_OK
+EXIT_APPLICATION_ERROR = command.EXIT_APPLICATION_ERROR
+EXIT_USAGE = command.EXIT_USAGE
+EXIT_PROTOCOL_ERROR = command.EXIT_PROTOCOL_ERROR
+EXIT_UNREACHABLE = command.EXIT_UNREACHABLE
 
 
-def engine_target(url: str | None, environ: dict[str, str]) -> Target:
-    """--url, else $VDSM_ENGINE_URL, else the loopback default; the port defaults to 54322."""
-    text = url or environ.get(URL_ENV) or DEFAULT_URL
-    if "://" not in text:
-        text = "http://" + text
-    try:
-        has_port = urllib.parse.urlsplit(text).port is not None
-    except ValueError as exc:
-        raise UsageError(f"--url {text!r}: {exc}") from None
-    target = parse_url(text)
-    if not has_port:
-        target = Target(target.scheme, target.host, DEFAULT_PORT, target.path)
-    return target
+class EngineTask:
+    """One host's task through the engine: getTask with refresh (the agent's
+    latest figures), and its output when the engine proxies getTaskOutput."""
+
+    def __init__(self, caller: Caller, host: str, task_id: str) -> None:
+        self.caller = caller
+        self.host = host
+        self.task_id = task_id
+        self.output = (OutputTail(caller, "getTaskOutput", {"host": host, "taskID": task_id})
+                       if caller.has("getTaskOutput", "host", "taskID", "offset") else None)
+        self.first = True
+
+    def fetch(self) -> dict[str, Any]:
+        answer = self.caller.call("getTask", {"host": self.host, "taskID": self.task_id,
+                                              "refresh": True})
+        return dict(answer["task"])
+
+    def snapshot(self, task: Mapping[str, Any]) -> Snapshot:
+        detail = task.get("detail") if isinstance(task.get("detail"), dict) else {}
+        assert isinstance(detail, dict)
+        state = str(task.get("state"))
+        line = ""
+        if self.output is not None:
+            line = self.output.update(detail.get("outputSize"),
+                                      detail.get("outputTruncatedBefore"))
+        kind = str(task.get("kind", ""))
+        if state == "unknown":
+            state = f"unknown (host {task.get('hostStatus')})"
+        final = state in FINAL_TASK_STATES
+        return Snapshot(
+            title=f"{self.host} {kind} {self.task_id[:8]}", state=state,
+            progress=task.get("progress"), in_bytes=kind in BYTE_KINDS, line=line,
+            final=final, ok=state == "done",
+            summary=f"task {self.task_id} on {self.host} {task_summary({**detail, **task})}",
+            result={"task": task}, result_verb="getTask",
+            again=f"{PROG} getTask host={self.host} taskID={self.task_id}")
+
+    def poll(self, wait: float) -> Snapshot:
+        """getTask answers at once: wait between polls (not before the first)."""
+        if not self.first:
+            time.sleep(wait)
+        self.first = False
+        return self.snapshot(self.fetch())
 
 
-def find_verb(schema: ApiSchema, name: str) -> Verb:
-    verb = schema.verb(name)
-    if verb is not None:
-        return verb
-    hint = close_matches(name, sorted(schema.verbs))
-    raise UsageError(f"unknown verb {name!r}"
-                     + (f" (did you mean: {', '.join(hint)}?)" if hint else "")
-                     + "; 'vdsm-engine call --help' lists the verbs")
+class EngineJob:
+    """A job until it is final (waitJob long-polls); a startTask job shows its
+    task's progress once the host has it. ``start``: (verb, params) to call first."""
+
+    def __init__(self, caller: Caller, job_id: str | None,
+                 start: tuple[str, Mapping[str, Any]] | None = None) -> None:
+        self.caller = caller
+        if start is not None:
+            job_id = str(caller.call(start[0], start[1])["jobID"])
+        assert job_id is not None
+        self.job_id = job_id
+        self.task: EngineTask | None = None
+
+    def poll(self, wait: float) -> Snapshot:
+        job = self.caller.call("waitJob", {"jobID": self.job_id, "timeout": wait})
+        state = str(job.get("state"))
+        steps = [step for step in job.get("steps", []) if isinstance(step, dict)]
+        final = state in FINAL_JOB_STATES
+        snapshot = Snapshot(
+            title=f"{job.get('action')} {self.job_id[:8]}", state=state, final=final,
+            ok=state == "done", summary=f"job {self.job_id} {self._summary(state, steps)}",
+            result=job, result_verb="getJob",
+            again=f"{PROG} getJob jobID={self.job_id}")
+        step = steps[0] if len(steps) == 1 else None
+        if job.get("action") == "startTask" and step and step.get("taskID") \
+                and step.get("state") != "pending":
+            if self.task is None:
+                self.task = EngineTask(self.caller, str(step["host"]), str(step["taskID"]))
+            task = self.task.snapshot(self.task.fetch())
+            snapshot.title, snapshot.progress = task.title, task.progress
+            snapshot.in_bytes, snapshot.line = task.in_bytes, task.line
+            if not final:
+                snapshot.state = task.state
+        return snapshot
+
+    @staticmethod
+    def _summary(state: str, steps: list[dict[str, Any]]) -> str:
+        failed = [step for step in steps if step.get("state") in ("failed", "canceled")]
+        words = state
+        if failed:
+            first = failed[0]
+            error = first.get("lastError")
+            words += f": {first.get('host')} {first.get('state')}"
+            if isinstance(error, dict):
+                words += f" ({error.get('name') or error.get('message') or ''})"
+        return words
 
 
-def _usage(verb: Verb, view: SchemaView) -> str:
-    return client_main.verb_usage(verb, view).replace(client_main.PROG, PROG, 1)
+def engine_watchers() -> dict[str, Any]:
+    return {
+        "waitJob": lambda caller, params: EngineJob(caller, params["jobID"]),
+        "getJob": lambda caller, params: EngineJob(caller, params["jobID"]),
+        "startTask": lambda caller, params: EngineJob(caller, None, ("startTask", params)),
+        "cancelTask": lambda caller, params: EngineJob(caller, None, ("cancelTask", params)),
+        "getTask": lambda caller, params: EngineTask(caller, params["host"], params["taskID"]),
+    }
 
 
-def _fail(message: str, usage: str) -> int:
-    print(usage, file=sys.stderr)
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
+ENGINE = Program(
+    prog=PROG,
+    schema_name="engine",
+    server="engine",
+    summary="Call a verb of the engine's JSON-RPC API and print its result as JSON (or a "
+            "table); follow a job or a task with --watch.",
+    version=f"vdsm-engine {__version__}",
+    defaults=Defaults(url=DEFAULT_URL, port=DEFAULT_PORT, url_env=URL_ENV, socket_env=None,
+                      installed_socket=None),
+    columns={
+        "listHosts": ("name", "status", "maintenance", "lastSeen", "agentVersion"),
+        "listTasks": ("host", "id", "state", "progress.percent", "kind"),
+        "listJobs": ("jobID", "state", "action", "createdAt"),
+    },
+    watchers=engine_watchers(),
+    examples=(
+        "listHosts --table",
+        "listTasks state=running --table",
+        "startTask host=host1 kind=checksum params.path=/var/lib/vdsm-agent/images/a.img "
+        "--watch",
+        "help waitJob",
+    ),
+)
 
 
-def _unreachable(target: Target, reason: str) -> int:
-    print(f"{PROG}: cannot reach the engine at {target}: {reason}", file=sys.stderr)
-    return EXIT_UNREACHABLE
-
-
-def handle_answer(answer: Answer, target: Target, schema: ApiSchema, verb: Verb,
-                  view: SchemaView, options: argparse.Namespace) -> int:
-    if options.verbose:
-        print(f"< HTTP {answer.status} {answer.reason}", file=sys.stderr)
-    try:
-        reply: Any = json.loads(answer.body)
-    except ValueError:
-        return _unreachable(target, f"HTTP {answer.status}: the answer is not JSON")
-    if not client_main._is_reply(reply):
-        return _unreachable(target, f"HTTP {answer.status}: not a JSON-RPC 2.0 response")
-    if "error" in reply:
-        error = reply["error"]
-        names = {spec["code"]: name for name, spec in schema.errors.items()}
-        print(error_line(error, names), file=sys.stderr)
-        if options.verbose and "data" in error:
-            print(to_json(error["data"]), file=sys.stderr)
-        return EXIT_APPLICATION_ERROR if error["code"] > 0 else EXIT_PROTOCOL_ERROR
-    client_main.print_result(reply["result"], verb, view, options)
-    return EXIT_OK
-
-
-def run(parser: argparse.ArgumentParser, options: argparse.Namespace) -> int:
-    schema = rpc_schema.load("engine")
-    view = SchemaView(schema.document)
-    words: list[str] = list(options.words)
-    if words[:1] == ["help"]:
-        options.help, words = True, words[1:]
-    if options.help:
-        if not words:
-            parser.print_help()
-            return EXIT_OK
-        try:
-            verb = find_verb(schema, words[0])
-        except UsageError as exc:
-            return _fail(str(exc), parser.format_usage().rstrip())
-        text = client_main.verb_help(schema, verb, view)
-        sys.stdout.write(text.replace(client_main.PROG, PROG))
-        return EXIT_OK
-    if not words:
-        return _fail("a verb is required; 'vdsm-engine call --help' lists them",
-                     parser.format_usage().rstrip())
-    try:
-        verb = find_verb(schema, words[0])
-        params = ParamParser(verb, view).parse(words[1:])
-        target = engine_target(options.url, dict(os.environ))
-    except UsageError as exc:
-        verb_found = schema.verb(words[0])
-        usage = _usage(verb_found, view) if verb_found else parser.format_usage().rstrip()
-        return _fail(str(exc), usage)
-    request = {"jsonrpc": "2.0", "method": verb.name, "params": params, "id": 1}
-    body = json.dumps(request, separators=(",", ":")).encode()
-    if options.dry_run:
-        print(to_json(request, compact=options.compact))
-        return EXIT_OK
-    if options.verbose:
-        print(f"> POST {target}\n> {body.decode()}", file=sys.stderr)
-    try:
-        answer = post(target, body, options.timeout,
-                      TlsFiles(options.cacert, options.cert, options.key))
-    except TransportError as exc:
-        return _unreachable(target, str(exc))
-    except UsageError as exc:
-        return _fail(str(exc), parser.format_usage().rstrip())
-    return handle_answer(answer, target, schema, verb, view, options)
-
-
-def call_main(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
-    options = parser.parse_intermixed_args(argv)
-    return run(parser, options)
+def main(argv: Sequence[str]) -> int:
+    """``vdsm-engine call ARGS``: the exit code."""
+    return command.main(ENGINE, argv)

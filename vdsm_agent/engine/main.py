@@ -68,19 +68,12 @@ async def serve(config: settings.EngineConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser, _serve, call_parser = build_parser()
+    parser, _serve, _call = build_parser()
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["call"]:
-        import rpc_schema
+    if args[:1] == ["call"]:  # the client: vdsm_agent.engine.cli
         from vdsm_agent.engine import cli
 
-        cli.add_arguments(call_parser, rpc_schema.load("engine"))
-        try:
-            return cli.call_main(call_parser, args[1:])
-        except SystemExit as exc:
-            return exc.code if isinstance(exc.code, int) else cli.EXIT_USAGE
-        except KeyboardInterrupt:
-            return 130
+        return cli.main(args[1:])
     try:
         options = parser.parse_args(args)
     except SystemExit as exc:
