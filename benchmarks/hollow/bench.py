@@ -1,0 +1,276 @@
+"""CPU and memory of the hollow process, and of an engine following its hosts.
+
+For each fleet size: a hollow process (``--tasks 10 --connections 1``, events
+at ``--rate`` per host per minute: 60% task transitions, 30% progress, 10%
+connection flips) and a ``vdsm-engine serve`` process (sqlite, default
+settings: 30 s long-polls, a full resync every 60 s) with every host added by
+``addHost``; once every host is up and has been listed once, a settling
+pause, then a measuring window (default 120 s: two resync rounds) over which
+both processes' CPU (user + system, psutil) and the requests the hollow
+process served are counted; RSS and open descriptors at the end.
+
+``python -m benchmarks.hollow.bench [--hosts 500,2000,5000] [--window S]
+[--settle S] [--rate R] [--path-per-host] [--no-engine] [--quick]``
+(``--quick``: 100 hosts, 20 s windows). The processes are stopped by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import http.client
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil  # type: ignore[import-untyped]
+
+from benchmarks.agents import free_port
+from benchmarks.hollow import control
+from benchmarks.hollow.server import raise_open_files
+
+ROOT = Path(__file__).resolve().parents[2]
+MIX = {"task": 0.6, "progress": 0.3, "connection": 0.1}
+UP_TIMEOUT = 600.0
+
+
+class BenchError(Exception):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    hosts: int
+    mode: str
+    up_s: float | None  # addHost of all -> all up and listed once
+    up: int
+    window_s: float
+    hollow_cpu: float  # percent of one core
+    hollow_rss: int
+    hollow_fds: int
+    engine_cpu: float | None
+    engine_rss: int | None
+    engine_fds: int | None
+    requests: dict[str, int]
+    events: int  # events the hollow hosts published in the window
+
+    @property
+    def requests_per_s(self) -> float:
+        return sum(self.requests.values()) / self.window_s
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def hollow_process(root: Path, hosts: int, rate: float,
+                   path_per_host: bool) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any]]]:
+    hosts_file = root / "hosts.json"
+    argv = [sys.executable, "-m", "benchmarks.hollow", "--hosts", str(hosts), "--hosts-file",
+            str(hosts_file), "--tasks", "10", "--connections", "1",
+            *(f"--{kind}-rate={rate * share:g}" for kind, share in MIX.items())]
+    if path_per_host:
+        argv.append("--path-per-host")
+    with open(root / "hollow.log", "wb") as log:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not hosts_file.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"the hollow process did not start: "
+                                 f"{(root / 'hollow.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield proc, control.read_hosts_file(hosts_file)
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
+def engine_process(root: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    port = free_port()
+    state = root / "engine"
+    argv = [sys.executable, "-m", "vdsm_agent.engine.main", "serve", "--state-dir", str(state),
+            "--listen", f"127.0.0.1:{port}", "--log-level", "warning"]
+    with open(root / "engine.log", "wb") as log:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/jsonrpc"
+        deadline = time.monotonic() + 60
+        while _health(port) is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"the engine did not start: "
+                                 f"{(root / 'engine.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield proc, url
+    finally:
+        _stop(proc)
+
+
+def _health(port: int) -> dict[str, Any] | None:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", "/health")
+        response = connection.getresponse()
+        return dict(orjson.loads(response.read())) if response.status == 200 else None
+    except OSError:
+        return None
+    finally:
+        connection.close()
+
+
+def _wait_all_listed(engine_port: int, control_url: str, hosts: int, began: float,
+                     timeout: float) -> tuple[float | None, int]:
+    """Until every host is up in the engine and the hollow hosts were each listed once:
+    (seconds since ``began``, or None on timeout; hosts up)."""
+    up = 0
+    while time.monotonic() - began < timeout:
+        health = _health(engine_port) or {}
+        up = int((health.get("hosts") or {}).get("up", 0))
+        requests = control.call(control_url, "status")["requests"]
+        if up >= hosts and requests.get("listTasks", 0) >= hosts \
+                and requests.get("getStorageConnectionList", 0) >= hosts:
+            return time.monotonic() - began, up
+        time.sleep(1.0)
+    return None, up
+
+
+def measure(root: Path, hosts: int, rate: float, settle: float, window: float,
+            path_per_host: bool, with_engine: bool) -> Sample:
+    with hollow_process(root, hosts, rate, path_per_host) as (hollow, document):
+        control_url = document["control"]
+        hollow_ps = psutil.Process(hollow.pid)
+        engine_ps = None
+        up_s: float | None = None
+        up = 0
+        with contextlib.ExitStack() as stack:
+            if with_engine:
+                engine, url = stack.enter_context(engine_process(root))
+                engine_ps = psutil.Process(engine.pid)
+                began = time.monotonic()
+                control.register(url, document["hosts"], timeout=600)
+                print(f"  {hosts} hosts added in {time.monotonic() - began:.1f} s",
+                      file=sys.stderr, flush=True)
+                port = int(url.rsplit(":", 1)[1].split("/")[0])
+                up_s, up = _wait_all_listed(port, control_url, hosts, began, UP_TIMEOUT)
+                print(f"  {up}/{hosts} up" + (f" and listed in {up_s:.1f} s" if up_s else
+                                              " (timed out)"), file=sys.stderr, flush=True)
+            time.sleep(settle)
+            control.call(control_url, "resetCounters")
+            events_before = control.call(control_url, "status")["events"]
+            hollow_before = _cpu(hollow_ps)
+            engine_before = _cpu(engine_ps) if engine_ps else 0.0
+            began = time.monotonic()
+            time.sleep(window)
+            elapsed = time.monotonic() - began
+            hollow_used = _cpu(hollow_ps) - hollow_before
+            engine_used = _cpu(engine_ps) - engine_before if engine_ps else None
+            status = control.call(control_url, "status")
+            return Sample(
+                hosts=hosts, mode=status["mode"], up_s=up_s, up=up, window_s=elapsed,
+                hollow_cpu=hollow_used / elapsed * 100, hollow_rss=hollow_ps.memory_info().rss,
+                hollow_fds=hollow_ps.num_fds(),
+                engine_cpu=None if engine_used is None else engine_used / elapsed * 100,
+                engine_rss=engine_ps.memory_info().rss if engine_ps else None,
+                engine_fds=engine_ps.num_fds() if engine_ps else None,
+                requests=dict(status["requests"]), events=status["events"] - events_before)
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.0f}"
+
+
+def _opt(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def print_samples(samples: Sequence[Sample], rate: float) -> None:
+    print(f"\nHollow agents at {rate:g} event per host per minute "
+          f"({', '.join(f'{k} {v:.0%}' for k, v in MIX.items())}); CPU in % of one core")
+    header = (f"{'hosts':>6} {'mode':>5} {'up in s':>8} {'hollow CPU':>10} {'RSS MiB':>8} "
+              f"{'fds':>6} {'engine CPU':>10} {'RSS MiB':>8} {'fds':>6} {'req/s':>7} "
+              f"{'events/s':>8}")
+    print(header)
+    print("-" * len(header))
+    for s in samples:
+        print(f"{s.hosts:>6} {s.mode:>5} {_opt(s.up_s, '.1f'):>8} {s.hollow_cpu:>9.1f}% "
+              f"{_mib(s.hollow_rss):>8} {s.hollow_fds:>6} "
+              f"{_opt(s.engine_cpu, '.1f') + ('%' if s.engine_cpu is not None else ''):>10} "
+              f"{_mib(s.engine_rss):>8} {_opt(s.engine_fds, 'd'):>6} "
+              f"{s.requests_per_s:>7.0f} {s.events / s.window_s:>8.1f}")
+    for s in samples:
+        per_verb = ", ".join(f"{verb} {count / s.window_s:.1f}"
+                             for verb, count in sorted(s.requests.items(),
+                                                       key=lambda item: -item[1]))
+        print(f"  {s.hosts} hosts, requests/s by verb: {per_verb or '-'}")
+        if s.up < s.hosts and s.engine_cpu is not None:
+            print(f"  {s.hosts} hosts: only {s.up} up in the engine after "
+                  f"{UP_TIMEOUT:.0f} s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.hollow.bench",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--hosts", default="500,2000,5000",
+                        help="fleet sizes, comma-separated (default 500,2000,5000)")
+    parser.add_argument("--rate", type=float, default=1.0,
+                        help="events per host per minute (default 1)")
+    parser.add_argument("--settle", type=float, default=30.0,
+                        help="seconds after all hosts are up before measuring (default 30)")
+    parser.add_argument("--window", type=float, default=120.0,
+                        help="measuring window in seconds (default 120)")
+    parser.add_argument("--path-per-host", action="store_true",
+                        help="one port, a path per host")
+    parser.add_argument("--no-engine", action="store_true",
+                        help="the hollow process alone (no engine polls it)")
+    parser.add_argument("--quick", action="store_true", help="100 hosts, 10 s + 20 s")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from benchmarks.__main__ import machine_line
+
+    args = build_parser().parse_args(argv)
+    sizes = [100] if args.quick else [int(size) for size in args.hosts.split(",")]
+    settle, window = (10.0, 20.0) if args.quick else (args.settle, args.window)
+    # Both processes inherit the limit: an engine following N hosts holds ~2 per host.
+    raise_open_files(max(sizes) * 5 + 1024)
+    print(machine_line())
+    samples = []
+    for hosts in sizes:
+        root = Path(tempfile.mkdtemp(prefix="bench-hollow-"))
+        print(f"{hosts} hosts ...", file=sys.stderr, flush=True)
+        try:
+            samples.append(measure(root, hosts, args.rate, settle, window,
+                                   args.path_per_host, not args.no_engine))
+        except (BenchError, control.ControlError) as exc:
+            print(f"bench hollow: {hosts} hosts: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    print_samples(samples, args.rate)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
