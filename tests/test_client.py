@@ -22,10 +22,12 @@ from typing import Any
 import pytest
 
 import rpc_schema
+from tests.support import agent_factory
 from vdsm_agent import __version__
 from vdsm_agent.client import main as client_main
-from vdsm_agent.client.output import Table, render_table, tabulate
+from vdsm_agent.client.output import Style, Table, fit_widths, render_table, tabulate
 from vdsm_agent.client.schema import SchemaView
+from vdsm_agent.client.units import human_bytes, human_duration, humanize
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = rpc_schema.load("agent")
@@ -397,3 +399,250 @@ def test_main_returns_exit_codes(capsys):
     assert client_main.main(["--help"]) == 0
     assert client_main.main(["nosuchverb"]) == 2
     assert "unknown verb" in capsys.readouterr().err
+
+
+# -- issue 16: messages, long-polls, fields, watch off a terminal -------------------------
+
+
+@pytest.fixture
+def test_agent(tmp_path):
+    """A real agent with the test task kinds."""
+    with agent_factory(tmp_path) as start:
+        yield start(enable_test_kinds="true")
+
+
+def start_sleep(agent: Any, **params: Any) -> str:
+    return str(agent.call("startTask", kind="test.sleep", params=params)["taskID"])
+
+
+def test_forbidden_over_tcp_says_to_use_the_socket(agent_process):
+    done = cli("--url", agent_process.url, "listTasks")
+    assert done.returncode == 1
+    first, second = done.stderr.splitlines()[:2]
+    assert first.startswith("error 401 Forbidden: ")
+    assert "loopback TCP caller is anonymous" in second
+    assert "--unix-socket /run/vdsm-agent/agent.sock" in second
+    assert "VDSM_AGENT_SOCKET" in second
+    # Over the socket, a Forbidden answer would not be about anonymity: no hint then.
+    ping = cli("--url", agent_process.url, "ping")
+    assert ping.returncode == 0
+
+
+def test_a_long_poll_outlives_the_client_timeout(test_agent):
+    task_id = start_sleep(test_agent, seconds=2.5)
+    done = cli("--unix-socket", str(test_agent.socket_path), "waitTask", f"taskID={task_id}",
+               "timeout=10", "--timeout", "1", "--compact", timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["state"] == "done"
+    assert "no answer within" not in done.stderr
+
+
+def test_misspelled_fields_inside_params_get_did_you_mean(test_agent):
+    socket_path = str(test_agent.socket_path)
+    for words in (["params.secnds=1"], ['params={"secnds": 1}'], ["params:={\"secnds\":1}"]):
+        done = cli("--unix-socket", socket_path, "startTask", "kind=test.sleep", *words)
+        assert done.returncode == 2, (words, done.stderr)
+        assert ("test.sleep params has no field 'secnds' (did you mean seconds?)"
+                in done.stderr), done.stderr
+        assert "valid fields: seconds, tick" in done.stderr
+    assert test_agent.call("listTasks")["tasks"] == []  # nothing was started
+    # A right one converts by the kind's schema (a number) and starts the task.
+    started = cli("--unix-socket", socket_path, "--compact", "startTask", "kind=test.sleep",
+                  "params.seconds=0.1", "params.fail=42")
+    assert started.returncode == 0, started.stderr
+    task = test_agent.call("getTask", taskID=json.loads(started.stdout)["taskID"])
+    assert task["params"]["seconds"] == 0.1
+    assert task["params"]["fail"] == "42"  # a string field stays a string
+
+
+def test_misspelled_filter_fields(capsys):
+    url = f"http://127.0.0.1:{closed_port()}"  # nothing is sent
+    code, _, err = run_main(capsys, "--url", url, "listTasks", 'filter={"stat": "running"}')
+    assert code == 2
+    assert "listTasks filter has no field 'stat' (did you mean state?)" in err
+    code, _, err = run_main(capsys, "--url", url, "listTasks", "stat=running")
+    assert code == 2
+    assert "listTasks has no param 'stat' (did you mean state?)" in err
+
+
+@pytest.mark.parametrize(("words", "params"), [
+    (["state=running", "kind=copy"], {"filter": {"state": "running", "kind": "copy"}}),
+    (["state=running", "state=failed"], {"filter": {"state": ["running", "failed"]}}),
+    (["filter.state=done", "pageSize=5"], {"filter": {"state": "done"}, "pageSize": 5}),
+    (['filter={"kind":"copy"}', "state=done"], {"filter": {"kind": "copy", "state": "done"}}),
+])
+def test_filter_shorthands(capsys, words, params):
+    code, out, err = run_main(capsys, "--dry-run", "listTasks", *words)
+    assert code == 0, err
+    assert json.loads(out)["params"] == params
+
+
+def test_watch_needs_a_task_verb(capsys):
+    code, _, err = run_main(capsys, "--url", f"127.0.0.1:{closed_port()}", "ping", "--watch")
+    assert code == 2
+    assert "--watch follows a task: use it with getTask, startTask, waitTask" in err
+
+
+def test_watch_off_a_terminal(test_agent):
+    socket_path = str(test_agent.socket_path)
+    ok = cli("--unix-socket", socket_path, "startTask", "kind=test.sleep",
+             "params.seconds=1.2", "--watch", "--compact")
+    assert ok.returncode == 0, ok.stderr
+    task = json.loads(ok.stdout)  # the final task, for scripts
+    assert task["state"] == "done"
+    lines = ok.stderr.splitlines()
+    assert lines[-1].startswith(f"task {task['id']} done in ")
+    assert any(line.startswith(f"test.sleep {task['id'][:8]} running") for line in lines), lines
+    assert any(line.startswith(f"test.sleep {task['id'][:8]} done 100%") for line in lines)
+    failed = cli("--unix-socket", socket_path, "startTask", "kind=test.sleep",
+                 "params.seconds=0.1", "params.fail=no luck", "--watch")
+    assert failed.returncode == 1
+    assert "failed" in failed.stderr.splitlines()[-1]
+    assert "no luck" in failed.stderr.splitlines()[-1]
+    assert json.loads(failed.stdout)["error"]["detail"] == "no luck"
+
+
+# -- tables: columns, units ------------------------------------------------------------------
+
+
+TASK = {"id": "0b6f3c1e-6a3c-4f5e-9d61-1f1c2a3b4c5d", "kind": "copy", "state": "running",
+        "progress": {"percent": 42.0, "done": 17616076, "total": 41943040,
+                     "rate": 8388608.0, "eta": 2.9},
+        "params": {"source": "/a", "destination": "/b"}, "error": None,
+        "createdAt": "2026-12-06T03:39:38.185811Z", "outputSize": 965}
+
+
+def test_dotted_columns_and_human_units():
+    view = SchemaView(SCHEMA.document)
+    table = tabulate({"tasks": [TASK], "nextPageToken": None},
+                     SCHEMA.verbs["listTasks"].result, view)
+    assert table is not None
+    columns = ["id", "state", "progress.percent", "progress.done", "progress.rate",
+               "progress.eta", "createdAt"]
+    human = render_table(table, columns, Style()).splitlines()
+    assert human[0].split() == ["id", "state", "percent", "done", "rate", "eta", "createdAt"]
+    assert human[1].split() == [TASK["id"], "running", "42%", "16.8", "MiB", "8.0", "MiB/s",
+                                "2.9s", "2026-12-06", "03:39:38Z"]
+    raw = render_table(table, columns, Style(raw=True)).splitlines()
+    assert raw[1].split() == [TASK["id"], "running", "42.0", "17616076", "8388608.0", "2.9",
+                              "2026-12-06T03:39:38.185811Z"]
+
+
+def test_one_object_is_key_value():
+    view = SchemaView(SCHEMA.document)
+    table = tabulate(TASK, SCHEMA.verbs["getTask"].result, view)
+    assert table is not None
+    assert table.key_value
+    lines = dict(line.split(None, 1) for line in render_table(table, None, Style()).splitlines())
+    assert lines["progress.percent"] == "42%"
+    assert lines["params.source"] == "/a"
+    assert lines["outputSize"] == "965 B"
+    assert lines["error"] == "-"
+
+
+def test_fitting_a_table_cuts_other_columns_before_ids():
+    widths = fit_widths([36, 30, 12, 20], ["id", "description", "state", "uri"], 80)
+    assert widths[0] == 36
+    assert sum(widths) + 2 * 3 <= 80
+    assert widths[1] < 30
+
+
+def test_units_in_words():
+    assert human_bytes(0) == "0 B"
+    assert human_bytes(1536) == "1.5 KiB"
+    assert human_bytes(274877906944) == "256.0 GiB"
+    assert human_duration(2.94) == "2.9s"
+    assert human_duration(75) == "1m15s"
+    assert human_duration(3700) == "1h01m"
+    assert human_duration(90000) == "1d01h"
+    # Progress counts bytes only for the kinds that move data.
+    assert humanize("progress.done", 1048576, "copy") == "1.0 MiB"
+    assert humanize("progress.done", 42, "format") is None
+
+
+# -- the engine's client: the same client ----------------------------------------------------
+
+
+def test_engine_call_is_the_same_client(capsys):
+    from vdsm_agent.engine import main as engine_main
+
+    port = closed_port()
+    assert engine_main.main(["call", "--url", f"127.0.0.1:{port}", "listHosts"]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith(f"vdsm-engine call: cannot reach the engine at http://127.0.0.1:{port}")
+    assert "is the engine running" in err
+    assert "agent" not in err
+    assert engine_main.main(["call", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "VDSM_ENGINE_URL" in out
+    assert "cannot reach the engine" in out
+    assert "--unix-socket" not in out
+    assert engine_main.main(["call", "listTasks", "state=running", "host=h1", "--dry-run",
+                             "--compact"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"] == {
+        "filter": {"state": "running", "host": "h1"}}
+    assert engine_main.main(["call", "listHosts", "--watch"]) == 2
+    assert "use it with cancelTask, getJob, getTask, startTask, waitJob" in \
+        capsys.readouterr().err
+
+
+def test_agent_unreachable_says_agent():
+    done = cli("--unix-socket", "/nonexistent/agent.sock", "ping")
+    assert "no socket at /nonexistent/agent.sock (is the agent running?)" in done.stderr
+
+
+# -- shell completion ------------------------------------------------------------------------
+
+
+BASH_COMPLETE = """
+source /dev/stdin <<<"$SCRIPT"
+COMP_LINE="$LINE"; COMP_POINT=${#COMP_LINE}
+read -ra COMP_WORDS <<<"$COMP_LINE"
+[[ $COMP_LINE == *" " ]] && COMP_WORDS+=("")
+COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 ))
+$FUNCTION
+printf '%s\\n' "${COMPREPLY[@]}"
+"""
+
+
+def bash_complete(script: str, function: str, line: str) -> list[str]:
+    done = subprocess.run(["bash", "-c", BASH_COMPLETE], capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"], "SCRIPT": script, "LINE": line,
+                               "FUNCTION": function}, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    return [word for word in done.stdout.splitlines() if word]
+
+
+def test_bash_completion_from_the_schema():
+    agent_script = cli("--completion", "bash")
+    assert agent_script.returncode == 0
+    script = agent_script.stdout
+    assert bash_complete(script, "_vdsm_agent_client", "vdsm-agent-client getT") == [
+        "getTask", "getTaskKinds", "getTaskOutput"]
+    assert "taskID=" in bash_complete(script, "_vdsm_agent_client",
+                                      "vdsm-agent-client --unix-socket /x waitTask ")
+    params = bash_complete(script, "_vdsm_agent_client", "vdsm-agent-client listTasks ")
+    assert {"filter=", "state=", "kind=", "pageSize="} <= set(params)
+    assert bash_complete(script, "_vdsm_agent_client",
+                         "vdsm-agent-client listTasks state=ru") == ["running"]
+    assert bash_complete(script, "_vdsm_agent_client", "vdsm-agent-client --wat") == ["--watch"]
+
+    from vdsm_agent.engine import main as engine_main
+
+    engine = subprocess.run([sys.executable, "-m", "vdsm_agent.engine.main", "call",
+                             "--completion", "bash"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=30, check=True).stdout
+    assert engine_main  # the module the console script runs
+    assert bash_complete(engine, "_vdsm_engine", "vdsm-engine ca") == ["call"]
+    assert bash_complete(engine, "_vdsm_engine", "vdsm-engine call waitJ") == ["waitJob"]
+    assert "host=" in bash_complete(engine, "_vdsm_engine", "vdsm-engine call getTask ")
+
+
+@pytest.mark.tool("zsh")
+def test_zsh_completion_parses(tmp_path):
+    path = tmp_path / "_vdsm-agent-client"
+    path.write_text(cli("--completion", "zsh").stdout)
+    done = subprocess.run(["zsh", "-n", str(path)], capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    assert path.read_text().startswith("#compdef vdsm-agent-client\n")

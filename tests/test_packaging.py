@@ -298,7 +298,8 @@ def test_completion_scripts_for_the_client_programs(tmp_path: Path) -> None:
             "zsh/_vdsm-engine"} <= names
     for packaging_file in (PACKAGING / "debian" / "rules", SPEC):
         text = packaging_file.read_text(encoding="utf-8")
-        assert "completions" in text and "completion/bash/" in text, packaging_file.name
+        assert "completions" in text, packaging_file.name
+        assert "completion/bash/" in text, packaging_file.name
 
 
 def test_config_man_page_lists_every_setting() -> None:
