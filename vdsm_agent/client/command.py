@@ -35,6 +35,7 @@ from vdsm_agent.client.output import (
     lookup,
     render_table,
     tabulate,
+    task_kind,
     to_json,
 )
 from vdsm_agent.client.params import ParamParser, UsageError, close_matches
@@ -198,8 +199,9 @@ def build_parser(program: Program, schema: ApiSchema) -> argparse.ArgumentParser
                         help="every column, not the verb's default ones (implies --table)")
     parser.add_argument("--raw", action="store_true",
                         help="exact numbers in tables: bytes, seconds, timestamps as sent")
-    parser.add_argument("--max-width", metavar="N", type=_width, default=40,
-                        help="cut table cells to N characters (default 40, 0: never)")
+    parser.add_argument("--max-width", metavar="N", type=_width, default=None,
+                        help="cut table cells to N characters (0: never; default: 40, "
+                             "or on a terminal the table's fit to its width)")
     parser.add_argument("-w", "--watch", action="store_true",
                         help="follow the task (or job) with a progress bar until it is "
                              "final; exit 0 if done, 1 if not; Ctrl-C stops watching, "
@@ -486,8 +488,10 @@ def output_style(options: argparse.Namespace, stream: TextIO | None = None) -> S
     except (AttributeError, ValueError):
         tty = False
     width = shutil.get_terminal_size().columns if tty else None
-    return Style(width=width, color=colors_on(stream), raw=options.raw,
-                 max_width=options.max_width)
+    # On a terminal the table is fitted to its width: cells are cut only there,
+    # unless --max-width says otherwise.
+    max_width = options.max_width if options.max_width is not None else (0 if tty else 40)
+    return Style(width=width, color=colors_on(stream), raw=options.raw, max_width=max_width)
 
 
 def wants_table(options: argparse.Namespace) -> bool:
@@ -543,7 +547,8 @@ def _select_fields(result: Any, columns: list[str]) -> Table:
     for name in columns:
         value = lookup(result, name) if isinstance(result, dict) else MISSING
         rows.append({"field": name, "value": None if value is MISSING else value})
-    return Table(["field", "value"], rows, {}, key_value=True)
+    kind = task_kind(result) if isinstance(result, dict) else None
+    return Table(["field", "value"], rows, {}, key_value=True, kind=kind)
 
 
 # -- nested schemas (startTask params by kind) ----------------------------------------

@@ -76,11 +76,13 @@ class Table:
     rows: list[dict[str, Any]]
     rest: dict[str, Any]  # members of the result not shown in the table
     key_value: bool = False  # rows are {"field": dotted key, "value": ...}
+    kind: str | None = None  # a key/value table's task kind (for its progress units)
 
 
 @dataclasses.dataclass(frozen=True)
 class Style:
-    """How to draw: ``width`` None for no limit (not a terminal)."""
+    """How to draw: ``width`` None for no limit (not a terminal); ``max_width``
+    cuts cells (0: never)."""
 
     width: int | None = None
     color: bool = False
@@ -110,7 +112,15 @@ def tabulate(result: Any, result_schema: JsonSchema, view: SchemaView) -> Table 
         rows = [{"key": key, **value} for key, value in result.items()]
         return Table(_columns(rows), rows, {})
     rows = [{"field": key, "value": value} for key, value in flatten(result)]
-    return Table(["field", "value"], rows, {}, key_value=True)
+    return Table(["field", "value"], rows, {}, key_value=True, kind=task_kind(result))
+
+
+def task_kind(result: Mapping[str, Any]) -> str | None:
+    """The kind of a task (or of an engine's ``{"task": ...}``), if it is one."""
+    for node in (result, result.get("task")):
+        if isinstance(node, dict) and isinstance(node.get("kind"), str):
+            return str(node["kind"])
+    return None
 
 
 def flatten(value: Mapping[str, Any], prefix: str = "",
@@ -283,8 +293,7 @@ def _render_key_value(table: Table, style: Style) -> str:
     from rich.text import Text
 
     pairs = [(str(row["field"]), row["value"]) for row in table.rows]
-    kind = next((value for key, value in pairs if key in ("kind", "task.kind")), None)
-    kind = kind if isinstance(kind, str) else None
+    kind = table.kind
     grid = RichTable.grid(padding=(0, 2))
     key_width = max((len(key) for key, _ in pairs), default=0)
     grid.add_column(no_wrap=True, width=key_width, style="bold" if style.color else "")
