@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import agents
-from vdsm_agent.tasks import clock
+from vdsm_agent.common import clock
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

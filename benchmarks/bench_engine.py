@@ -40,12 +40,12 @@ import psutil  # type: ignore[import-untyped]
 
 import rpc_schema
 from benchmarks.agents import agent_argv, free_port, healthy, kill_task_processes, spawn
+from vdsm_agent.common.clock import parse_rfc3339
 from vdsm_agent.engine.agentclient import AgentClient, AgentUnreachable
 from vdsm_agent.engine.engine import Engine
 from vdsm_agent.engine.poller import HostWorker
 from vdsm_agent.engine.settings import EngineConfig
 from vdsm_agent.engine.store import EngineStore, repository
-from vdsm_agent.tasks.clock import parse_rfc3339
 
 TARGET_RESYNC_RATIO = 2.0
 TARGET_LATENCY_S = 1.0

@@ -57,8 +57,9 @@ import psutil  # type: ignore[import-untyped]
 
 from benchmarks import agents, bench_http
 from benchmarks.agents import agent_argv, free_port, kill_task_processes, spawn
+from vdsm_agent.common import clock
 from vdsm_agent.store import Store
-from vdsm_agent.tasks import clock, repository
+from vdsm_agent.tasks import repository
 from vdsm_agent.tasks.record import TaskRecord, request_hash
 from vdsm_agent.tasks.states import State
 

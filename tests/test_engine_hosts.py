@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import types
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from tests.engine_support import (
     fleet,
 )
 from vdsm_agent.engine.app import make_app
+from vdsm_agent.engine.poller import HostWorker
+from vdsm_agent.engine.store.models import HostRow
 
 pytestmark = pytest.mark.slow
 
@@ -394,3 +397,21 @@ async def test_agent_without_events_feed_is_polled(make_engine, three):
         assert (await async_until(done, timeout=5))["external"] is True
     finally:
         await proxy.close()
+
+
+def test_a_failing_host_is_retried_with_jittered_backoff(tmp_path: Path) -> None:
+    """Hosts that lost the engine together are not retried in lock-step: the
+    delay after n failures is uniform up to retry_interval * 2^(n-1) (at most
+    retry_max), never below retry_interval (it was exactly that ceiling)."""
+    config = engine_config(tmp_path, retry_interval=2.0, retry_max=30.0)
+    row = HostRow(name="h1", url="http://127.0.0.1:9", maintenance=False, last_seen=None,
+                  last_error=None, agent_version=None, synced_at=None)
+    worker = HostWorker(types.SimpleNamespace(config=config), row)
+    worker.failures = 1
+    assert {worker.retry_delay() for _ in range(20)} == {2.0}
+    worker.failures = 4
+    delays = [worker.retry_delay() for _ in range(200)]
+    assert all(2.0 <= delay <= 16.0 for delay in delays)
+    assert len({round(delay, 3) for delay in delays}) > 50
+    worker.failures = 40
+    assert max(worker.retry_delay() for _ in range(200)) <= 30.0

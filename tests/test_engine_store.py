@@ -12,6 +12,7 @@ import pytest
 
 from tests.engine_support import database_url, postgres_server  # noqa: F401
 from vdsm_agent import errors
+from vdsm_agent.common.clock import rfc3339
 from vdsm_agent.engine.states import StepState
 from vdsm_agent.engine.store import EngineStore, repository
 from vdsm_agent.engine.store.migrations import latest_version
@@ -21,7 +22,6 @@ from vdsm_agent.engine.store.models import (
     ResourceLockRow,
     SchemaVersion,
 )
-from vdsm_agent.tasks.clock import rfc3339
 
 T0 = 1_700_000_000.0
 

@@ -34,9 +34,10 @@ from tests.tasks_support import (
     until,
 )
 from vdsm_agent import errors
+from vdsm_agent.common import clock
 from vdsm_agent.store import Store
 from vdsm_agent.system import space
-from vdsm_agent.tasks import clock, output, repository
+from vdsm_agent.tasks import output, repository
 from vdsm_agent.tasks.record import TaskRecord
 from vdsm_agent.tasks.states import State
 

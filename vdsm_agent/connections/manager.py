@@ -40,6 +40,8 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vdsm_agent.common.backoff import Backoff
+from vdsm_agent.common.clock import rfc3339
 from vdsm_agent.connections import uri as uris
 from vdsm_agent.connections.backends import BACKENDS, BackendClass
 from vdsm_agent.connections.backends.base import (
@@ -53,13 +55,11 @@ from vdsm_agent.connections.backends.base import (
 )
 from vdsm_agent.connections.backends.file import FileEndpoint
 from vdsm_agent.connections.backends.mounts import MountBackend
-from vdsm_agent.connections.backoff import Backoff
 from vdsm_agent.connections.monitor import (
     ErrorInfo,
     MonitorPolicy,
     State,
     TargetMonitor,
-    rfc3339,
 )
 from vdsm_agent.connections.probes import ProbePool
 from vdsm_agent.errors import (
@@ -406,10 +406,10 @@ class ConnectionManager:
             "connected": monitor.attached,
             "state": health.state.value,
             "lastError": health.last_error.to_json() if health.last_error else None,
-            "lastCheck": rfc3339(health.last_check),
+            "lastCheck": rfc3339(health.last_check, 3),
             "latencyMs": None if health.latency_ms is None else round(health.latency_ms, 3),
             "attempts": health.attempts,
-            "nextRetryAt": (rfc3339(health.next_retry_at)
+            "nextRetryAt": (rfc3339(health.next_retry_at, 3)
                             if health.state is State.DISCONNECTED else None),
             "connectionInfo": info,
         }

@@ -39,7 +39,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import datetime
 import enum
 import functools
 import logging
@@ -50,8 +49,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from vdsm_agent.common.backoff import Backoff
+from vdsm_agent.common.clock import rfc3339
 from vdsm_agent.connections.backends.base import Attachment, Backend, BackendError
-from vdsm_agent.connections.backoff import Backoff
 from vdsm_agent.connections.probes import ProbePool, ProbeResult
 from vdsm_agent.connections.uri import Endpoint
 
@@ -70,14 +70,6 @@ class State(enum.StrEnum):
     DISCONNECTED = "disconnected"
 
 
-def rfc3339(timestamp: float | None) -> str | None:
-    """A UTC RFC 3339 timestamp with milliseconds, e.g. 2024-05-01T12:00:00.123Z."""
-    if timestamp is None:
-        return None
-    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 @dataclasses.dataclass(frozen=True)
 class ErrorInfo:
     code: str
@@ -85,7 +77,7 @@ class ErrorInfo:
     at: float  # wall-clock time
 
     def to_json(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "time": rfc3339(self.at)}
+        return {"code": self.code, "message": self.message, "time": rfc3339(self.at, 3)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
 from collections.abc import Iterable
 
 from rpc_schema import ApiSchema
+from vdsm_agent.common import clock
+from vdsm_agent.common.supervision import Background
 from vdsm_agent.engine.jobs import Jobs, StepRunner
 from vdsm_agent.engine.poller import HostWorker
 from vdsm_agent.engine.settings import EngineConfig
@@ -35,7 +36,7 @@ class Engine:
         self.jobs = Jobs(self)
         self.steps = StepRunner(self)
         self._jobs_event = asyncio.Event()
-        self._sweeper: asyncio.Task[None] | None = None
+        self._background = Background("engine", log)
 
     @property
     def uptime(self) -> float:
@@ -43,7 +44,7 @@ class Engine:
 
     @staticmethod
     def now() -> float:
-        return round(time.time(), 6)
+        return clock.now()
 
     # -- life cycle --------------------------------------------------------------------
 
@@ -51,14 +52,11 @@ class Engine:
         rows = await self.store.run(repository.list_hosts)
         for row in rows:
             await self.add_worker(row)
-        self._sweeper = asyncio.create_task(self._sweep_loop(), name="engine retention")
+        self._background.loop(self._sweep_loop, "retention", restart_delay=self._sweep_interval())
         log.info("engine started with %d hosts", len(rows))
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        await self._background.close()
         workers, self.workers = list(self.workers.values()), {}
         await asyncio.gather(*(worker.stop() for worker in workers))
 
@@ -95,15 +93,16 @@ class Engine:
         """Set at the next change of any job (take it before reading the job)."""
         return self._jobs_event
 
+    def _sweep_interval(self) -> float:
+        return min(SWEEP_INTERVAL, max(self.config.job_retention / 2, 0.05))
+
     async def _sweep_loop(self) -> None:
+        """Delete finished jobs past job_retention (a failed round is logged and the
+        loop starts again after an interval: common.supervision)."""
         retention = self.config.job_retention
-        interval = min(SWEEP_INTERVAL, max(retention / 2, 0.05))
         while True:
-            try:
-                removed = await self.store.run(repository.delete_finished_jobs,
-                                               self.now() - retention)
-                if removed:
-                    log.info("retention: removed %d finished jobs", removed)
-            except Exception:
-                log.exception("retention sweep failed")
-            await asyncio.sleep(interval)
+            removed = await self.store.run(repository.delete_finished_jobs,
+                                           self.now() - retention)
+            if removed:
+                log.info("retention: removed %d finished jobs", removed)
+            await asyncio.sleep(self._sweep_interval())

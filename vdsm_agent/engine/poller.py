@@ -17,7 +17,12 @@ and its own timeouts, so a slow, frozen or dead host never delays another:
 
 Every failed call (no answer, refused, timeout) is a failed attempt; after
 ``unresponsive_after`` in a row the host is non-responsive, and the first
-call that succeeds makes it up again (and refreshes its state).
+call that succeeds makes it up again (and refreshes its state). A loop whose
+call failed waits before trying again: capped exponential backoff with full
+jitter (``common.backoff``, the connection monitors' policy) from
+``retry_interval`` up to ``retry_max``, so that hosts that lost the engine
+together are not retried in lock-step. Each loop runs under
+``common.supervision``: a bug in one round is logged and the loop restarts.
 """
 
 from __future__ import annotations
@@ -26,13 +31,16 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import random
 import ssl
-import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from vdsm_agent.common.backoff import Backoff
+from vdsm_agent.common.clock import now
+from vdsm_agent.common.supervision import Background
 from vdsm_agent.engine.agentclient import (
     METHOD_NOT_FOUND,
     AgentClient,
@@ -52,10 +60,6 @@ log = logging.getLogger(__name__)
 LIST_PAGE_SIZE = 1000
 MAX_EVENTS = 1000
 PERSIST_EVERY = 30.0  # seconds between writes of a host's lastSeen/syncedAt at resync
-
-
-def now() -> float:
-    return round(time.time(), 6)
 
 
 class HostWorker:
@@ -78,7 +82,10 @@ class HostWorker:
         self.epoch: str | None = None
         self.since = 0
         self.client: AgentClient | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._loops = Background(f"host {self.name}", log)
+        self._backoff = Backoff(base=self.config.retry_interval, cap=self.config.retry_max,
+                                floor=min(self.config.retry_interval, self.config.retry_max))
+        self._rng = random.Random()
         self._resync = asyncio.Event()
         self._kick = asyncio.Event()
         self._status_lock = asyncio.Lock()
@@ -95,24 +102,20 @@ class HostWorker:
     # -- life cycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self.maintenance or self._tasks:
+        if self.maintenance or self._loops:
             return
         self._running = True
         self.status = HostStatus.CONNECTING
         self.failures = 0
         self.epoch = None
         self._need_version = True
-        for name, loop in (("events", self._events_loop), ("sync", self._sync_loop),
-                           ("steps", self._steps_loop)):
-            task = asyncio.create_task(self._guard(name, loop), name=f"host {self.name} {name}")
-            self._tasks.add(task)
+        for name, loop in (("events loop", self._events_loop), ("sync loop", self._sync_loop),
+                           ("steps loop", self._steps_loop)):
+            self._loops.loop(loop, name, restart_delay=self.config.retry_interval)
 
     async def stop(self) -> None:
         self._running = False
-        tasks, self._tasks = self._tasks, set()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._loops.close()
         if self.client is not None:
             client, self.client = self.client, None
             await client.close()
@@ -127,18 +130,6 @@ class HostWorker:
         else:
             await self.start()
 
-    async def _guard(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
-        """Run one loop for ever: a bug in one iteration is logged, never fatal."""
-        while True:
-            try:
-                await loop()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("host %s: %s loop failed; restarting it", self.name, name)
-                await asyncio.sleep(self.config.retry_interval)
-
     # -- status ---------------------------------------------------------------------------
 
     @property
@@ -147,9 +138,9 @@ class HostWorker:
         return self.status == HostStatus.UP
 
     def retry_delay(self) -> float:
-        exponent = max(self.failures - 1, 0)
-        return float(min(self.config.retry_interval * 2 ** min(exponent, 16),
-                         self.config.retry_max))
+        """How long a loop waits after a failed call: jittered, from retry_interval
+        (after the first failure in a row) doubling up to retry_max."""
+        return self._backoff.delay(self.failures - 1, self._rng)
 
     async def succeeded(self) -> None:
         self.failures = 0

@@ -9,21 +9,18 @@ state beside it.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
-
 from vdsm_agent import errors
+from vdsm_agent.common import paging
+from vdsm_agent.common.clock import rfc3339
 from vdsm_agent.engine.agentclient import AgentError, AgentUnreachable
 from vdsm_agent.engine.engine import Engine
 from vdsm_agent.engine.poller import HostWorker
 from vdsm_agent.engine.states import UNKNOWN, HostStatus
 from vdsm_agent.engine.store import repository
 from vdsm_agent.engine.store.models import HostRow, HostTaskRow
-from vdsm_agent.tasks.clock import rfc3339
 
 # -- hosts ------------------------------------------------------------------------------
 
@@ -98,39 +95,18 @@ def _as_tuple(value: Any) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
-def _fingerprint(query: Mapping[str, Any]) -> str:
-    return hashlib.sha256(orjson.dumps(query, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
-
-
-def encode_token(key: list[Any], fingerprint: str) -> str:
-    raw = orjson.dumps({"k": key, "f": fingerprint})
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_token(token: str, fingerprint: str, size: int) -> list[Any]:
-    bad = errors.InvalidParams("pageToken is not a token of this list with this filter",
-                               field="params.pageToken", rule="pageToken")
-    try:
-        payload = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        key, owner = payload["k"], payload["f"]
-    except (ValueError, TypeError, KeyError):
-        raise bad from None
-    if owner != fingerprint or not isinstance(key, list) or len(key) != size:
-        raise bad
-    return key
-
-
 async def list_tasks(engine: Engine, where: Mapping[str, Any] | None, page_size: int,
                      page_token: str | None) -> dict[str, Any]:
     where = dict(where or {})
     query = repository.TaskQuery(
         hosts=_as_tuple(where.get("host")), states=_as_tuple(where.get("state")),
         kind=where.get("kind"), external=where.get("external"), job_id=where.get("jobID"))
-    fingerprint = _fingerprint(where)
+    fingerprint = paging.fingerprint(where)
     after = None
     if page_token:
-        created, host, task_id = decode_token(page_token, fingerprint, 3)
-        after = (float(created), str(host), str(task_id))
+        created, host, task_id = paging.decode_token(page_token, fingerprint, "listTasks",
+                                                     (float, str, str))
+        after = (created, host, task_id)
     not_current = engine.not_current()
     unreachable = engine.unreachable()
     rows = await engine.store.run(repository.list_tasks_page, query, not_current, after,
@@ -139,7 +115,7 @@ async def list_tasks(engine: Engine, where: Mapping[str, Any] | None, page_size:
     token = None
     if len(rows) > page_size:
         last = page[-1]
-        token = encode_token([last.created_at, last.host, last.task_id], fingerprint)
+        token = paging.encode_token([last.created_at, last.host, last.task_id], fingerprint)
     items = [task_item(row, *_status_of(engine, row.host)) for row in page]
     return {"tasks": items, "nextPageToken": token, "unreachableHosts": unreachable}
 
@@ -236,17 +212,17 @@ async def list_jobs(engine: Engine, where: Mapping[str, Any] | None, page_size: 
     where = dict(where or {})
     query = repository.JobQuery(states=_as_tuple(where.get("state")),
                                 action=where.get("action"), host=where.get("host"))
-    fingerprint = _fingerprint(where)
+    fingerprint = paging.fingerprint(where)
     after = None
     if page_token:
-        created, job_id = decode_token(page_token, fingerprint, 2)
-        after = (float(created), str(job_id))
+        created, job_id = paging.decode_token(page_token, fingerprint, "listJobs", (float, str))
+        after = (created, job_id)
     jobs = await engine.store.run(repository.list_jobs_page, query, after, page_size + 1)
     page = jobs[:page_size]
     token = None
     if len(jobs) > page_size:
         last = page[-1]
-        token = encode_token([last["_createdAt"], last["jobID"]], fingerprint)
+        token = paging.encode_token([last["_createdAt"], last["jobID"]], fingerprint)
     for job in jobs:
         job.pop("_createdAt", None)
     return {"jobs": page, "nextPageToken": token}

@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import datetime
 import itertools
 import logging
 import math
@@ -45,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from vdsm_agent.common.clock import rfc3339
 from vdsm_agent.tasks.runtime import Pulse, wait_event
 from vdsm_agent.tasks.states import FINAL, State
 
@@ -70,12 +70,6 @@ _FINAL_STATES = frozenset(str(state) for state in FINAL)
 _NO_PROGRESS_STATES = _FINAL_STATES | {str(State.ACCEPTED)}
 
 
-def rfc3339(timestamp: float) -> str:
-    """``2025-01-02T03:04:05.123456Z`` (UTC, microseconds), like the task timestamps."""
-    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def ndjson_pieces(items: Iterable[Mapping[str, Any]], size: int) -> Iterator[bytes]:
     """``items`` as JSON lines, in pieces of about ``size`` bytes (whole lines).
     Lines are appended to the piece at once: an orjson result has room for
@@ -88,12 +82,6 @@ def ndjson_pieces(items: Iterable[Mapping[str, Any]], size: int) -> Iterator[byt
             yield done
     if piece:
         yield bytes(piece)
-
-
-def connection_time(timestamp: float) -> str:
-    """As ``lastError.time`` of getStorageConnectionList (milliseconds)."""
-    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclasses.dataclass(eq=False)
@@ -259,7 +247,7 @@ class EventFeed:
             # "time" too: then it is also the ConnectionError of getStorageConnectionList.
             "error": None if error is None else {
                 "code": error.code, "message": error.message, "at": rfc3339(error.at),
-                "time": connection_time(error.at)},
+                "time": rfc3339(error.at, 3)},
         }, change.at)
 
     # -- reading -----------------------------------------------------------------------

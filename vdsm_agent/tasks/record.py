@@ -8,8 +8,8 @@ from typing import Any
 
 import orjson
 
+from vdsm_agent.common import clock
 from vdsm_agent.security import redact
-from vdsm_agent.tasks import clock
 from vdsm_agent.tasks.states import State
 
 

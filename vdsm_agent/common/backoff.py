@@ -1,14 +1,16 @@
-"""Reconnect delays: capped exponential backoff with full jitter.
+"""Retry delays: capped exponential backoff with full jitter.
 
 ``delay(n) = max(floor, uniform(0, min(cap, base * 2**n)))`` where ``n`` is the
-number of reconnect attempts that already failed in the current outage. Full
-jitter (Marc Brooker, "Exponential Backoff And Jitter", AWS Architecture Blog)
-spreads the retries of many hosts that lost the same server at the same
+number of attempts that already failed in the current outage. Full jitter
+(Marc Brooker, "Exponential Backoff And Jitter", AWS Architecture Blog)
+spreads the retries of many clients that lost the same server at the same
 instant, so that they do not hammer it in lock-step when it comes back; the
 floor keeps a retry storm off a target that fails at once (a refused port).
-The attempt counter is reset by the monitor after the target has been healthy
-for a while (setting ``backoff_reset``), never by a single good probe, so a
-flapping target keeps backing off.
+
+Used by the connection monitors (reconnect attempts; the counter is reset
+after the target has been healthy for ``backoff_reset``, never by a single
+good probe, so a flapping target keeps backing off) and by the engine's host
+workers (calls to a host that does not answer).
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ class Backoff:
 
     def ceiling(self, failures: int) -> float:
         """The upper bound of the delay after ``failures`` failed attempts."""
-        exponent = min(max(failures, 0), _MAX_EXPONENT)
-        return max(self.floor, min(self.cap, self.base * 2.0 ** exponent))
+        return max(self.floor, self._upper(failures))
 
     def delay(self, failures: int, rng: random.Random) -> float:
         """A jittered delay before the next attempt, in [floor, ceiling(failures)]."""
-        upper = min(self.cap, self.base * 2.0 ** min(max(failures, 0), _MAX_EXPONENT))
-        return max(self.floor, rng.uniform(0.0, upper))
+        return max(self.floor, rng.uniform(0.0, self._upper(failures)))
+
+    def _upper(self, failures: int) -> float:
+        return min(self.cap, self.base * 2.0 ** min(max(failures, 0), _MAX_EXPONENT))
