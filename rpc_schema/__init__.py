@@ -140,6 +140,10 @@ class ApiSchema:
     document: dict[str, Any]  # the file as loaded, for generators
     # Errors any verb may answer (access and limits), beside its own "errors".
     common_errors: tuple[str, ...] = ()
+    # Failure names: what a task's error (a job step's lastError, for the engine)
+    # may carry beside the errors ({name: {"description"}}; ``errors.Failure``).
+    failures: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    failures_description: str = ""
 
     def verb(self, name: str) -> Verb | None:
         return self.verbs.get(name)
@@ -169,6 +173,10 @@ def _check_roles(verb_name: str, spec: dict[str, Any]) -> None:
 
 def from_document(document: dict[str, Any]) -> ApiSchema:
     errors = document["errors"]
+    failures = document.get("failures", {})
+    clashes = set(failures.get("names", {})) & set(errors)
+    if clashes:
+        raise ValueError(f"failures: names that are errors too {sorted(clashes)}")
     common = tuple(document.get("commonErrors", ()))
     unknown_common = set(common) - set(errors)
     if unknown_common:
@@ -198,4 +206,6 @@ def from_document(document: dict[str, Any]) -> ApiSchema:
         verbs=verbs,
         document=document,
         common_errors=common,
+        failures=failures.get("names", {}),
+        failures_description=failures.get("description", ""),
     )

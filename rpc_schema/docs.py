@@ -92,6 +92,16 @@ def _access_lines(schema: ApiSchema) -> list[str]:
     return [*lines, ""]
 
 
+def _failure_lines(schema: ApiSchema) -> list[str]:
+    """The failure names (``errors.Failure``) this API's objects may carry."""
+    if not schema.failures:
+        return []
+    lines = ["## Failures", "", schema.failures_description, "",
+             "| name | meaning |", "| --- | --- |"]
+    lines += [f"| `{name}` | {spec['description']} |" for name, spec in schema.failures.items()]
+    return [*lines, ""]
+
+
 def render(schema: ApiSchema) -> str:
     info = schema.info
     lines = [
@@ -123,7 +133,7 @@ def render(schema: ApiSchema) -> str:
               "| code | name | meaning |", "| --- | --- | --- |"]
     for name, spec in schema.errors.items():
         lines.append(f"| {spec['code']} | `{name}` | {spec['description']} |")
-    lines += ["", "## Schemas", ""]
+    lines += ["", *_failure_lines(schema), "## Schemas", ""]
     for name, component in schema.components.get("schemas", {}).items():
         lines += [f"### `{name}`", "", "```json", json.dumps(component, indent=2), "```", ""]
     return "\n".join(lines)

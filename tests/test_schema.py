@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -48,6 +49,32 @@ def test_every_error_class_is_in_the_schema_with_its_code():
             assert in_code.get(name) == spec["code"], (schema.info["title"], name)
             listed[name] = spec["code"]
     assert listed == in_code
+
+
+def test_every_failure_name_is_in_the_schema():
+    """Every task failure name (errors.Failure) is listed under "failures" in
+    agent.json or engine.json (the engine's own, a job step's lastError, only
+    there), once; none is also an error name; nothing else is listed."""
+    agent, engine = SCHEMA.failures, rpc_schema.load("engine").failures
+    assert set(agent).isdisjoint(engine)
+    assert set(agent) | set(engine) == {failure.value for failure in errors.Failure}
+    assert {"HostRemoved", "TaskGone"} <= set(engine)
+    error_names = {cls.name for cls in errors.all_errors()}
+    assert error_names.isdisjoint(failure.value for failure in errors.Failure)
+    assert all(spec["description"] for spec in (*agent.values(), *engine.values()))
+
+
+def test_failure_names_are_never_written_as_literals():
+    """A task's (or a job step's) error names a catalogue entry (errors.Failure)
+    or an error class, never a free string: no error dict with a literal name,
+    no TaskFailure with a string, anywhere in the agent or the engine."""
+    literal = re.compile(r'"name":\s*"[A-Z]|TaskFailure\(\s*"')
+    found = [f"{path.relative_to(ROOT)}:{number}"
+             for path in sorted((ROOT / "vdsm_agent").rglob("*.py"))
+             if "client" not in path.parts
+             for number, line in enumerate(path.read_text().splitlines(), 1)
+             if literal.search(line)]
+    assert found == []
 
 
 def test_application_errors_are_positive():

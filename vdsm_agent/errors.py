@@ -1,15 +1,23 @@
-"""The agent's error hierarchy: one class per documented error name.
+"""The names callers see: one error class per documented error name, and the
+catalogue of task failure names.
 
 Every class carries a stable ``code`` and ``name``; both are listed in
 ``rpc_schema/agent.json`` (a test keeps the two in step). Handlers raise these;
 ``vdsm_agent.server.jsonrpc`` is the one place that turns them into JSON-RPC
-errors. Protocol faults use the standard negative codes; application errors use
-stable positive codes grouped by subsystem (1xx connections, 2xx tasks,
-3xx devices and paths, 4xx limits and access).
+errors, and every error object the agent and the engine send is built by
+``RpcError.to_error`` (``to_body`` for the plain HTTP routes). Protocol
+faults use the standard negative codes; application errors use stable positive
+codes grouped by subsystem (1xx connections, 2xx tasks, 3xx devices and paths,
+4xx limits and access, 5xx the engine).
+
+``Failure`` names what a task's ``error`` (and an engine job step's
+``lastError``) carries when it is not one of these classes (listed under
+``failures`` in the schema, kept in step by the same test).
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Any, ClassVar
 
 # JSON-RPC 2.0 standard codes.
@@ -32,12 +40,29 @@ class RpcError(Exception):
         self.detail = detail
         self.data = data
 
-    def to_error(self) -> dict[str, Any]:
-        """The JSON-RPC ``error`` member for this exception."""
+    def to_data(self) -> dict[str, Any]:
+        """``{"name", ...data, "detail"}``: the JSON-RPC ``error.data``, and a
+        task's ``error`` when its work met this error."""
         data: dict[str, Any] = {"name": self.name, **self.data}
         if self.detail:
             data["detail"] = self.detail
-        return {"code": self.code, "message": self.message, "data": data}
+        return data
+
+    def to_error(self) -> dict[str, Any]:
+        """The JSON-RPC ``error`` member for this exception."""
+        return {"code": self.code, "message": self.message, "data": self.to_data()}
+
+    def to_body(self) -> dict[str, Any]:
+        """The JSON body of a plain HTTP answer (the routes beside ``/jsonrpc``):
+        ``{"error": {code, message, name, ...data}}``."""
+        return {"error": {"code": self.code, "message": self.message, **self.to_data()}}
+
+
+def refused_request(error: RpcError) -> dict[str, Any]:
+    """The JSON-RPC ``error`` member of a request refused before its calls are
+    read (a body too large or too slow, a batch too long): -32600 "Invalid
+    request", with ``error``'s name and data (e.g. ``LimitExceeded``)."""
+    return {"code": INVALID_REQUEST, "message": "Invalid request", "data": error.to_data()}
 
 
 class InvalidParams(RpcError):
@@ -46,6 +71,15 @@ class InvalidParams(RpcError):
     code = INVALID_PARAMS
     name = "InvalidParams"
     message = "Invalid params"
+
+
+class InternalError(RpcError):
+    """Anything unexpected: never its text, a correlation ID that is in the log
+    (``correlationId``); in a task's error, the work's unexpected exception."""
+
+    code = INTERNAL_ERROR
+    name = "InternalError"
+    message = "Internal error"
 
 
 class AgentError(RpcError):
@@ -221,3 +255,39 @@ class HostUnreachable(AgentError):
     code = 503
     name = "HostUnreachable"
     message = "The host's agent does not answer and the engine has no record to answer from"
+
+
+# -- task failures: a task's error, an engine job step's lastError ----------------------
+
+
+class Failure(enum.StrEnum):
+    """The names of a task's ``error`` (``{"name", "detail", ...}``) that are not
+    the error classes above, which a task's work may also meet (PathNotAllowed,
+    DeviceInUse, StorageFull, ...). Listed with their meaning under ``failures``
+    in ``rpc_schema/agent.json``; those only the engine gives (a job step's
+    ``lastError``) in ``engine.json``."""
+
+    # the task runner (vdsm_agent/tasks)
+    CANCELED = "Canceled"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    INTERRUPTED = "Interrupted"
+    RESET_BY_ADMINISTRATOR = "ResetByAdministrator"
+    SPAWN_FAILED = "SpawnFailed"
+    RESOURCE_CHANGED = "ResourceChanged"
+    # the task kinds' work (vdsm_agent/tasks/kinds)
+    TOOL_FAILED = "ToolFailed"
+    INVALID_ARGUMENT = "InvalidArgument"
+    VERIFY_FAILED = "VerifyFailed"
+    DIRTY_LOG = "DirtyLog"
+    DISCARD_NOT_SUPPORTED = "DiscardNotSupported"
+    RANGE_BEYOND_END = "RangeBeyondEnd"
+    SHORT_READ = "ShortRead"
+    DESTINATION_REPLACED = "DestinationReplaced"
+    TEST_FAILURE = "TestFailure"
+    # the engine: a job step's lastError (vdsm_agent/engine)
+    HOST_REMOVED = "HostRemoved"
+    TASK_GONE = "TaskGone"
+
+    def error(self, detail: str, **data: Any) -> dict[str, Any]:
+        """The ``error`` object: ``{"name", "detail", **data}``."""
+        return {"name": self.value, "detail": detail, **data}

@@ -42,7 +42,6 @@ START_TASK = "startTask"
 MANAGE = "manageStorageConnection"
 UNMANAGE = "unmanageStorageConnection"
 CANCEL = "cancelTask"
-ACTIONS = (START_TASK, MANAGE, UNMANAGE, CANCEL)
 
 
 def guess_resources(kind: str, params: Mapping[str, Any]) -> list[str]:
@@ -163,7 +162,8 @@ class StepRunner:
             log.info("job %s step on %s: no answer (%s); will retry", step.job_id,
                      step.host, exc)
             await store.run(repository.step_attempt_failed, step.id,
-                            {"name": "HostUnreachable", "detail": str(exc)}, self.engine.now())
+                            errors.HostUnreachable(str(exc)).to_data(),
+                            self.engine.now())
             return False
         except AgentError as exc:
             log.info("job %s step on %s: refused: %s", step.job_id, step.host, exc)

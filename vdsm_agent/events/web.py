@@ -19,13 +19,13 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-import orjson
 from aiohttp import web
 
 from vdsm_agent import errors
 from vdsm_agent.agent import Agent
 from vdsm_agent.events.feed import Event, EventFeed, ndjson_pieces
 from vdsm_agent.server import streaming
+from vdsm_agent.server.http import json_response
 from vdsm_agent.settings import Config
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,7 @@ _FALSE = frozenset({"0", "false", "no", "off", ""})
 
 def _bad_request(detail: str, field: str) -> web.Response:
     error = errors.InvalidParams(detail, field=field, rule="query")
-    body = {"error": {"code": error.code, "message": error.message, **error.to_error()["data"]}}
-    return web.Response(body=orjson.dumps(body), status=400, content_type="application/json")
+    return json_response(error.to_body(), 400)
 
 
 async def stream_events(request: web.Request, feed: EventFeed,

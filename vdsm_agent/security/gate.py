@@ -36,8 +36,7 @@ PUBLIC = frozenset({"/health"})
 
 
 def error_response(status: int, error: errors.RpcError) -> web.Response:
-    body = {"error": {"code": error.code, "message": error.message, **error.to_error()["data"]}}
-    return web.Response(body=orjson.dumps(body), status=status,
+    return web.Response(body=orjson.dumps(error.to_body()), status=status,
                         content_type="application/json")
 
 
@@ -56,13 +55,12 @@ def middleware(authenticator: Authenticator, limiter: Limiter) -> Middleware:
             return await handler(request)
         what = f"{request.method} {path}"
         if caller.role < Role.READ:
-            audit.record(caller, what, dict(request.query), event="forbidden",
-                         required=str(Role.READ),
-                         error={"code": errors.Forbidden.code,
-                                "data": {"name": errors.Forbidden.name}})
-            return error_response(403, errors.Forbidden(
+            forbidden = errors.Forbidden(
                 f"{caller} has role {caller.role}; {what} needs read",
-                identity=caller.identity, role=str(caller.role), required=str(Role.READ)))
+                identity=caller.identity, role=str(caller.role), required=str(Role.READ))
+            audit.record(caller, what, dict(request.query), event="forbidden",
+                         required=str(Role.READ), error=forbidden.to_error())
+            return error_response(403, forbidden)
         if not limiter.admit_long_poll(caller):
             return error_response(429, limiter.refusal(caller, long_poll=True))
         try:

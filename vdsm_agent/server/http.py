@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 
 from vdsm_agent import errors
-from vdsm_agent.server.jsonrpc import Dispatcher, error_response
+from vdsm_agent.server.jsonrpc import Dispatcher, error_answer
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +24,9 @@ def json_response(payload: object, status: int = 200) -> web.Response:
 async def _body_too_slow(request: web.Request, body_timeout: float) -> web.Response:
     """HTTP 408 with a JSON-RPC error, then the connection is closed at once
     (aiohttp would otherwise linger up to 10 s to read the rest of the body)."""
-    response = json_response(error_response(
-        errors.INVALID_REQUEST, "Invalid request",
-        {"name": "LimitExceeded", "limit": "header_timeout", "max": body_timeout,
-         "detail": f"the request body did not arrive within {body_timeout:g} s"}),
-        status=408)
+    response = json_response(error_answer(errors.refused_request(errors.LimitExceeded(
+        f"the request body did not arrive within {body_timeout:g} s", limit="header_timeout",
+        max=body_timeout))), status=408)
     response.force_close()
     await response.prepare(request)
     await response.write_eof()
@@ -49,10 +47,9 @@ async def jsonrpc_response(request: web.Request, dispatcher: Dispatcher,
             async with asyncio.timeout(body_timeout):
                 body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        return json_response(error_response(
-            errors.INVALID_REQUEST, "Invalid request",
-            {"name": "LimitExceeded", "limit": "max_body_size", "max": max_body_size,
-             "detail": f"request body larger than {max_body_size} bytes"}), status=413)
+        return json_response(error_answer(errors.refused_request(errors.LimitExceeded(
+            f"request body larger than {max_body_size} bytes", limit="max_body_size",
+            max=max_body_size))), status=413)
     except TimeoutError:
         return await _body_too_slow(request, body_timeout)
     except ConnectionError:
@@ -67,9 +64,8 @@ async def jsonrpc_response(request: web.Request, dispatcher: Dispatcher,
         # Dispatch itself failed (a bug): still a JSON-RPC answer.
         correlation_id = uuid.uuid4().hex[:16]
         log.exception("dispatch failed [correlation_id=%s]", correlation_id)
-        return json_response(error_response(
-            errors.INTERNAL_ERROR, "Internal error",
-            {"name": "InternalError", "correlationId": correlation_id}))
+        return json_response(error_answer(
+            errors.InternalError(correlationId=correlation_id).to_error()))
     if answer is None:
         return web.Response(status=204)
     return web.Response(body=answer, content_type=JSON)

@@ -67,9 +67,15 @@ _ENVELOPE_KEYS = frozenset(("jsonrpc", "method", "params", "id"))
 
 
 def error_response(code: int, message: str, data: Any = None, id: Any = None) -> dict[str, Any]:
+    """A protocol error answer (parse error, invalid request, method not found)."""
     error: dict[str, Any] = {"code": code, "message": message}
     if data is not None:
         error["data"] = data
+    return error_answer(error, id)
+
+
+def error_answer(error: dict[str, Any], id: Any = None) -> dict[str, Any]:
+    """The answer carrying ``error`` (``RpcError.to_error``, ``errors.refused_request``)."""
     return {"jsonrpc": "2.0", "error": error, "id": id}
 
 
@@ -108,8 +114,8 @@ def translate_errors(handler: Handler) -> Handler:
             correlation_id = uuid.uuid4().hex[:16]
             log.exception("unexpected error in %s [correlation_id=%s]",
                           handler.__name__, correlation_id)
-            return Error(errors.INTERNAL_ERROR, "Internal error",
-                         {"name": "InternalError", "correlationId": correlation_id})
+            error = errors.InternalError(correlationId=correlation_id).to_error()
+            return Error(error["code"], error["message"], error["data"])
 
     return wrapper
 
@@ -290,10 +296,9 @@ class Dispatcher:
             return orjson.dumps(error_response(
                 errors.INVALID_REQUEST, "Invalid request", "an empty batch is not a request"))
         if len(batch) > self.max_batch:
-            return orjson.dumps(error_response(
-                errors.INVALID_REQUEST, "Invalid request",
-                {"name": "LimitExceeded", "limit": "max_batch", "max": self.max_batch,
-                 "detail": f"a batch may hold at most {self.max_batch} members"}))
+            return orjson.dumps(error_answer(errors.refused_request(errors.LimitExceeded(
+                f"a batch may hold at most {self.max_batch} members", limit="max_batch",
+                max=self.max_batch))))
         limiter = self.limiter
         if caller is None or limiter is None:
             answers = await asyncio.gather(*(self.dispatch_one(member) for member in batch))
@@ -324,16 +329,15 @@ class Dispatcher:
             audit.record(caller, route.verb.name, member.get("params"), event="limit",
                          error=error)
         ident = member.get("id", NOID)
-        return None if ident is NOID else error_response(
-            error["code"], error["message"], error["data"], ident)
+        return None if ident is NOID else error_answer(error, ident)
 
     def _refuse(self, route: _Route, caller: Caller | None, params: Any, ident: Any,
-                error: dict[str, Any]) -> dict[str, Any] | None:
+                exc: errors.RpcError) -> dict[str, Any] | None:
         """An error answer before the handler runs (audited for mutating verbs)."""
+        error = exc.to_error()
         if route.audited and caller is not None:
             audit.record(caller, route.verb.name, params, error=error)
-        return None if ident is NOID else error_response(
-            error["code"], error["message"], error.get("data"), ident)
+        return None if ident is NOID else error_answer(error, ident)
 
     def _forbidden(self, route: _Route, caller: Caller, params: Any, ident: Any,
                    required: Role) -> dict[str, Any] | None:
@@ -345,8 +349,7 @@ class Dispatcher:
             required=str(required)).to_error()
         audit.record(caller, name, params, event="forbidden", error=error,
                      required=str(required))
-        return None if ident is NOID else error_response(
-            error["code"], error["message"], error["data"], ident)
+        return None if ident is NOID else error_answer(error, ident)
 
     async def dispatch_one(self, member: Any, caller: Caller | None = None
                            ) -> dict[str, Any] | None:
@@ -369,19 +372,15 @@ class Dispatcher:
             params = {}
         elif type(params) is list:
             if params:
-                return self._refuse(route, caller, params, ident, {
-                    "code": errors.INVALID_PARAMS, "message": "Invalid params",
-                    "data": {"name": "InvalidParams", "field": "params",
-                             "rule": "paramStructure",
-                             "detail": "params must be given by name (a JSON object)"}})
+                return self._refuse(route, caller, params, ident, errors.InvalidParams(
+                    "params must be given by name (a JSON object)", field="params",
+                    rule="paramStructure"))
             params = {}
         try:
             route.verb.validate_params(params)
         except ParamsInvalid as exc:
-            return self._refuse(route, caller, params, ident, {
-                "code": errors.INVALID_PARAMS, "message": "Invalid params",
-                "data": {"name": "InvalidParams", "field": exc.field, "rule": exc.rule,
-                         "detail": exc.message}})
+            return self._refuse(route, caller, params, ident, errors.InvalidParams(
+                exc.message, field=exc.field, rule=exc.rule))
         if caller is not None and route.elevations:
             required = route.required(params)
             if required > caller.role:

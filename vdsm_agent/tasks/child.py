@@ -30,8 +30,10 @@ from types import FrameType
 from typing import Any
 
 from vdsm_agent import errors
+from vdsm_agent.common import clock
+from vdsm_agent.errors import Failure
 from vdsm_agent.system.space import is_no_space
-from vdsm_agent.tasks import clock, files, output
+from vdsm_agent.tasks import files, output
 from vdsm_agent.tasks.kinds import KINDS, priority
 from vdsm_agent.tasks.kinds.base import Canceled, KindEnv, TaskFailure, TaskKind
 
@@ -91,7 +93,7 @@ class ChildContext:
         if self._cancel:
             raise Canceled()
         if self.storage_full is not None:
-            raise TaskFailure("StorageFull", f"the state disk is full: {self.storage_full}")
+            raise errors.StorageFull(f"the state disk is full: {self.storage_full}")
 
     def write_failed(self, exc: OSError, what: str) -> None:
         """A write failed for lack of space: remember it (the work stops at its
@@ -188,9 +190,8 @@ def _failure(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, TaskFailure):
         return exc.to_error()
     if isinstance(exc, errors.RpcError):
-        data: dict[str, Any] = exc.to_error()["data"]
-        return data
-    return {"name": "InternalError", "detail": f"{type(exc).__name__}: {exc}"}
+        return exc.to_data()
+    return errors.InternalError(f"{type(exc).__name__}: {exc}").to_data()
 
 
 def _prepare(kind_cls: type[TaskKind], ctx: ChildContext, spec: dict[str, Any]) -> TaskKind:
@@ -200,7 +201,7 @@ def _prepare(kind_cls: type[TaskKind], ctx: ChildContext, spec: dict[str, Any]) 
     kind_cls.validate(params, ctx.env)
     resources = kind_cls.resources(params, ctx.env)
     if sorted(resources) != sorted(spec.get("resources", [])):
-        raise TaskFailure("ResourceChanged",
+        raise TaskFailure(Failure.RESOURCE_CHANGED,
                           f"the task now needs {resources}, not the locked "
                           f"{spec.get('resources')}")
     return kind_cls(params, ctx)
@@ -210,8 +211,8 @@ def run(ctx: ChildContext, spec: dict[str, Any]) -> dict[str, Any]:
     """Run the task; the outcome to record."""
     kind_cls = KINDS.get(spec["kind"])
     if kind_cls is None:
-        return {"state": "failed", "error": {"name": "UnknownTaskKind",
-                                             "detail": f"no kind {spec['kind']!r}"}}
+        return {"state": "failed", "error": errors.UnknownTaskKind(
+            f"no kind {spec['kind']!r}").to_data()}
     ctx.print(f"task {ctx.task_id} ({kind_cls.name}) starting, pid {os.getpid()}")
     # Niceness and I/O class: inherited by every tool the kind runs.
     running_at, problems = priority.apply(int(spec.get("nice", 0)),
@@ -231,7 +232,7 @@ def run(ctx: ChildContext, spec: dict[str, Any]) -> dict[str, Any]:
         _cleanup(kind, ctx)
         ctx.print("canceled")
         return {"state": "canceled",
-                "error": {"name": "Canceled", "detail": "canceled on request"}}
+                "error": Failure.CANCELED.error("canceled on request")}
     except Exception as exc:
         if not isinstance(exc, TaskFailure | errors.RpcError):
             _print_traceback()

@@ -16,12 +16,12 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-import orjson
 from aiohttp import web
 
 from vdsm_agent import errors
 from vdsm_agent.agent import Agent
 from vdsm_agent.server import streaming
+from vdsm_agent.server.http import json_response
 from vdsm_agent.settings import Config
 from vdsm_agent.tasks import files
 from vdsm_agent.tasks.manager import TaskManager
@@ -33,9 +33,7 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 
 
 def _json_error(status: int, error: errors.RpcError) -> web.Response:
-    body = {"error": {"code": error.code, "message": error.message, **error.to_error()["data"]}}
-    return web.Response(body=orjson.dumps(body), status=status,
-                        content_type="application/json")
+    return json_response(error.to_body(), status)
 
 
 def _bad_request(detail: str, field: str) -> web.Response:

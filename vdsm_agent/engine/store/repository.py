@@ -15,6 +15,7 @@ import orjson
 import peewee
 
 from vdsm_agent import errors
+from vdsm_agent.common.clock import parse_rfc3339, rfc3339
 from vdsm_agent.engine.states import (
     STEP_FINAL,
     TASK_FINAL,
@@ -34,7 +35,6 @@ from vdsm_agent.engine.store.models import (
     StepRow,
     engine_proxy,
 )
-from vdsm_agent.tasks.clock import parse_rfc3339, rfc3339
 
 ACTIVE_STEP_STATES = (StepState.PENDING.value, StepState.RUNNING.value)
 
@@ -112,7 +112,7 @@ def remove_host(name: str, now: float) -> set[str]:
                                             & StepRow.state.in_(ACTIVE_STEP_STATES)))
         for step in steps:
             _finish_step(step, StepState.FAILED, now,
-                         error={"name": "HostRemoved", "detail": f"host {name} was removed"})
+                         error=errors.Failure.HOST_REMOVED.error(f"host {name} was removed"))
         for model in (HostTaskRow, HostConnectionRow, ResourceLockRow):
             model.delete().where(model.host == name).execute()
         HostRow.delete().where(HostRow.name == name).execute()
@@ -194,9 +194,8 @@ def _on_task_gone(host: str, task_id: str, now: float, jobs: set[str]) -> None:
     steps = StepRow.select().where((StepRow.host == host) & (StepRow.task_id == task_id)
                                    & (StepRow.state == StepState.RUNNING.value))
     for step in steps:
-        _finish_step(step, StepState.FAILED, now,
-                     error={"name": "TaskGone",
-                            "detail": "the host no longer lists the task; its end was not seen"})
+        _finish_step(step, StepState.FAILED, now, error=errors.Failure.TASK_GONE.error(
+            "the host no longer lists the task; its end was not seen"))
         jobs.add(step.job_id)
 
 

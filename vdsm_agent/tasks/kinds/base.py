@@ -39,11 +39,12 @@ class KindEnv:
 
 
 class TaskFailure(Exception):
-    """Raised by the work to fail the task with a named error."""
+    """Raised by the work to fail the task with a named error of the catalogue
+    (``errors.Failure``; an error class of ``errors`` may be raised as well)."""
 
-    def __init__(self, name: str, detail: str, **data: Any) -> None:
+    def __init__(self, failure: errors.Failure, detail: str, **data: Any) -> None:
         super().__init__(detail)
-        self.name = name
+        self.name = failure.value
         self.detail = detail
         self.data = data
 

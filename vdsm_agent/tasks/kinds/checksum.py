@@ -28,6 +28,7 @@ import time
 from typing import Any, ClassVar
 
 from vdsm_agent import errors
+from vdsm_agent.errors import Failure
 from vdsm_agent.tasks.kinds import notes, paths, safety
 from vdsm_agent.tasks.kinds.base import (
     KindEnv,
@@ -223,7 +224,7 @@ class Checksum(TaskKind):
         length = self.params.get("length")
         self.total = size - offset if length is None else length
         if offset + self.total > size:
-            raise TaskFailure("RangeBeyondEnd", f"{target.path} has only {size} bytes")
+            raise TaskFailure(Failure.RANGE_BEYOND_END, f"{target.path} has only {size} bytes")
         reasons = check_policy(self.params, target, offset, self.total, size)
         if reasons:
             self.ctx.warn(f"{target.path} is in use ("
@@ -246,7 +247,7 @@ class Checksum(TaskKind):
             self.ctx.check_cancel()
             count = os.preadv(self.fd, [view[:min(CHUNK, self.total - done)]], offset + done)
             if count == 0:
-                raise TaskFailure("ShortRead", f"unexpected end of data after {done} bytes")
+                raise TaskFailure(Failure.SHORT_READ, f"unexpected end of data after {done} bytes")
             digest.update(view[:count])
             done += count
             self.ctx.progress(done, self.total)

@@ -52,6 +52,7 @@ import struct
 from typing import Any, ClassVar
 
 from vdsm_agent import errors
+from vdsm_agent.errors import Failure
 from vdsm_agent.system import confine
 from vdsm_agent.tasks.kinds import notes, paths, safety, sandbox, tools
 from vdsm_agent.tasks.kinds.base import (
@@ -558,7 +559,7 @@ class Copy(TaskKind):
             if jail is not None:
                 jail.close()
         if run.returncode != 0:
-            raise TaskFailure("ToolFailed", f"qemu-img convert failed with exit code "
+            raise TaskFailure(Failure.TOOL_FAILED, f"qemu-img convert failed with exit code "
                               f"{run.returncode}: {run.summary()}", exitCode=run.returncode)
         if destination.kind == "file":
             self._check_still_named(plan.destination)
@@ -578,12 +579,12 @@ class Copy(TaskKind):
                                        self.ctx.env.allowed_roots, DESTINATION,
                                        single_link=False)
         except errors.RpcError as exc:
-            raise TaskFailure("DestinationReplaced", f"{destination.path} no longer leads "
+            raise TaskFailure(Failure.DESTINATION_REPLACED, f"{destination.path} no longer leads "
                               f"to the file written ({exc.detail or exc.name})",
                               path=destination.path) from None
         with now:
             if not paths.same_inode(now, written):
-                raise TaskFailure("DestinationReplaced", f"{destination.path} was replaced "
+                raise TaskFailure(Failure.DESTINATION_REPLACED, f"{destination.path} was replaced "
                                   "while the copy ran", path=destination.path)
 
     def post(self, result: dict[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import uuid
 from typing import Any, ClassVar
 
 from vdsm_agent import errors
+from vdsm_agent.errors import Failure
 from vdsm_agent.tasks.kinds import notes, paths, safety, tools
 from vdsm_agent.tasks.kinds.base import KindEnv, TaskContext, TaskFailure, Verification
 from vdsm_agent.tasks.kinds.device import DeviceKind
@@ -186,12 +187,12 @@ class Format(DeviceKind):
         run = tools.run(self.ctx, self.argv(), on_segment=stage,
                         fds={device.fd: device.path})
         if run.returncode != 0:
-            raise TaskFailure("ToolFailed", f"{run.argv[0]} failed with exit code "
+            raise TaskFailure(Failure.TOOL_FAILED, f"{run.argv[0]} failed with exit code "
                               f"{run.returncode}: {run.summary()}", exitCode=run.returncode)
         self.ctx.progress(95, 100)
         signature = safety.probe(device)
         if (signature.fstype, signature.uuid) != (self.params["fstype"], self.uuid):
-            raise TaskFailure("VerifyFailed", f"after mkfs, blkid finds {signature.fstype} "
+            raise TaskFailure(Failure.VERIFY_FAILED, f"after mkfs, blkid finds {signature.fstype} "
                               f"{signature.uuid} on {self.path}, not {self.params['fstype']} "
                               f"{self.uuid}")
         self.ctx.progress(100, 100)

@@ -29,6 +29,7 @@ import re
 from typing import Any, ClassVar
 
 from vdsm_agent import errors
+from vdsm_agent.errors import Failure
 from vdsm_agent.tasks.kinds import paths, safety, tools
 from vdsm_agent.tasks.kinds.base import (
     KindEnv,
@@ -184,7 +185,7 @@ class Fsck(DeviceKind):
         summary = next((line.strip() for line in reversed(run.tail)
                         if E2FSCK_SUMMARY.search(line)), run.summary())
         if code >= 8:
-            raise TaskFailure("ToolFailed", f"e2fsck failed with exit code {code}: "
+            raise TaskFailure(Failure.TOOL_FAILED, f"e2fsck failed with exit code {code}: "
                               f"{run.summary()}", exitCode=code)
         repaired = bool(code & 3)
         if repaired:
@@ -205,14 +206,14 @@ class Fsck(DeviceKind):
         argv = ["xfs_repair", *(["-n"] if read_only else []), "--", device.fd_path]
         run = tools.run(self.ctx, argv, on_segment=phase, fds={device.fd: device.path})
         if not read_only and run.returncode == 2:
-            raise TaskFailure("DirtyLog", f"{self.path} has a dirty xfs log; mount and unmount "
-                              "the filesystem to replay it, then check again", exitCode=2)
+            raise TaskFailure(Failure.DIRTY_LOG, f"{self.path} has a dirty xfs log; mount and "
+                              "unmount the filesystem to replay it, then check again", exitCode=2)
         return run
 
     def _xfs(self) -> dict[str, Any]:
         check = self._xfs_run(read_only=True)
         if check.returncode not in (0, 1):
-            raise TaskFailure("ToolFailed", f"xfs_repair -n failed with exit code "
+            raise TaskFailure(Failure.TOOL_FAILED, f"xfs_repair -n failed with exit code "
                               f"{check.returncode}: {check.summary()}",
                               exitCode=check.returncode)
         if check.returncode == 0:
@@ -224,7 +225,7 @@ class Fsck(DeviceKind):
                     "repaired": False, "exitCode": 1}
         fix = self._xfs_run(read_only=False)
         if fix.returncode != 0:
-            raise TaskFailure("ToolFailed", f"xfs_repair failed with exit code "
+            raise TaskFailure(Failure.TOOL_FAILED, f"xfs_repair failed with exit code "
                               f"{fix.returncode}: {fix.summary()}", exitCode=fix.returncode)
         self.ctx.warn(f"xfs_repair found and corrected errors on {self.path}")
         return {"clean": True, "summary": fix.summary() or "repaired", "repaired": True,

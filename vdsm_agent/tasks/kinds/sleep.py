@@ -10,6 +10,7 @@ import os
 import time
 from typing import Any, ClassVar
 
+from vdsm_agent.errors import Failure
 from vdsm_agent.tasks.kinds.base import KindEnv, TaskFailure, TaskKind, Verification
 
 _FILLER = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-=+*/.,:;!?#%&@$^~|<>\n"
@@ -94,5 +95,5 @@ class Sleep(TaskKind):
         if self.params["crash"]:
             os._exit(17)  # no outcome: the agent must call this interrupted
         if "fail" in self.params:
-            raise TaskFailure("TestFailure", self.params["fail"])
+            raise TaskFailure(Failure.TEST_FAILURE, self.params["fail"])
         return {"slept": seconds}

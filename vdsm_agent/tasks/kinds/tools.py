@@ -36,6 +36,7 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from vdsm_agent.errors import Failure
 from vdsm_agent.tasks.kinds.base import Canceled, TaskContext, TaskFailure
 from vdsm_agent.tasks.kinds.sandbox import Sandbox
 
@@ -50,7 +51,7 @@ _ENDS = re.compile(rb"[\r\n]")
 def check_arg(value: str, what: str) -> str:
     """A value from the caller that goes on a command line (never an option)."""
     if not value or value.startswith("-") or "\0" in value or "\n" in value:
-        raise TaskFailure("InvalidArgument", f"{what} {value!r} cannot be passed to a tool")
+        raise TaskFailure(Failure.INVALID_ARGUMENT, f"{what} {value!r} cannot be passed to a tool")
     return value
 
 
@@ -107,7 +108,7 @@ def run(ctx: TaskContext, argv: Sequence[str], *, on_segment: Segment | None = N
         args = [arg.replace("{progress_fd}", str(write_end)) for arg in args]
     for arg in args:
         if "\0" in arg:
-            raise TaskFailure("InvalidArgument", "NUL byte in a command line")
+            raise TaskFailure(Failure.INVALID_ARGUMENT, "NUL byte in a command line")
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
 
     def segment(text: str) -> None:
@@ -130,7 +131,7 @@ def run(ctx: TaskContext, argv: Sequence[str], *, on_segment: Segment | None = N
     except OSError as exc:
         if read_end >= 0:
             os.close(read_end)
-        raise TaskFailure("ToolFailed", f"cannot start {args[0]}: {exc.strerror}") from None
+        raise TaskFailure(Failure.TOOL_FAILED, f"cannot start {args[0]}: {exc.strerror}") from None
     finally:
         if write_end >= 0:
             os.close(write_end)
@@ -157,7 +158,7 @@ def run(ctx: TaskContext, argv: Sequence[str], *, on_segment: Segment | None = N
         ctx.print(f"{args[0]} stopped ({_describe(proc.returncode)})")
         raise Canceled()
     if proc.returncode < 0:
-        raise TaskFailure("ToolFailed", f"{args[0]} was killed by "
+        raise TaskFailure(Failure.TOOL_FAILED, f"{args[0]} was killed by "
                           f"{_describe(proc.returncode)}", argv=args)
     return ToolResult(args, proc.returncode, list(tail))
 

@@ -26,6 +26,7 @@ import os
 from typing import Any, ClassVar
 
 from vdsm_agent import errors
+from vdsm_agent.errors import Failure
 from vdsm_agent.tasks.kinds import blockio, notes, paths, safety
 from vdsm_agent.tasks.kinds.base import (
     KindEnv,
@@ -210,7 +211,7 @@ class Wipe(DeviceKind):
     def _discard(self, buffer: blockio.AlignedBuffer, block: int) -> None:
         granularity, max_bytes = blockio.discard_limits(os.fstat(self.fd).st_rdev)
         if max_bytes <= 0:
-            raise TaskFailure("DiscardNotSupported",
+            raise TaskFailure(Failure.DISCARD_NOT_SUPPORTED,
                               f"{self.path} does not support discard "
                               "(queue/discard_max_bytes is 0); use method=zero",
                               path=self.path)
@@ -234,7 +235,7 @@ class Wipe(DeviceKind):
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.EIO):
                     raise
                 if position == first:
-                    raise TaskFailure("DiscardNotSupported",
+                    raise TaskFailure(Failure.DISCARD_NOT_SUPPORTED,
                                       f"{self.path} refused to discard: {exc.strerror}; "
                                       "use method=zero", path=self.path) from None
                 self.ctx.warn(f"discard failed at offset {position} ({exc.strerror}); "
