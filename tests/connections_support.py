@@ -43,7 +43,7 @@ import pytest
 
 from tests.support import AgentProcess, agent_argv, free_port, spawn_agent, until
 from vdsm_agent.connections.backends.loop import bound_loop_devices
-from vdsm_agent.connections.backends.mounts import read_mounts
+from vdsm_agent.system import mountinfo
 from vdsm_agent.system.commands import CommandResult
 
 MOUNTINFO = Path("/proc/self/mountinfo")
@@ -93,7 +93,7 @@ def pid_gone(pid: int) -> bool:
 
 
 def mount_entry(mount_point: str) -> Any:
-    for entry in read_mounts(MOUNTINFO):
+    for entry in mountinfo.read(MOUNTINFO):
         if entry.mount_point == mount_point:
             return entry
     return None
@@ -148,7 +148,7 @@ class FailingRunner:
 def cleanup_under(root: Path) -> None:
     """Lazily unmount every mount under ``root``; detach loops on files under it."""
     prefix = str(root.resolve()) + "/"
-    for entry in reversed(read_mounts(MOUNTINFO)):
+    for entry in reversed(mountinfo.read(MOUNTINFO)):
         if entry.mount_point.startswith(prefix):
             sh(["umount", "-f", "-l", entry.mount_point], check=False, timeout=10)
     for device, backing in bound_loop_devices(SYSFS).items():
@@ -302,7 +302,7 @@ def gluster_server_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 def _stop_gluster(volume: str, proc: subprocess.Popen[bytes] | None) -> None:
     # Mounts of the volume left by a broken test would keep clients around.
-    for entry in read_mounts(MOUNTINFO):
+    for entry in mountinfo.read(MOUNTINFO):
         if entry.fstype == "fuse.glusterfs" and entry.source.endswith(f":/{volume}"):
             sh(["umount", "-f", "-l", entry.mount_point], check=False)
     gluster("volume", "stop", volume, "force", check=False)
@@ -406,7 +406,7 @@ def ssh_server_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ssh
     try:
         yield server
     finally:
-        for entry in read_mounts(MOUNTINFO):
+        for entry in mountinfo.read(MOUNTINFO):
             if entry.fstype == "fuse.sshfs" and entry.source.endswith(f":{export}"):
                 sh(["umount", "-f", "-l", entry.mount_point], check=False)
         server.kill_everything()

@@ -32,7 +32,7 @@ from tests.connections_support import (
 )
 from tests.support import AgentProcess
 from vdsm_agent.connections.backends.loop import bound_loop_devices
-from vdsm_agent.connections.backends.mounts import read_mounts
+from vdsm_agent.system import mountinfo
 
 # The fixtures (session-scoped servers) are registered once, as a plugin, so
 # that every module shares one glusterd and one sshd.
@@ -283,6 +283,6 @@ def test_restart_adopts_what_is_attached(agents, tmp_path, gluster_server, ssh_s
     for connection_id in [*ids, "gl-2"]:
         agent.call("unmanageStorageConnection", connectionID=connection_id)
     assert not [d for d, b in bound_loop_devices(Path("/sys")).items() if b == str(image)]
-    mounts = [e.mount_point for e in read_mounts(MOUNTINFO)
+    mounts = [e.mount_point for e in mountinfo.read(MOUNTINFO)
               if e.mount_point.startswith(str(tmp_path))]
     assert mounts == []

@@ -18,6 +18,8 @@ import pytest
 from tests.connections_support import FakeRunner, ok
 from tests.loop_support import LoopJanitor, backing_of, devices_bound_to, loop_janitor
 from vdsm_agent import errors, settings
+from vdsm_agent.common.backoff import Backoff
+from vdsm_agent.common.clock import rfc3339
 from vdsm_agent.connections import uri as uris
 from vdsm_agent.connections.backends import BACKENDS, by_scheme
 from vdsm_agent.connections.backends.base import Attachment, BackendContext, BackendError
@@ -25,12 +27,10 @@ from vdsm_agent.connections.backends.file import FileBackend
 from vdsm_agent.connections.backends.glusterfs import GlusterfsBackend
 from vdsm_agent.connections.backends.iscsi import IscsiBackend
 from vdsm_agent.connections.backends.loop import LoopBackend
-from vdsm_agent.connections.backends.mounts import parse_mountinfo
 from vdsm_agent.connections.backends.nfs import NfsBackend
 from vdsm_agent.connections.backends.sshfs import SshfsBackend
-from vdsm_agent.connections.backoff import Backoff
 from vdsm_agent.connections.manager import ConnectionManager
-from vdsm_agent.connections.monitor import Health, MonitorPolicy, State, next_state, rfc3339
+from vdsm_agent.connections.monitor import Health, MonitorPolicy, State, next_state
 from vdsm_agent.connections.probes import ProbePool, ProbeResult
 from vdsm_agent.system import loopdev
 from vdsm_agent.system.commands import CommandTimeout
@@ -312,9 +312,9 @@ def test_state_transitions_with_flap_damping():
 
 
 def test_timestamps_are_rfc3339_utc():
-    assert rfc3339(0.0) == "1970-01-01T00:00:00.000Z"
-    assert rfc3339(1700000000.1234) == "2023-11-14T22:13:20.123Z"
-    assert rfc3339(None) is None
+    assert rfc3339(0.0, 3) == "1970-01-01T00:00:00.000Z"
+    assert rfc3339(1700000000.1234, 3) == "2023-11-14T22:13:20.123Z"
+    assert rfc3339(None, 3) is None
 
 
 # -- probe pool -----------------------------------------------------------------------------------
@@ -335,17 +335,6 @@ def test_probe_pool_keeps_working_around_a_hung_probe():
 
 
 # -- mount table ----------------------------------------------------------------------------------
-
-
-def test_mountinfo_parsing_unescapes_and_reads_optional_fields():
-    text = ("36 35 98:0 /mnt1 /mnt/with\\040space rw,noatime master:1 shared:2 - "
-            "fuse.glusterfs vm:/gv rw,user_id=0\n"
-            "37 35 0:5 / /x rw - nfs4 [fe80::1]:/e rw\n"
-            "garbage line\n")
-    first, second = parse_mountinfo(text)
-    assert first.mount_point == "/mnt/with space"
-    assert (first.fstype, first.source, first.mount_id) == ("fuse.glusterfs", "vm:/gv", 36)
-    assert (second.fstype, second.source) == ("nfs4", "[fe80::1]:/e")
 
 
 # -- NFS: the exact command lines -----------------------------------------------------------------

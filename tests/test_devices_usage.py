@@ -20,7 +20,7 @@ from vdsm_agent import errors
 from vdsm_agent.devices import blkid, collect, inventory, loop, procfs, sysfs, usage
 from vdsm_agent.devices.usage import HostState, LoopBacking, Node, Reason
 from vdsm_agent.settings import Config
-from vdsm_agent.system import commands
+from vdsm_agent.system import commands, mountinfo
 from vdsm_agent.system.commands import CommandResult
 
 # -- the verdict ---------------------------------------------------------------------------
@@ -149,20 +149,10 @@ garbage line
 """
 
 
-def test_parse_mountinfo() -> None:
-    mounts = procfs.parse_mountinfo(MOUNTINFO)
-    assert [(m.devnum, m.mountpoint, m.fstype, m.source) for m in mounts] == [
-        ((0, 21), "/proc", "proc", "proc"),
-        ((254, 0), "/", "ext4", "/dev/root"),
-        ((7, 3), "/mnt/with space", "ext4", "/dev/loop3"),
-        ((0, 45), "/home", "btrfs", "/dev/vdb2"),
-    ]
-
-
 def test_mount_devnum(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(procfs, "block_devnum",
                         lambda path: (252, 2) if path == "/dev/vdb2" else None)
-    mounts = procfs.parse_mountinfo(MOUNTINFO)
+    mounts = mountinfo.parse(MOUNTINFO)
     # By number, never by name: /dev/root does not exist, 254:0 is still right.
     assert [procfs.mount_devnum(m) for m in mounts] == [None, (254, 0), (7, 3), (252, 2)]
 
@@ -347,8 +337,8 @@ def test_btrfs_members_share_mount_points_and_root() -> None:
 
 
 def test_root_is_the_last_mount_on_slash() -> None:
-    mounts = procfs.parse_mountinfo("1 0 0:2 / / rw - rootfs rootfs rw\n"
-                                    "27 1 254:0 / / rw - ext4 /dev/vda rw\n")
+    mounts = mountinfo.parse("1 0 0:2 / / rw - rootfs rootfs rw\n"
+                             "27 1 254:0 / / rw - ext4 /dev/vda rw\n")
     assert collect.root_devnums(mounts) == {(254, 0)}
 
 

@@ -20,6 +20,8 @@ from typing import Any
 from vdsm_agent.devices import blkid, loop, procfs, sysfs, usage
 from vdsm_agent.devices.sysfs import BlockFacts
 from vdsm_agent.devices.usage import DevNum
+from vdsm_agent.system import mountinfo
+from vdsm_agent.system.mountinfo import MountEntry
 
 log = logging.getLogger(__name__)
 
@@ -131,20 +133,20 @@ def _add_mountpoint(mounts: dict[DevNum, list[str]], devnum: DevNum, mountpoint:
         points.append(mountpoint)
 
 
-def mount_table(entries: Iterable[procfs.Mount]) -> dict[DevNum, list[str]]:
+def mount_table(entries: Iterable[MountEntry]) -> dict[DevNum, list[str]]:
     """Mount points by the block device they are on."""
     mounts: dict[DevNum, list[str]] = {}
     for entry in entries:
         devnum = procfs.mount_devnum(entry)
         if devnum is not None:
-            _add_mountpoint(mounts, devnum, entry.mountpoint)
+            _add_mountpoint(mounts, devnum, entry.mount_point)
     return mounts
 
 
-def root_devnums(entries: Sequence[procfs.Mount]) -> set[DevNum]:
+def root_devnums(entries: Sequence[MountEntry]) -> set[DevNum]:
     # The last mount on / is the one visible here (an initramfs rootfs may lie under it).
     for entry in reversed(entries):
-        if entry.mountpoint == "/":
+        if entry.mount_point == "/":
             devnum = procfs.mount_devnum(entry)
             return {devnum} if devnum is not None else set()
     return set()
@@ -192,7 +194,7 @@ def active_swaps(swaps: Iterable[procfs.Swap], devnums: Mapping[str, DevNum]) ->
 
 def host_state(facts: Sequence[BlockFacts]) -> usage.HostState:
     devnums = {item.name: item.devnum for item in facts}
-    entries = procfs.read_mountinfo()
+    entries = mountinfo.read()
     mounts = mount_table(entries)
     root = root_devnums(entries)
     unplaced = spread_btrfs(mounts, root, sysfs.mounted_btrfs(), devnums)

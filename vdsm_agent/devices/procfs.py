@@ -1,66 +1,21 @@
-"""The mount table and active swap, from /proc.
+"""Active swap, from /proc/swaps, and the device a path or a mount is on.
 
-``/proc/self/mountinfo`` is used rather than ``psutil.disk_partitions``
-because it carries each mount's device number: a mount is matched to its
-device by major:minor, never by name (``/dev/root``, ``/dev/mapper/...`` and
-``/dev/disk/by-*`` symlinks all appear as mount sources).
+The mount table itself is ``vdsm_agent.system.mountinfo`` (one parser for the
+whole agent); a mount is matched to its device by major:minor, never by name
+(``/dev/root``, ``/dev/mapper/...`` and ``/dev/disk/by-*`` symlinks all appear
+as mount sources).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import stat
 
 from vdsm_agent.devices.usage import DevNum
+from vdsm_agent.system.mountinfo import MountEntry, unescape
 
-MOUNTINFO = "/proc/self/mountinfo"
 SWAPS = "/proc/swaps"
-
-# The kernel escapes space, tab, newline and backslash in paths as \ooo.
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
-
-
-def unescape(text: str) -> str:
-    return _OCTAL_ESCAPE.sub(lambda match: chr(int(match.group(1), 8)), text)
-
-
-@dataclasses.dataclass(frozen=True)
-class Mount:
-    devnum: DevNum  # st_dev of the filesystem (anonymous 0:N for btrfs, NFS, tmpfs, ...)
-    mountpoint: str
-    fstype: str
-    source: str
-
-
-def parse_devnum(text: str) -> DevNum:
-    major, _, minor = text.partition(":")
-    return int(major), int(minor)
-
-
-def parse_mountinfo_line(line: str) -> Mount | None:
-    """One mountinfo line; None for a line that does not parse."""
-    # Fields: id parent maj:min root mountpoint options [optional...] - fstype source super
-    fields = line.split()
-    try:
-        separator = fields.index("-", 6)
-        devnum = parse_devnum(fields[2])
-        fstype, source = fields[separator + 1], fields[separator + 2]
-    except (ValueError, IndexError):
-        return None
-    return Mount(devnum=devnum, mountpoint=unescape(fields[4]), fstype=unescape(fstype),
-                 source=unescape(source))
-
-
-def parse_mountinfo(text: str) -> list[Mount]:
-    mounts = (parse_mountinfo_line(line) for line in text.splitlines())
-    return [mount for mount in mounts if mount is not None]
-
-
-def read_mountinfo(path: str = MOUNTINFO) -> list[Mount]:
-    with open(path, encoding="utf-8", errors="surrogateescape") as file:
-        return parse_mountinfo(file.read())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +49,7 @@ def block_devnum(path: str) -> DevNum | None:
     return os.major(info.st_rdev), os.minor(info.st_rdev)
 
 
-def mount_devnum(mount: Mount) -> DevNum | None:
+def mount_devnum(mount: MountEntry) -> DevNum | None:
     """The block device a mount is on, or None for a mount that is not on one."""
     if mount.devnum[0] != 0:
         return mount.devnum

@@ -4,8 +4,8 @@ Mount points are ``MOUNT_ROOT/<scheme>/<name>`` with ``<name>`` from
 ``uri.encode_name``, so two targets never share a mount point and a mount
 point found under the root (e.g. a leftover after a failed unmount) maps back
 to exactly one URI. Whether something is mounted is read from
-``/proc/self/mountinfo``, which never touches the server, so checking a mount
-of a dead server cannot hang.
+``/proc/self/mountinfo`` (``system.mountinfo``), which never touches the
+server, so checking a mount of a dead server cannot hang.
 
 Connect adopts an existing mount at the mount point (agent restart) and only
 mounts otherwise. Disconnect is ``umount`` with a short timeout, then ``umount
@@ -22,10 +22,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 import errno
-import functools
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -39,64 +37,10 @@ from vdsm_agent.connections.backends.base import (
     run_checked,
 )
 from vdsm_agent.connections.probes import FileChoice, ProbeResult, probe_directory
-from vdsm_agent.system import commands
+from vdsm_agent.system import commands, mountinfo
+from vdsm_agent.system.mountinfo import MountEntry
 
 log = logging.getLogger(__name__)
-
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
-
-
-@dataclasses.dataclass(frozen=True)
-class MountEntry:
-    """One line of /proc/self/mountinfo (proc(5)), unescaped."""
-
-    mount_id: int
-    device: str  # major:minor
-    root: str
-    mount_point: str
-    fstype: str
-    source: str
-    options: str
-
-
-def _unescape(field: str) -> str:
-    return _OCTAL_ESCAPE.sub(lambda match: chr(int(match.group(1), 8)), field)
-
-
-def parse_mountinfo(text: str) -> list[MountEntry]:
-    entries = []
-    for line in text.splitlines():
-        fields = line.split()
-        try:
-            separator = fields.index("-", 6)
-            entries.append(MountEntry(
-                mount_id=int(fields[0]), device=fields[2], root=_unescape(fields[3]),
-                mount_point=_unescape(fields[4]), fstype=fields[separator + 1],
-                source=_unescape(fields[separator + 2]),
-                options=fields[separator + 3] if len(fields) > separator + 3 else ""))
-        except (ValueError, IndexError):
-            log.debug("unparsable mountinfo line: %r", line)
-    return entries
-
-
-def read_mounts(path: Path) -> list[MountEntry]:
-    return list(_parsed_mountinfo(path.read_text(errors="replace")))
-
-
-@functools.lru_cache(maxsize=4)
-def _parsed_mountinfo(text: str) -> tuple[MountEntry, ...]:
-    # Keyed by the text itself, so never stale: three backends parse the same
-    # table in every getStorageConnectionList, and it rarely changes between calls.
-    return tuple(parse_mountinfo(text))
-
-
-def find_mount(path: Path, mount_point: str) -> MountEntry | None:
-    """The top-most mount at ``mount_point``, if any."""
-    found = None
-    for entry in read_mounts(path):
-        if entry.mount_point == mount_point:
-            found = entry
-    return found
 
 
 def fuse_daemon_alive(proc_root: Path, mount_point: str) -> bool:
@@ -165,7 +109,7 @@ class MountBackend(Backend[ME]):
     # -- connect / disconnect ----------------------------------------------------------
 
     def _mounted(self, mount_point: str) -> MountEntry | None:
-        return find_mount(self.context.mountinfo, mount_point)
+        return mountinfo.find(mount_point, self.context.mountinfo)
 
     async def connect(self, endpoint: ME) -> Attachment:
         mount_point = self.mount_point(endpoint)
@@ -259,7 +203,7 @@ class MountBackend(Backend[ME]):
 
     def discover(self) -> list[Discovered]:
         found = []
-        for entry in read_mounts(self.context.mountinfo):
+        for entry in mountinfo.read(self.context.mountinfo):
             if entry.fstype not in self.fstypes:
                 continue
             uri = self._uri_of(entry)
