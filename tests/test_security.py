@@ -43,7 +43,7 @@ from vdsm_agent.security.roles import Role, RolePolicy, parse_role
 from vdsm_agent.server.app import AGENT, DISPATCHER, LIMITER, make_app
 from vdsm_agent.tasks.kinds import KINDS
 from vdsm_agent.tasks.kinds.base import TaskKind
-from vdsm_agent.tasks.manager import TaskManager
+from vdsm_agent.tasks.supervisor import Supervisor
 
 SCHEMA = rpc_schema.load("agent")
 ME = ANONYMOUS  # who a loopback TCP caller is
@@ -283,10 +283,10 @@ class Client:
 def no_task_processes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tasks are accepted and recorded but never launched (no child process)."""
 
-    async def _launch(self: TaskManager, active: Any) -> None:
+    async def _launch(self: Supervisor, active: Any) -> None:
         return None
 
-    monkeypatch.setattr(TaskManager, "_launch", _launch)
+    monkeypatch.setattr(Supervisor, "launch", _launch)
 
 
 @pytest.fixture

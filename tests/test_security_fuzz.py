@@ -10,7 +10,7 @@ agent still answers ``ping`` afterwards.
 Why this cannot destroy anything (the fuzzer generates device paths, and the
 destructive kinds wipe/format/copy are in the agent it fuzzes):
 
-* **No task ever runs.** ``TaskManager._launch`` is replaced for the whole
+* **No task ever runs.** ``Supervisor.launch`` is replaced for the whole
   module: a task the fuzzer gets accepted stays ``accepted`` and no child
   process, hence no kind's ``perform`` (the only code that writes), ever
   starts. This alone rules out any write to a device or file.
@@ -61,7 +61,7 @@ from vdsm_agent.devices.collect import Snapshot
 from vdsm_agent.devices.inventory import Inventory
 from vdsm_agent.system import commands
 from vdsm_agent.tasks.kinds import KINDS
-from vdsm_agent.tasks.manager import TaskManager
+from vdsm_agent.tasks.supervisor import Supervisor
 
 SCHEMA = rpc_schema.load("agent")
 COMMON = {SCHEMA.errors[name]["code"] for name in SCHEMA.common_errors}
@@ -79,7 +79,7 @@ HOSTILE_PATHS = [
 blocked_commands: list[list[str]] = []
 
 
-def _no_launch(self: TaskManager, active: Any) -> Any:
+def _no_launch(self: Supervisor, active: Any) -> Any:
     async def nothing() -> None:
         return None
     return nothing()
@@ -123,7 +123,7 @@ class Fuzzed:
 def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
     root = tmp_path_factory.mktemp("fuzz")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(TaskManager, "_launch", _no_launch)
+        patch.setattr(Supervisor, "launch", _no_launch)
         patch.setattr(inventory, "exclusive_open_probe", _always_busy)
         patch.setattr(Inventory, "_collect", _empty_snapshot)
         patch.setattr(commands, "run", _guarded(commands.run))

@@ -49,7 +49,7 @@ from vdsm_agent.connections.manager import ConnectionManager
 from vdsm_agent.devices import inventory, usage
 from vdsm_agent.server.app import make_app
 from vdsm_agent.tasks.kinds import KINDS
-from vdsm_agent.tasks.manager import TaskManager
+from vdsm_agent.tasks.supervisor import Supervisor
 
 # What each program may be given as options: the fixed vocabulary of the backends.
 OPTION_WORDS = {
@@ -183,10 +183,10 @@ def test_loop_images_stay_inside_the_allowed_roots(tmp_path, image):
 def no_devices_touched(monkeypatch: pytest.MonkeyPatch) -> None:
     """No task process, and no exclusive open of any device (it is "busy")."""
 
-    async def _launch(self: TaskManager, active: Any) -> None:
+    async def _launch(self: Supervisor, active: Any) -> None:
         return None
 
-    monkeypatch.setattr(TaskManager, "_launch", _launch)
+    monkeypatch.setattr(Supervisor, "launch", _launch)
     monkeypatch.setattr(inventory, "exclusive_open_probe",
                         lambda path: usage.Reason(usage.BUSY, "test: never opened"))
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from vdsm_agent import errors
-from vdsm_agent.tasks import clock, manager, output, process, runtime, states
+from vdsm_agent.common import clock, paging
+from vdsm_agent.tasks import listing, output, process, reading, runtime, states
 from vdsm_agent.tasks.kinds import KINDS, enabled
 from vdsm_agent.tasks.kinds import paths as kind_paths
 from vdsm_agent.tasks.states import State
@@ -106,26 +107,33 @@ def test_output_of_a_task_that_wrote_nothing(tmp_path: Path) -> None:
 
 def test_utf8_cut_is_left_for_the_next_read() -> None:
     text = "héllo €".encode()
-    assert manager._utf8_whole(text) == text
-    assert manager._utf8_whole(text[:-1]) == "héllo ".encode()
-    assert manager._utf8_whole(text[:-2]) == "héllo ".encode()
-    assert manager._utf8_whole(text[:2]) == b"h"
-    assert manager._utf8_whole("€".encode()[:1]) == "€".encode()[:1]  # nothing to give back
+    assert reading.utf8_whole(text) == text
+    assert reading.utf8_whole(text[:-1]) == "héllo ".encode()
+    assert reading.utf8_whole(text[:-2]) == "héllo ".encode()
+    assert reading.utf8_whole(text[:2]) == b"h"
+    assert reading.utf8_whole("€".encode()[:1]) == "€".encode()[:1]  # nothing to give back
 
 
 # -- page tokens, progress, timestamps ---------------------------------------------------------
 
 
 def test_page_tokens_are_bound_to_their_filter() -> None:
-    query = manager._parse_filter({"state": ["done"], "kind": "checksum"})
-    fingerprint = manager._filter_fingerprint(query)
-    token = manager._encode_token(1700000000.123456, "abc", fingerprint)
-    assert manager._decode_token(token, fingerprint) == (1700000000.123456, "abc")
-    other = manager._filter_fingerprint(manager._parse_filter({"state": "done"}))
+    query = listing.parse_filter({"state": ["done"], "kind": "checksum"})
+    fingerprint = listing.fingerprint(query)
+    token = paging.encode_token([1700000000.123456, "abc"], fingerprint)
+    key = (float, str)
+    assert paging.decode_token(token, fingerprint, "listTasks", key) == (1700000000.123456, "abc")
+    other = listing.fingerprint(listing.parse_filter({"state": "done"}))
     with pytest.raises(errors.InvalidParams):
-        manager._decode_token(token, other)
+        paging.decode_token(token, other, "listTasks", key)
     with pytest.raises(errors.InvalidParams):
-        manager._decode_token("!!!", fingerprint)
+        paging.decode_token("!!!", fingerprint, "listTasks", key)
+    # A token made with the right filter but a key of the wrong shape: InvalidParams,
+    # never an internal error when the key is used.
+    for bad_key in (["x", "abc"], [1.5], [1.5, "abc", "extra"], "1.5"):
+        crafted = paging.encode_token(bad_key, fingerprint)
+        with pytest.raises(errors.InvalidParams):
+            paging.decode_token(crafted, fingerprint, "listTasks", key)
 
 
 def test_progress_merge_never_goes_backwards() -> None:
@@ -353,7 +361,7 @@ def test_rfc3339_matches_datetime_formatting() -> None:
     import datetime
     import random
 
-    from vdsm_agent.tasks import clock
+    from vdsm_agent.common import clock
 
     rng = random.Random(7)
     edges = [0.0, 0.9999995, 1.0000005, 1700000000.1234565, 1700000000.9999999, 2e9 + 0.5e-6]

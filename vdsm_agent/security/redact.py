@@ -108,11 +108,6 @@ def _string(text: str) -> str:
     return text
 
 
-def has_secrets(item: Any) -> bool:
-    """Whether ``value(item)`` would change anything (cheap callers skip the copy)."""
-    return bool(value(item) != item)
-
-
 def text(message: str, limit: int = 0) -> str:
     """A free-text message with URIs in it redacted, optionally cut to ``limit`` characters."""
     if "://" in message:

@@ -138,11 +138,6 @@ def get(task_id: str) -> TaskRecord | None:
     return from_row(dict(zip(_COLUMNS, row, strict=True))) if row else None
 
 
-def get_state(task_id: str) -> State | None:
-    row = TaskRow.select(TaskRow.state).where(TaskRow.id == task_id).tuples().first()
-    return State(row[0]) if row else None
-
-
 def load_unfinished() -> list[TaskRecord]:
     query = (TaskRow.select()
              .where(TaskRow.state.in_([str(state) for state in UNFINISHED]))

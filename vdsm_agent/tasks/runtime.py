@@ -161,10 +161,6 @@ def write_spec(task_files: files.TaskFiles, spec: dict[str, Any]) -> None:
         # A filesystem without fallocate: the outcome is written as it comes.
 
 
-def ensure_dir(path: Path) -> None:
-    path.mkdir(mode=0o750, parents=True, exist_ok=True)
-
-
 class BatchInserter:
     """Group commit for new tasks: concurrent submits share one durable transaction.
 

@@ -39,13 +39,11 @@ UNFINISHED: frozenset[State] = frozenset(State) - FINAL
 # States in which a task holds a run slot (its process exists or is being made).
 RUNNING_SLOT: frozenset[State] = frozenset({State.INITIALIZING, State.RUNNING, State.STALE})
 
-_ENDINGS = frozenset({State.DONE, State.FAILED, State.CANCELED, State.INTERRUPTED})
-
 TRANSITIONS: Mapping[State, frozenset[State]] = {
     State.ACCEPTED: frozenset({State.INITIALIZING, State.CANCELED, State.FAILED}),
-    State.INITIALIZING: frozenset({State.RUNNING}) | _ENDINGS,
-    State.RUNNING: frozenset({State.STALE}) | _ENDINGS,
-    State.STALE: frozenset({State.RUNNING}) | _ENDINGS,
+    State.INITIALIZING: frozenset({State.RUNNING}) | FINAL,
+    State.RUNNING: frozenset({State.STALE}) | FINAL,
+    State.STALE: frozenset({State.RUNNING}) | FINAL,
     State.DONE: frozenset(),
     State.FAILED: frozenset(),
     State.CANCELED: frozenset(),
@@ -67,10 +65,6 @@ class IllegalTransition(ValueError):
         super().__init__(f"{table}: {source} -> {target} is not allowed")
         self.source = source
         self.target = target
-
-
-def is_final(state: State) -> bool:
-    return state in FINAL
 
 
 def allowed(source: State, target: State) -> bool:

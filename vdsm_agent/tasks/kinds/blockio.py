@@ -17,17 +17,12 @@ import struct
 
 BLKSSZGET = 0x1268  # logical block size (int)
 BLKDISCARD = 0x1277  # discard a byte range: uint64 start, uint64 length
-BLKGETSIZE64 = 0x80081272
 
 
 def logical_block_size(fd: int) -> int:
     value = array.array("i", [0])
     fcntl.ioctl(fd, BLKSSZGET, value, True)
     return int(value[0]) or 512
-
-
-def device_size(fd: int) -> int:
-    return os.lseek(fd, 0, os.SEEK_END)
 
 
 def _queue_dir(rdev: int) -> str:
