@@ -313,7 +313,8 @@ def page_client_program(program: Any, name: str, summary: str,
         ("parameters", roff_preformatted(command.PARAMS_HELP.split("\n", 1)[1])),
         ("target", roff_preformatted(command.target_help(program).split("\n", 1)[1])),
         ("exit status", roff_preformatted(
-            command.exit_codes_help(program.server).split("\n", 1)[1])),
+            command.exit_codes_help(program.server, command.error_examples(schema))
+            .split("\n", 1)[1])),
         ("environment", environment),
         ("examples", roff_preformatted("\n".join(f"{program.prog} {example}"
                                                  for example in program.examples))),

@@ -540,6 +540,15 @@ def test_one_object_is_key_value():
     assert lines["error"] == "-"
 
 
+def test_a_mapping_by_id_of_one_is_still_a_table_of_rows():
+    view = SchemaView(SCHEMA.document)
+    table = tabulate({"sd-1": {"uri": "nfs://a/b", "state": "connected"}},
+                     SCHEMA.verbs["getStorageConnectionList"].result, view)
+    assert table is not None
+    assert not table.key_value
+    assert table.columns == ["key", "uri", "state"]
+
+
 def test_fitting_a_table_cuts_other_columns_before_ids():
     widths = fit_widths([36, 30, 12, 20], ["id", "description", "state", "uri"], 80)
     assert widths[0] == 36

@@ -25,6 +25,7 @@ import pytest
 
 from tests.engine_support import fleet
 from tests.support import AgentProcess, agent_factory, free_port, until
+from tests.tasks_support import kill_task_processes
 from tests.terminal_support import COLOUR_SGR, Terminal
 
 pytestmark = [pytest.mark.tool("tmux"), pytest.mark.slow]
@@ -56,8 +57,12 @@ def agent(workdir: Path) -> Iterator[AgentProcess]:
             image.write(os.urandom(MiB))
     (workdir / "agent").mkdir()
     with agent_factory(workdir / "agent") as start:
-        yield start(allowed_root=str(images), task_io_rate_limit=RATE,
-                    enable_test_kinds="true")
+        agent = start(allowed_root=str(images), task_io_rate_limit=RATE,
+                      enable_test_kinds="true")
+        try:
+            yield agent
+        finally:
+            kill_task_processes(agent.state_dir)  # tasks outlive their agent by design
 
 
 @pytest.fixture

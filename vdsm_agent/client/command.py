@@ -63,12 +63,12 @@ LONG_POLL_MARGIN = 10.0
 _WIDTH = 79
 
 
-def exit_codes_help(server: str) -> str:
+def exit_codes_help(server: str, examples: str = "300 DeviceNotFound, 200 TaskNotFound") -> str:
     return f"""\
 exit codes:
   0  success; with --watch: the task (or job) is done
   1  application error: the {server} answered a positive error code
-     (e.g. 300 DeviceNotFound, 200 TaskNotFound); with --watch: the task
+     (e.g. {examples}); with --watch: the task
      failed, was canceled or interrupted (the job failed or partly failed)
   2  usage error in the client: bad arguments, unknown verb or param, a
      value of the wrong type, a missing required param; nothing was sent
@@ -92,6 +92,16 @@ params:
                 params.source=/a); a field that one object param declares
                 may go without it (listTasks state=running kind=copy)
 """
+
+
+def error_examples(schema: ApiSchema) -> str:
+    """Two of the schema's application errors, for the exit codes' help."""
+    found = [(spec["code"], name) for name, spec in schema.errors.items()
+             if isinstance(spec.get("code"), int) and spec["code"] > 0]
+    preferred = [item for item in found if item[1] in ("DeviceNotFound", "TaskNotFound",
+                                                         "HostNotFound")]
+    chosen = sorted(preferred or found, reverse=True)[:2]
+    return ", ".join(f"{code} {name}" for code, name in chosen)
 
 
 def target_help(program: Program) -> str:
@@ -166,7 +176,8 @@ def build_parser(program: Program, schema: ApiSchema) -> argparse.ArgumentParser
         prog=program.prog,
         usage=usage_line(program),
         description=f"{program.summary}\n\n" + verbs_help(schema),
-        epilog=PARAMS_HELP + "\n" + target_help(program) + "\n" + exit_codes_help(server),
+        epilog=(PARAMS_HELP + "\n" + target_help(program) + "\n"
+                + exit_codes_help(server, error_examples(schema))),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         add_help=False,
         allow_abbrev=False,

@@ -108,7 +108,9 @@ def tabulate(result: Any, result_schema: JsonSchema, view: SchemaView) -> Table 
         item_schema = view.array_items(members.get(member, {})) or {}
         rest = {name: value for name, value in result.items() if name != member}
         return _rows_table(result[member], item_schema, view, rest)
-    if result and len(objects) == len(result) and len(result) > 1:
+    # A mapping by ID: every member an object, and no declared member names
+    # (the schema gives additionalProperties), or several members when it says nothing.
+    if result and len(objects) == len(result) and (not members or len(result) > 1):
         rows = [{"key": key, **value} for key, value in result.items()]
         return Table(_columns(rows), rows, {})
     rows = [{"field": key, "value": value} for key, value in flatten(result)]

@@ -18,9 +18,10 @@ from collections.abc import Sequence
 
 from vdsm_agent import __version__, logs
 from vdsm_agent.engine import settings
-from vdsm_agent.server import listeners
-from vdsm_agent.server.runner import run_daemon, serve_until_signalled
 from vdsm_agent.settings import SettingsError
+
+# The daemon's modules (aiohttp, the listeners, the runner) are imported by
+# serve only: 'vdsm-engine call' is a short-lived client and starts without them.
 
 log = logging.getLogger("vdsm_agent.engine")
 PROG = "vdsm-engine"
@@ -53,11 +54,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser,
 
 def check_listen_address(config: settings.EngineConfig) -> None:
     """Plain HTTP only on loopback: the agent's listeners check, for the engine's address."""
+    from vdsm_agent.server import listeners
+
     listeners.check_plain_http(config.listen[0])
 
 
 async def serve(config: settings.EngineConfig) -> None:
     from vdsm_agent.engine.app import make_app
+    from vdsm_agent.server import listeners
+    from vdsm_agent.server.runner import serve_until_signalled
 
     app = make_app(config)
     runner, url = await listeners.start_tcp(app, config.listen,
@@ -68,12 +73,15 @@ async def serve(config: settings.EngineConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser, _serve, _call = build_parser()
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["call"]:  # the client: vdsm_agent.engine.cli
         from vdsm_agent.engine import cli
 
         return cli.main(args[1:])
+    from vdsm_agent.server import listeners
+    from vdsm_agent.server.runner import run_daemon
+
+    parser, _serve, _call = build_parser()
     try:
         options = parser.parse_args(args)
     except SystemExit as exc:
