@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import re
+import types
+import typing
 from pathlib import Path
 
 import jsonschema
@@ -15,6 +18,7 @@ from referencing.jsonschema import DRAFT7
 import rpc_schema
 from rpc_schema import docs, openrpc
 from vdsm_agent import errors, settings
+from vdsm_agent.engine import settings as engine_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -120,6 +124,63 @@ def test_every_public_verb_has_an_example():
 def test_api_docs_are_up_to_date():
     committed = (ROOT / "docs" / "api.md").read_text()
     assert committed == docs.render(SCHEMA), "run: python -m rpc_schema.docs > docs/api.md"
+
+
+@pytest.mark.parametrize(("table", "module", "class_name"), [
+    (settings.AGENT, "vdsm_agent.settings", "AgentFields"),
+    (engine_settings.ENGINE, "vdsm_agent.engine.settings", "EngineFields"),
+])
+def test_typed_settings_are_up_to_date(table, module, class_name):
+    """The config's attributes are generated from the table: one per setting."""
+    path = ROOT / (module.replace(".", "/") + "_fields.py")
+    assert path.read_text() == table.fields_module(class_name, module), (
+        f"run: python -m {module} --fields")
+
+
+def _conforms(value, hint) -> bool:
+    """Whether ``value`` is of the type ``hint`` (the few shapes settings use)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_conforms(value, arg) for arg in args)
+    if origin is list:
+        return type(value) is list and all(_conforms(item, args[0]) for item in value)
+    if origin is tuple:
+        return (type(value) is tuple and len(value) == len(args)
+                and all(map(_conforms, value, args)))
+    return type(value) is hint  # exact: a bool is no int here
+
+
+@pytest.mark.parametrize("config", [settings.defaults(), engine_settings.defaults()],
+                         ids=["agent", "engine"])
+def test_typed_settings_match_what_the_parsers_give(config):
+    """Every default (parsed by its setting's parser, as file and flag values
+    are) has its attribute's type: the types strict mypy checks are the real ones."""
+    hints = typing.get_type_hints(type(config))
+    for name in type(config).table.by_name:
+        assert _conforms(getattr(config, name), hints[name]), (name, getattr(config, name))
+
+
+def test_typed_settings_from_a_file_and_flags(tmp_path):
+    path = tmp_path / "agent.conf"
+    path.write_text("[agent]\nlisten = 127.0.0.1:1\ntls_listen = [::1]:2\n"
+                    "allowed_roots =\n    /a\n    /b\n[roles]\nuid:7 = read\n")
+    flags = argparse.ArgumentParser()
+    settings.add_flags(flags)
+    config = settings.resolve(str(path), flags.parse_args(["--max-batch", "7"]))
+    hints = typing.get_type_hints(settings.Config)
+    for name in ("listen", "tls_listen", "allowed_roots", "roles", "max_batch"):
+        assert _conforms(getattr(config, name), hints[name]), name
+    assert (config.tls_listen, config.roles, config.max_batch) == (
+        ("::1", 2), [("uid:7", "read")], 7)
+
+
+def test_a_setting_missing_from_the_typed_config_says_what_to_run(monkeypatch):
+    extra = settings.Setting("new_knob", "integer", 1, "A new setting.",
+                             settings.parse_positive_int)
+    monkeypatch.setattr(settings.Config, "table",
+                        settings.SettingsTable((*settings.SETTINGS, extra), settings.SECTION))
+    with pytest.raises(settings.SettingsError, match=r"python -m vdsm_agent\.settings --fields"):
+        settings.defaults()
 
 
 def test_configuration_docs_are_up_to_date():

@@ -1,68 +1,52 @@
-"""The settings table: one list drives the INI file, the CLI flags and the docs.
+"""The agent's settings: one table drives the INI file, the flags, the docs and the types.
 
 Precedence: built-in default < config file (section ``[agent]``) < command line.
 ``docs/configuration.md`` is generated from ``SETTINGS`` (``python -m
-vdsm_agent.settings``) and a test fails when it is stale.
+vdsm_agent.settings``) and so are the typed attributes of ``Config``
+(``vdsm_agent/settings_fields.py``, ``python -m vdsm_agent.settings --fields``);
+a test fails when either is stale. The machinery (``Setting``,
+``SettingsTable``, ``BaseConfig``, the shared parsers) is
+``vdsm_agent.common.settings``, which the engine's table uses too.
 """
 
 from __future__ import annotations
 
 import argparse
-import configparser
-import dataclasses
-import os
-from collections.abc import Callable, Iterable, Sequence
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
+from vdsm_agent.common.settings import (
+    LOG_LEVELS,
+    BaseConfig,
+    Setting,
+    SettingsError,
+    SettingsTable,
+    format_default,
+    parse_bool,
+    parse_host_port,
+    parse_log_level,
+    parse_non_negative_int,
+    parse_path,
+    parse_positive_int,
+    parse_seconds,
+)
 from vdsm_agent.security import roles
+from vdsm_agent.settings_fields import AgentFields
+
+__all__ = [  # with what common.settings gives every table (callers find it here)
+    "AGENT", "BY_NAME", "IONICE_CLASSES", "LOG_LEVELS", "SECTION", "SETTINGS",
+    "SSH_HOST_KEY_POLICIES", "WAIT_TASK_DEFAULT", "BaseConfig", "Config", "Setting",
+    "SettingsError", "SettingsTable", "add_flags", "defaults", "format_default", "parse_bool",
+    "parse_host_key_policy", "parse_host_port", "parse_ionice_class", "parse_log_level",
+    "parse_nice", "parse_non_negative_int", "parse_optional_host_port",
+    "parse_optional_role_name", "parse_output_cap", "parse_path", "parse_positive_int",
+    "parse_role_entry", "parse_role_name", "parse_seconds", "parse_task_max_wait",
+    "read_config_file", "render_docs", "resolve",
+]
 
 SECTION = "agent"
-
-
-class SettingsError(ValueError):
-    """A config file or flag value that cannot be used; the message says which."""
-
-
-def parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError(f"not a boolean: {text!r} (use true/false)")
-
-
-def parse_host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    host = host.strip("[]")
-    number = int(port)
-    if not 0 <= number <= 65535:
-        raise ValueError(f"port out of range: {number}")
-    return host, number
-
-
-def parse_log_level(text: str) -> str:
-    level = text.strip().lower()
-    if level not in LOG_LEVELS:
-        raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}")
-    return level
-
-
-def parse_positive_int(text: str) -> int:
-    number = int(text)
-    if number < 1:
-        raise ValueError(f"must be at least 1, got {number}")
-    return number
-
-
-def parse_non_negative_int(text: str) -> int:
-    number = int(text)
-    if number < 0:
-        raise ValueError(f"must be 0 or more, got {number}")
-    return number
 
 
 def parse_output_cap(text: str) -> int:
@@ -70,17 +54,6 @@ def parse_output_cap(text: str) -> int:
     if number < 4096:
         raise ValueError(f"must be at least 4096 bytes, got {number}")
     return number
-
-
-def parse_seconds(text: str) -> float:
-    number = float(text)
-    if number <= 0:
-        raise ValueError(f"must be a positive number of seconds, got {number}")
-    return number
-
-
-def parse_path(text: str) -> str:
-    return os.path.expanduser(text.strip())
 
 
 WAIT_TASK_DEFAULT = 30.0  # waitTask's default timeout (rpc_schema/agent.json)
@@ -124,8 +97,6 @@ def parse_host_key_policy(text: str) -> str:
     return policy
 
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
-
 IONICE_CLASSES = ("idle", "best-effort", "none")  # as vdsm_agent.tasks.kinds.priority
 
 
@@ -141,24 +112,6 @@ def parse_ionice_class(text: str) -> str:
     if name not in IONICE_CLASSES:
         raise ValueError(f"must be one of {', '.join(IONICE_CLASSES)}")
     return name
-
-
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    name: str
-    type: str  # shown in the docs: "string", "integer", "path", ...
-    default: Any
-    help: str
-    parse: Callable[[str], Any]
-    flag: str = ""  # defaults to --name-with-dashes
-    repeatable: bool = False  # a list: a repeated flag, or one per line in the INI file
-    # A list that also has an INI section of its own: each "key = value" line of
-    # [ini_section] is one item "key=value" (e.g. [roles]: "uid:0 = admin").
-    ini_section: str = ""
-
-    @property
-    def option(self) -> str:
-        return self.flag or "--" + self.name.replace("_", "-")
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -367,148 +320,21 @@ SETTINGS: tuple[Setting, ...] = (
 BY_NAME = {setting.name: setting for setting in SETTINGS}
 
 
-class SettingsTable:
-    """One program's settings: the table, its INI section, and what is made of them.
-
-    The agent's table is ``AGENT`` (``SETTINGS`` in section ``[agent]``); the
-    engine builds its own (``vdsm_agent.engine.settings``) with the same
-    machinery: defaults, the INI file, one flag per setting, and the docs table.
-    """
-
-    def __init__(self, settings: Sequence[Setting], section: str) -> None:
-        self.settings = tuple(settings)
-        self.section = section
-        self.by_name = {setting.name: setting for setting in self.settings}
-        if len(self.by_name) != len(self.settings):
-            raise ValueError(f"[{section}]: a setting is listed twice")
-
-    def default_values(self) -> dict[str, Any]:
-        values: dict[str, Any] = {}
-        for setting in self.settings:
-            default = setting.default
-            values[setting.name] = (
-                [setting.parse(item) for item in default] if setting.repeatable
-                else setting.parse(str(default)) if not isinstance(default, bool)
-                else default
-            )
-        return values
-
-    def read_config_file(self, path: str) -> dict[str, Any]:
-        # Only "=" separates a key from its value: keys such as "uid:0" ([roles]) hold ":".
-        parser = configparser.ConfigParser(interpolation=None, delimiters=("=",))
-        try:
-            with open(path, encoding="utf-8") as stream:
-                parser.read_file(stream)
-        except OSError as exc:
-            raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from None
-        except configparser.Error as exc:
-            raise SettingsError(f"config file {path}: {exc}") from None
-        values: dict[str, Any] = {}
-        for listed in self.settings:
-            if listed.ini_section and parser.has_section(listed.ini_section):
-                items = [f"{key}={raw}" for key, raw in parser.items(listed.ini_section)]
-                values[listed.name] = _convert(
-                    listed, items, f"config file {path}: [{listed.ini_section}]")
-        section = self.section
-        if not parser.has_section(section):
-            return values
-        for key, raw in parser.items(section):
-            setting = self.by_name.get(key)
-            if setting is None:
-                raise SettingsError(
-                    f"config file {path}: unknown setting {key!r} in [{section}]")
-            lines = raw.splitlines() if setting.repeatable else [raw]
-            converted = _convert(setting, lines, f"config file {path}")
-            values[key] = [*converted, *values[key]] if setting.ini_section and \
-                key in values else converted
-        return values
-
-    def add_flags(self, parser: argparse.ArgumentParser) -> None:
-        """Add one flag per setting (values stay strings until ``given_flags``)."""
-        for setting in self.settings:
-            parser.add_argument(
-                setting.option,
-                dest=setting.name,
-                action="append" if setting.repeatable else "store",
-                metavar=setting.type.upper().replace(" ", "_"),
-                # argparse treats "%" in help as a format directive.
-                help=f"{setting.help} (default: {format_default(setting)})".replace("%", "%%"),
-            )
-
-    def given_flags(self, flags: argparse.Namespace) -> dict[str, Any]:
-        """The settings given as flags, converted."""
-        given: dict[str, Any] = {}
-        for setting in self.settings:
-            raw = getattr(flags, setting.name, None)
-            if raw is None:
-                continue
-            given[setting.name] = _convert(
-                setting, raw if setting.repeatable else [raw], f"flag {setting.option}"
-            )
-        return given
-
-    def docs_table(self) -> list[str]:
-        """The Markdown table of the settings (for the generated docs)."""
-        lines = [
-            "| setting | flag | type | default | meaning |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for setting in self.settings:
-            lines.append(
-                f"| `{setting.name}` | `{setting.option}` | {setting.type} | "
-                f"`{format_default(setting)}` | {setting.help} |"
-            )
-        return lines
-
-
 AGENT = SettingsTable(SETTINGS, SECTION)
 
 
-@dataclasses.dataclass(frozen=True)
-class BaseConfig:
-    """Resolved settings of one table; attribute names are the setting names."""
-
-    values: dict[str, Any]
-    table: ClassVar[SettingsTable]
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.values[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def replace(self, **changes: Any) -> Self:
-        unknown = set(changes) - set(self.table.by_name)
-        if unknown:
-            raise SettingsError(f"unknown settings: {', '.join(sorted(unknown))}")
-        return type(self)({**self.values, **changes})
-
-    @classmethod
-    def defaults(cls) -> Self:
-        return cls(cls.table.default_values())
-
-    @classmethod
-    def resolve(cls, config_file: str | None, flags: argparse.Namespace) -> Self:
-        """Defaults, then the config file, then flags that were given."""
-        config = cls.defaults()
-        if config_file:
-            config = config.replace(**cls.table.read_config_file(config_file))
-        return config.replace(**cls.table.given_flags(flags))
-
-
-@dataclasses.dataclass(frozen=True)
-class Config(BaseConfig):
-    """The agent's resolved settings."""
+class Config(AgentFields, BaseConfig):
+    """The agent's resolved settings: one typed attribute per setting."""
 
     table: ClassVar[SettingsTable] = AGENT
 
     @property
     def state_path(self) -> Path:
-        return Path(self.values["state_dir"]).resolve()
+        return Path(self.state_dir).resolve()
 
     @property
     def unix_socket_path(self) -> Path | None:
-        configured = self.values["unix_socket"]
+        configured = self.unix_socket
         if configured.lower() == "none":
             return None
         return Path(configured) if configured else self.state_path / "agent.sock"
@@ -516,15 +342,6 @@ class Config(BaseConfig):
 
 def defaults() -> Config:
     return Config.defaults()
-
-
-def _convert(setting: Setting, raw: Iterable[str], origin: str) -> Any:
-    items = [item for item in raw if item.strip()] if setting.repeatable else list(raw)
-    try:
-        converted = [setting.parse(item) for item in items]
-    except ValueError as exc:
-        raise SettingsError(f"{origin}: {setting.name}: {exc}") from None
-    return converted if setting.repeatable else converted[-1]
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -539,15 +356,6 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 def resolve(config_file: str | None, flags: argparse.Namespace) -> Config:
     """Defaults, then the config file, then flags that were given."""
     return Config.resolve(config_file, flags)
-
-
-def format_default(setting: Setting) -> str:
-    default = setting.default
-    if isinstance(default, bool):
-        return "true" if default else "false"
-    if setting.repeatable:
-        return ", ".join(default) if default else "(none)"
-    return str(default) if default != "" else "(empty)"
 
 
 def render_docs(settings: Sequence[Setting] = SETTINGS) -> str:
@@ -594,4 +402,8 @@ def render_docs(settings: Sequence[Setting] = SETTINGS) -> str:
 
 
 if __name__ == "__main__":
-    print(render_docs(), end="")
+    if sys.argv[1:] == ["--fields"]:
+        AGENT.write_fields("AgentFields", "vdsm_agent.settings",
+                           Path(__file__).with_name("settings_fields.py"))
+    else:
+        print(render_docs(), end="")

@@ -10,7 +10,7 @@ from vdsm_agent.agent import Agent
 
 async def get_events(agent: Agent, since: int = 0, timeout: float = 0,
                      epoch: str | None = None, maxEvents: int = 1000) -> dict[str, Any]:
-    limit = float(agent.config.events_max_wait)
+    limit = agent.config.events_max_wait
     if timeout > limit:
         # The schema cannot know the setting: its maximum is checked here.
         raise errors.InvalidParams(

@@ -44,7 +44,7 @@ async def delete_task(agent: Agent, taskID: str) -> dict[str, Any]:
 
 async def wait_task(agent: Agent, taskID: str,
                     timeout: float = 30.0) -> dict[str, Any]:
-    limit = float(agent.config.task_max_wait)
+    limit = agent.config.task_max_wait
     if timeout > limit:
         # The schema cannot know the setting (like getEvents and events_max_wait).
         raise errors.InvalidParams(

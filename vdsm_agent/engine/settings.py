@@ -2,18 +2,20 @@
 
 Precedence: built-in default < config file (``--config``, section
 ``[engine]``) < command line. The table in docs/engine.md is generated from
-``SETTINGS`` (``python -m vdsm_agent.engine.settings``); a test fails when it
+``SETTINGS`` (``python -m vdsm_agent.engine.settings``), and so are the typed
+attributes of ``EngineConfig`` (``vdsm_agent/engine/settings_fields.py``,
+``python -m vdsm_agent.engine.settings --fields``); a test fails when either
 is stale.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import sys
 import urllib.parse
 from pathlib import Path
 from typing import ClassVar
 
-from vdsm_agent.settings import (
+from vdsm_agent.common.settings import (
     LOG_LEVELS,
     BaseConfig,
     Setting,
@@ -25,6 +27,7 @@ from vdsm_agent.settings import (
     parse_positive_int,
     parse_seconds,
 )
+from vdsm_agent.engine.settings_fields import EngineFields
 
 SECTION = "engine"
 DEFAULT_PORT = 54322
@@ -105,20 +108,18 @@ SETTINGS: tuple[Setting, ...] = (
 ENGINE = SettingsTable(SETTINGS, SECTION)
 
 
-@dataclasses.dataclass(frozen=True)
-class EngineConfig(BaseConfig):
-    """The engine's resolved settings; attribute names are the setting names."""
+class EngineConfig(EngineFields, BaseConfig):
+    """The engine's resolved settings: one typed attribute per setting."""
 
     table: ClassVar[SettingsTable] = ENGINE
 
     @property
     def state_path(self) -> Path:
-        return Path(self.values["state_dir"]).resolve()
+        return Path(self.state_dir).resolve()
 
     @property
     def database_url(self) -> str:
-        configured: str = self.values["database"]
-        return configured or f"sqlite:///{self.state_path / 'engine.db'}"
+        return self.database or f"sqlite:///{self.state_path / 'engine.db'}"
 
 
 def defaults() -> EngineConfig:
@@ -140,4 +141,8 @@ def render_docs_table() -> str:
 
 
 if __name__ == "__main__":
-    print(render_docs_table(), end="")
+    if sys.argv[1:] == ["--fields"]:
+        ENGINE.write_fields("EngineFields", "vdsm_agent.engine.settings",
+                            Path(__file__).with_name("settings_fields.py"))
+    else:
+        print(render_docs_table(), end="")

@@ -137,7 +137,7 @@ class EventFeed:
 
     @classmethod
     def from_config(cls, config: Config) -> EventFeed:
-        return cls(int(config.events_max), float(config.events_progress_interval))
+        return cls(config.events_max, config.events_progress_interval)
 
     # -- state -----------------------------------------------------------------------
 

@@ -271,6 +271,7 @@ async def start(app: web.Application, config: Config) -> tuple[web.AppRunner, li
             os.chmod(socket_path, 0o660)
         tls_addresses: list[str] = []
         if tls_context is not None:
+            assert config.tls_listen is not None  # a TLS context is made for tls_listen only
             tls_host, tls_port = config.tls_listen
             before = list(runner.addresses)
             await guard.tcp(runner, tls_host, tls_port, tls_context).start()

@@ -76,7 +76,7 @@ class TaskManager:
         self.store = store
         self.state_dir = config.state_path
         self.kinds: dict[str, type[TaskKind]] = enabled(config.enable_test_kinds)
-        self.env = KindEnv(tuple(config.allowed_roots), int(config.task_io_rate_limit))
+        self.env = KindEnv(tuple(config.allowed_roots), config.task_io_rate_limit)
         self.table = TaskTable(self.state_dir)
         self.background = Background("task manager", log)
         self.closing = asyncio.Event()

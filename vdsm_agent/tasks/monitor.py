@@ -38,7 +38,7 @@ class Monitor:
         self.table = manager.table
 
     def interval(self) -> float:
-        return min(max(float(self.config.heartbeat_interval) / 2, 0.05), 0.5)
+        return min(max(self.config.heartbeat_interval / 2, 0.05), 0.5)
 
     async def loop(self) -> None:
         interval = self.interval()

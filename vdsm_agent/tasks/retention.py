@@ -37,7 +37,7 @@ class Retention:
         self.wake = asyncio.Event()  # a task became final: sweep soon
 
     def interval(self) -> float:
-        shortest = float(min(self.config.retention_done, self.config.retention_failed))
+        shortest = min(self.config.retention_done, self.config.retention_failed)
         return min(max(shortest / 4, RETENTION_GAP), 60.0)
 
     async def loop(self) -> None:
