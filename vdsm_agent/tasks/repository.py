@@ -77,12 +77,11 @@ def _stored_before(connection: sqlite3.Connection,
     were there before ``insert_new`` wrote the others). A row is a record's own
     when it has its creation time and request: to the microsecond, only that
     submit could have written it, as another submit of the same ID is held
-    back in memory until this one is committed (``TaskManager._twin``)."""
+    back in memory until this one is committed (``Admission._twin``)."""
     offered = {record.id: record for record in records}
     ids = list(offered)
     known: dict[str, TaskRecord] = {}
-    for start in range(0, len(ids), _MAX_VARIABLES):
-        chunk = ids[start:start + _MAX_VARIABLES]
+    for chunk in peewee.chunked(ids, _MAX_VARIABLES):
         rows = connection.execute(
             f"{_SELECT_MANY} ({', '.join('?' for _ in chunk)})", chunk).fetchall()
         for row in rows:
@@ -191,8 +190,7 @@ def delete_many(task_ids: Sequence[str]) -> int:
     finals = [str(state) for state in FINAL]
     count = 0
     with _durable_transaction() as connection:
-        for start in range(0, len(task_ids), _MAX_VARIABLES):
-            chunk = list(task_ids[start:start + _MAX_VARIABLES])
+        for chunk in peewee.chunked(task_ids, _MAX_VARIABLES):
             count += connection.execute(
                 f"DELETE FROM task WHERE id IN ({', '.join('?' for _ in chunk)}) "
                 f"AND state IN ({', '.join('?' for _ in finals)})", [*chunk, *finals]).rowcount

@@ -1,0 +1,271 @@
+"""Jobs, their steps, and the resource locks of engine-started tasks (DB thread).
+
+Functions that change steps return the IDs of the jobs whose state they may
+have changed, so that the caller can wake ``waitJob``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import peewee
+
+from vdsm_agent import errors
+from vdsm_agent.common.clock import rfc3339
+from vdsm_agent.engine.states import STEP_FINAL, TASK_FINAL, StepState, job_state
+from vdsm_agent.engine.store.hosts import get_host
+from vdsm_agent.engine.store.models import HostTaskRow, JobRow, ResourceLockRow, StepRow
+from vdsm_agent.engine.store.rows import BATCH, atomic, dumps, loads
+
+ACTIVE_STEP_STATES = (StepState.PENDING.value, StepState.RUNNING.value)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    host: str
+    action: str
+    request: dict[str, Any]
+    task_id: str | None = None
+    connection_id: str | None = None
+
+
+def engine_step(host: str, task_id: str) -> StepRow | None:
+    """The startTask step that made this task, if the engine made it."""
+    return StepRow.get_or_none((StepRow.host == host) & (StepRow.task_id == task_id)
+                               & (StepRow.action == "startTask"))
+
+
+def _check_resources(host: str, resources: Iterable[str]) -> None:
+    wanted = set(resources)
+    if not wanted:
+        return
+    held = ResourceLockRow.get_or_none((ResourceLockRow.host == host)
+                                       & ResourceLockRow.resource.in_(sorted(wanted)))
+    if held is not None:
+        raise errors.ResourceBusy(
+            f"{held.resource} on host {host} is held by task {held.task_id} "
+            f"(job {held.job_id})",
+            resource=held.resource, holder=held.task_id, host=host, jobID=held.job_id)
+    # Tasks the engine did not start (or whose locks were replaced) hold what
+    # their host reported in their resources.
+    unfinished = HostTaskRow.select(HostTaskRow.task_id, HostTaskRow.state,
+                                    HostTaskRow.detail).where(
+        (HostTaskRow.host == host) & HostTaskRow.state.not_in(sorted(TASK_FINAL)))
+    for row in unfinished:
+        doc = loads(row.detail) or {}
+        overlap = wanted & set(doc.get("resources") or ())
+        if overlap:
+            resource = sorted(overlap)[0]
+            raise errors.ResourceBusy(
+                f"{resource} on host {host} is held by task {row.task_id} ({row.state})",
+                resource=resource, holder=row.task_id, host=host, holderState=row.state)
+
+
+def create_job(job_id: str, action: str, params: dict[str, Any], steps: Sequence[StepSpec],
+               step_ids: Sequence[str], resources: Sequence[str], now: float) -> None:
+    """A job and its steps; for a startTask, the locks of its resources (or ResourceBusy)."""
+    with atomic():
+        for spec in steps:
+            get_host(spec.host)
+        if resources:
+            (spec,) = steps
+            assert spec.task_id is not None
+            _check_resources(spec.host, resources)
+            ResourceLockRow.insert_many([
+                {"host": spec.host, "resource": resource, "task_id": spec.task_id,
+                 "job_id": job_id, "created_at": now} for resource in sorted(set(resources))
+            ]).execute()
+        JobRow.create(id=job_id, action=action, state="pending", params=dumps(params),
+                      created_at=now, updated_at=now)
+        for position, (step_id, spec) in enumerate(zip(step_ids, steps, strict=True)):
+            StepRow.create(id=step_id, job_id=job_id, position=position, host=spec.host,
+                           action=spec.action, state=StepState.PENDING.value,
+                           task_id=spec.task_id, connection_id=spec.connection_id,
+                           request=dumps(spec.request), created_at=now, updated_at=now)
+
+
+def replace_task_locks(host: str, task_id: str, resources: Sequence[str], now: float) -> None:
+    """An engine-started task's resources, as its host reports them, become its locks."""
+    step = engine_step(host, task_id)
+    if step is None:
+        return  # not ours: the host's own checks keep it exclusive
+    ResourceLockRow.delete().where((ResourceLockRow.host == host)
+                                   & (ResourceLockRow.task_id == task_id)).execute()
+    wanted = sorted(set(resources))
+    if not wanted:
+        return
+    taken = {row.resource for row in ResourceLockRow.select(ResourceLockRow.resource).where(
+        (ResourceLockRow.host == host) & ResourceLockRow.resource.in_(wanted))}
+    rows = [{"host": host, "resource": resource, "task_id": task_id, "job_id": step.job_id,
+             "created_at": now} for resource in wanted if resource not in taken]
+    if rows:
+        ResourceLockRow.insert_many(rows).execute()
+
+
+def locks_of(host: str | None = None) -> list[ResourceLockRow]:
+    select = ResourceLockRow.select()
+    if host is not None:
+        select = select.where(ResourceLockRow.host == host)
+    return list(select.order_by(ResourceLockRow.host, ResourceLockRow.resource))
+
+
+def finish_step(step: StepRow, state: StepState, now: float, *,
+                result: Any = None, error: Any = None) -> None:
+    step.state = state.value
+    step.updated_at = now
+    step.ended_at = now
+    if result is not None:
+        step.result = dumps(result)
+    if error is not None:
+        step.last_error = dumps(error)
+    step.save()
+    if step.action == "startTask" and step.task_id is not None and state != StepState.DONE:
+        # A task that never ran (or ended) holds nothing any more.
+        ResourceLockRow.delete().where((ResourceLockRow.host == step.host)
+                                       & (ResourceLockRow.task_id == step.task_id)).execute()
+
+
+def recompute_jobs(job_ids: Iterable[str], now: float) -> None:
+    for job_id in set(job_ids):
+        job = JobRow.get_or_none(JobRow.id == job_id)
+        if job is None:
+            continue
+        rows: Any = StepRow.select(StepRow.state).where(StepRow.job_id == job_id).tuples()
+        states = [str(state) for (state,) in rows]
+        new = job_state(states) if states else job.state
+        if new != job.state:
+            final = all(state in STEP_FINAL for state in states)
+            JobRow.update(state=str(new), updated_at=now,
+                          ended_at=now if final else None).where(JobRow.id == job_id).execute()
+
+
+def pending_steps(host: str) -> list[StepRow]:
+    return list(StepRow.select().where((StepRow.host == host)
+                                       & (StepRow.state == StepState.PENDING.value))
+                .order_by(StepRow.created_at, StepRow.position))
+
+
+def get_step(step_id: str) -> StepRow | None:
+    return StepRow.get_or_none(StepRow.id == step_id)
+
+
+def step_accepted(step_id: str, state: StepState, now: float, result: Any = None) -> set[str]:
+    """The host accepted the step's call: running (a task step) or final."""
+    with atomic():
+        step = get_step(step_id)
+        if step is None or step.state in STEP_FINAL:
+            return set()
+        step.attempts += 1
+        if state in STEP_FINAL:
+            finish_step(step, state, now, result=result)
+        else:
+            step.state = state.value
+            step.updated_at = now
+            if result is not None:
+                step.result = dumps(result)
+            step.save()
+        recompute_jobs({step.job_id}, now)
+        return {step.job_id}
+
+
+def step_attempt_failed(step_id: str, error: Any, now: float) -> set[str]:
+    """No answer from the host: the step stays pending, to be retried."""
+    StepRow.update(attempts=StepRow.attempts + 1, last_error=dumps(error), updated_at=now
+                   ).where((StepRow.id == step_id)
+                           & (StepRow.state == StepState.PENDING.value)).execute()
+    return set()
+
+
+def step_failed(step_id: str, error: Any, now: float) -> set[str]:
+    """The host refused the step (an error answer): final."""
+    with atomic():
+        step = get_step(step_id)
+        if step is None or step.state in STEP_FINAL:
+            return set()
+        step.attempts += 1
+        finish_step(step, StepState.FAILED, now, error=error)
+        recompute_jobs({step.job_id}, now)
+        return {step.job_id}
+
+
+def get_job(job_id: str) -> dict[str, Any]:
+    job = JobRow.get_or_none(JobRow.id == job_id)
+    if job is None:
+        raise errors.JobNotFound(f"no job {job_id}", jobID=job_id)
+    steps = list(StepRow.select().where(StepRow.job_id == job_id).order_by(StepRow.position))
+    return job_document(job, steps)
+
+
+def job_document(job: JobRow, steps: Sequence[StepRow]) -> dict[str, Any]:
+    return {
+        "jobID": job.id,
+        "action": job.action,
+        "state": job.state,
+        "params": loads(job.params),
+        "createdAt": rfc3339(job.created_at),
+        "updatedAt": rfc3339(job.updated_at),
+        "endedAt": rfc3339(job.ended_at),
+        "steps": [step_document(step) for step in steps],
+    }
+
+
+def step_document(step: StepRow) -> dict[str, Any]:
+    return {
+        "stepID": step.id,
+        "host": step.host,
+        "action": step.action,
+        "state": step.state,
+        "taskID": step.task_id,
+        "connectionID": step.connection_id,
+        "attempts": step.attempts,
+        "lastError": loads(step.last_error),
+        "result": loads(step.result),
+        "createdAt": rfc3339(step.created_at),
+        "updatedAt": rfc3339(step.updated_at),
+        "endedAt": rfc3339(step.ended_at),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class JobQuery:
+    states: tuple[str, ...] = ()
+    action: str | None = None
+    host: str | None = None
+
+
+def list_jobs_page(query: JobQuery, after: tuple[float, str] | None,
+                   limit: int) -> list[dict[str, Any]]:
+    select = JobRow.select()
+    if query.states:
+        select = select.where(JobRow.state.in_(query.states))
+    if query.action is not None:
+        select = select.where(JobRow.action == query.action)
+    if query.host is not None:
+        select = select.where(JobRow.id.in_(
+            StepRow.select(StepRow.job_id).where(StepRow.host == query.host)))
+    if after is not None:
+        created, job_id = after
+        select = select.where((JobRow.created_at > created)
+                              | ((JobRow.created_at == created) & (JobRow.id > job_id)))
+    jobs = list(select.order_by(JobRow.created_at, JobRow.id).limit(limit))
+    by_job: dict[str, list[StepRow]] = {job.id: [] for job in jobs}
+    if jobs:
+        for step in StepRow.select().where(StepRow.job_id.in_(list(by_job))).order_by(
+                StepRow.job_id, StepRow.position):
+            by_job[step.job_id].append(step)
+    # ``_createdAt``: the exact time, for the caller's page token (removed before answering).
+    return [{**job_document(job, by_job[job.id]), "_createdAt": job.created_at} for job in jobs]
+
+
+def delete_finished_jobs(ended_before: float) -> int:
+    """Retention: finished jobs that ended before the time, with their steps."""
+    with atomic():
+        rows: Any = JobRow.select(JobRow.id).where(
+            JobRow.ended_at.is_null(False) & (JobRow.ended_at < ended_before)).tuples()
+        expired = [str(job_id) for (job_id,) in rows]
+        for job_ids in peewee.chunked(expired, BATCH):
+            StepRow.delete().where(StepRow.job_id.in_(job_ids)).execute()
+            JobRow.delete().where(JobRow.id.in_(job_ids)).execute()
+        return len(expired)
