@@ -3,20 +3,23 @@
 For each fleet size: a hollow process (``--tasks 10 --connections 1``, events
 at ``--rate`` per host per minute: 60% task transitions, 30% progress, 10%
 connection flips) and a ``vdsm-engine serve`` process (sqlite, default
-settings: 30 s long-polls, a full resync every 60 s) with every host added by
-``addHost``; once every host is up and has been listed once, a settling
+settings: 30 s long-polls, a full resync every 60 s) that finds every host in
+its database when it starts (written there before, as a restarted engine
+finds its fleet; ``--via-api``: added by ``addHost`` batches to the running
+engine instead). Once every host is up and has been listed once, a settling
 pause, then a measuring window (default 120 s: two resync rounds) over which
 both processes' CPU (user + system, psutil) and the requests the hollow
 process served are counted; RSS and open descriptors at the end.
 
 ``python -m benchmarks.hollow.bench [--hosts 500,2000,5000] [--window S]
-[--settle S] [--rate R] [--path-per-host] [--no-engine] [--quick]``
-(``--quick``: 100 hosts, 20 s windows). The processes are stopped by PID.
+[--settle S] [--rate R] [--path-per-host] [--via-api] [--no-engine] [--quick]``
+(``--quick``: 100 hosts, 10 s + 20 s). The processes are stopped by PID.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import http.client
@@ -36,10 +39,12 @@ import psutil  # type: ignore[import-untyped]
 from benchmarks.agents import free_port
 from benchmarks.hollow import control
 from benchmarks.hollow.server import raise_open_files
+from vdsm_agent.engine.settings import EngineConfig
+from vdsm_agent.engine.store import EngineStore, repository
 
 ROOT = Path(__file__).resolve().parents[2]
 MIX = {"task": 0.6, "progress": 0.3, "connection": 0.1}
-UP_TIMEOUT = 600.0
+UP_TIMEOUT = 600.0  # seconds for every host to be up once the engine started
 
 
 class BenchError(Exception):
@@ -50,8 +55,9 @@ class BenchError(Exception):
 class Sample:
     hosts: int
     mode: str
-    up_s: float | None  # addHost of all -> all up and listed once
+    up_s: float | None  # engine started (or hosts added) -> all up and listed once
     up: int
+    added_s: float | None  # --via-api: the addHost calls
     window_s: float
     hollow_cpu: float  # percent of one core
     hollow_rss: int
@@ -106,6 +112,20 @@ def hollow_process(root: Path, hosts: int, rate: float,
         _stop(proc)
 
 
+async def preload(state: Path, hosts: Sequence[dict[str, Any]]) -> None:
+    """The hosts in the engine's database (sqlite in ``state``, which exists), before it
+    starts."""
+    config = EngineConfig.defaults().replace(state_dir=str(state))
+    store = await EngineStore.open(config.database_url)
+    try:
+        now = time.time()
+        for host in hosts:
+            await store.run(repository.add_host, host["name"], host["url"], None, None, None,
+                            False, now)
+    finally:
+        await store.close()
+
+
 @contextlib.contextmanager
 def engine_process(root: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     port = free_port()
@@ -142,9 +162,10 @@ def _health(port: int) -> dict[str, Any] | None:
 def _wait_all_listed(engine_port: int, control_url: str, hosts: int, began: float,
                      timeout: float) -> tuple[float | None, int]:
     """Until every host is up in the engine and the hollow hosts were each listed once:
-    (seconds since ``began``, or None on timeout; hosts up)."""
+    (seconds since ``began``, or None after ``timeout`` more seconds; hosts up)."""
     up = 0
-    while time.monotonic() - began < timeout:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         health = _health(engine_port) or {}
         up = int((health.get("hosts") or {}).get("up", 0))
         requests = control.call(control_url, "status")["requests"]
@@ -156,25 +177,30 @@ def _wait_all_listed(engine_port: int, control_url: str, hosts: int, began: floa
 
 
 def measure(root: Path, hosts: int, rate: float, settle: float, window: float,
-            path_per_host: bool, with_engine: bool) -> Sample:
+            path_per_host: bool, with_engine: bool, via_api: bool = False) -> Sample:
     with hollow_process(root, hosts, rate, path_per_host) as (hollow, document):
         control_url = document["control"]
         hollow_ps = psutil.Process(hollow.pid)
         engine_ps = None
-        up_s: float | None = None
+        up_s = added_s = None
         up = 0
         with contextlib.ExitStack() as stack:
             if with_engine:
+                if not via_api:
+                    (root / "engine").mkdir()
+                    asyncio.run(preload(root / "engine", document["hosts"]))
+                began = time.monotonic()
                 engine, url = stack.enter_context(engine_process(root))
                 engine_ps = psutil.Process(engine.pid)
-                began = time.monotonic()
-                control.register(url, document["hosts"], timeout=600)
-                print(f"  {hosts} hosts added in {time.monotonic() - began:.1f} s",
-                      file=sys.stderr, flush=True)
+                if via_api:
+                    began = time.monotonic()
+                    control.register(url, document["hosts"], timeout=3600)
+                    added_s = time.monotonic() - began
+                    _progress(f"{hosts} hosts added in {added_s:.1f} s")
                 port = int(url.rsplit(":", 1)[1].split("/")[0])
                 up_s, up = _wait_all_listed(port, control_url, hosts, began, UP_TIMEOUT)
-                print(f"  {up}/{hosts} up" + (f" and listed in {up_s:.1f} s" if up_s else
-                                              " (timed out)"), file=sys.stderr, flush=True)
+                _progress(f"{up}/{hosts} up" + (f" and listed {up_s:.1f} s after the start"
+                                                if up_s else " (timed out)"))
             time.sleep(settle)
             control.call(control_url, "resetCounters")
             events_before = control.call(control_url, "status")["events"]
@@ -187,13 +213,17 @@ def measure(root: Path, hosts: int, rate: float, settle: float, window: float,
             engine_used = _cpu(engine_ps) - engine_before if engine_ps else None
             status = control.call(control_url, "status")
             return Sample(
-                hosts=hosts, mode=status["mode"], up_s=up_s, up=up, window_s=elapsed,
-                hollow_cpu=hollow_used / elapsed * 100, hollow_rss=hollow_ps.memory_info().rss,
-                hollow_fds=hollow_ps.num_fds(),
+                hosts=hosts, mode=status["mode"], up_s=up_s, up=up, added_s=added_s,
+                window_s=elapsed, hollow_cpu=hollow_used / elapsed * 100,
+                hollow_rss=hollow_ps.memory_info().rss, hollow_fds=hollow_ps.num_fds(),
                 engine_cpu=None if engine_used is None else engine_used / elapsed * 100,
                 engine_rss=engine_ps.memory_info().rss if engine_ps else None,
                 engine_fds=engine_ps.num_fds() if engine_ps else None,
                 requests=dict(status["requests"]), events=status["events"] - events_before)
+
+
+def _progress(line: str) -> None:
+    print(f"  {line}", file=sys.stderr, flush=True)
 
 
 def _mib(value: int | None) -> str:
@@ -223,6 +253,8 @@ def print_samples(samples: Sequence[Sample], rate: float) -> None:
                              for verb, count in sorted(s.requests.items(),
                                                        key=lambda item: -item[1]))
         print(f"  {s.hosts} hosts, requests/s by verb: {per_verb or '-'}")
+        if s.added_s is not None:
+            print(f"  {s.hosts} hosts: addHost of all took {s.added_s:.1f} s")
         if s.up < s.hosts and s.engine_cpu is not None:
             print(f"  {s.hosts} hosts: only {s.up} up in the engine after "
                   f"{UP_TIMEOUT:.0f} s")
@@ -241,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="measuring window in seconds (default 120)")
     parser.add_argument("--path-per-host", action="store_true",
                         help="one port, a path per host")
+    parser.add_argument("--via-api", action="store_true",
+                        help="add the hosts with addHost to the running engine (default: "
+                             "in its database before it starts)")
     parser.add_argument("--no-engine", action="store_true",
                         help="the hollow process alone (no engine polls it)")
     parser.add_argument("--quick", action="store_true", help="100 hosts, 10 s + 20 s")
@@ -262,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{hosts} hosts ...", file=sys.stderr, flush=True)
         try:
             samples.append(measure(root, hosts, args.rate, settle, window,
-                                   args.path_per_host, not args.no_engine))
+                                   args.path_per_host, not args.no_engine, args.via_api))
         except (BenchError, control.ControlError) as exc:
             print(f"bench hollow: {hosts} hosts: {exc}", file=sys.stderr)
             return 1

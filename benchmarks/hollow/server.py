@@ -122,7 +122,7 @@ class HollowFleet:
     def __init__(self, options: FleetOptions) -> None:
         self.options = options
         rng = random.Random(options.seed)
-        self.hosts = [HollowHost(index, name, options.host, random.Random(rng.random()))
+        self.hosts = [HollowHost(index, name, options.host, rng)
                       for index, name in enumerate(host_names(options.hosts, options.prefix))]
         self.by_name = {host.name: host for host in self.hosts}
         for host in self.hosts:
@@ -226,8 +226,7 @@ class HollowFleet:
 
     async def _answer(self, host: HollowHost, request: BaseRequest,
                       check_path: bool = True) -> web.StreamResponse:
-        if host.frozen:
-            await host.thawed.wait()
+        await host.while_frozen()
         if check_path and request.path != AGENT_PATH:
             if request.path == "/health" and request.method == "GET":
                 return web.Response(body=b'{"status":"ok"}', content_type=JSON)
@@ -235,8 +234,7 @@ class HollowFleet:
         if request.method != "POST":
             return web.Response(status=405, headers={"Allow": "POST"})
         payload = await self.dispatch(host, await request.read())
-        if host.frozen:  # stopped while it worked: the answer waits too
-            await host.thawed.wait()
+        await host.while_frozen()  # stopped while it worked: the answer waits too
         if payload is None:
             return web.Response(status=204)
         return web.Response(body=payload, content_type=JSON)
