@@ -54,6 +54,7 @@ from tests.support import AgentProcess
 from vdsm_agent import errors
 from vdsm_agent.tasks import child
 from vdsm_agent.tasks.kinds import KindEnv, copy, paths, sandbox, tools
+from vdsm_agent.tasks.kinds.images import inspect_source
 
 lab = devices_fixtures.lab
 __all__ = ["agent_factory", "arena", "lab", "local_user"]  # fixtures, used by name
@@ -348,7 +349,7 @@ def test_a_backing_chain_is_read_by_descriptor_whatever_its_names_become(
 
     # Resolved, then its base swapped for a symlink to a file outside: qemu-img
     # reads the inode resolved, because the spec names it by descriptor.
-    source = copy.inspect_source(str(root / "top.qcow2"), None, (str(root),))
+    source = inspect_source(str(root / "top.qcow2"), None, (str(root),))
     try:
         assert [layer.format for layer in source.layers] == ["qcow2", "qcow2", "raw"]
         base.rename(root / "base.moved")

@@ -361,7 +361,7 @@ async def test_gap_in_the_feed_makes_a_resync_and_progress_is_followed(make_engi
         return bool(worker.events_supported and worker.sync_count)
     await async_until(following, timeout=10)
     syncs = worker.sync_count
-    worker.epoch = "an-epoch-of-a-previous-agent-process"  # as after an agent restart
+    worker.feed.epoch = "an-epoch-of-a-previous-agent-process"  # as after an agent restart
     task_id = await start_external(agent, seconds=3, tick=0.05)
 
     async def resynced() -> bool:

@@ -9,6 +9,9 @@ a test fails when either is stale. The machinery (``Setting``,
 ``vdsm_agent.common.settings``, which the engine's table uses too.
 """
 
+# Longer than 400 lines: the settings table is one table (a row per setting with its
+# help text); the INI file, the flags, the docs and the typed fields are made from it.
+
 from __future__ import annotations
 
 import argparse

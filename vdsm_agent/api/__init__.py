@@ -8,7 +8,7 @@ already been validated against ``rpc_schema``; errors are raised as
 from __future__ import annotations
 
 from vdsm_agent.api import connections, devices, events, host, tasks
-from vdsm_agent.server.jsonrpc import Handler
+from vdsm_agent.server.routes import Handler
 
 
 def methods_table() -> dict[str, Handler]:

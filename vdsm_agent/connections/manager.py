@@ -31,21 +31,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
-import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 from vdsm_agent.common.backoff import Backoff
-from vdsm_agent.common.clock import rfc3339
+from vdsm_agent.connections import registry, status
 from vdsm_agent.connections import uri as uris
 from vdsm_agent.connections.backends import BACKENDS, BackendClass
 from vdsm_agent.connections.backends.base import (
-    Attachment,
     Backend,
     BackendContext,
     BackendError,
@@ -53,8 +50,8 @@ from vdsm_agent.connections.backends.base import (
     Runner,
     SystemRunner,
 )
-from vdsm_agent.connections.backends.file import FileEndpoint
 from vdsm_agent.connections.backends.mounts import MountBackend
+from vdsm_agent.connections.footprint import Footprint, ids_holding
 from vdsm_agent.connections.monitor import (
     ErrorInfo,
     MonitorPolicy,
@@ -62,6 +59,7 @@ from vdsm_agent.connections.monitor import (
     TargetMonitor,
 )
 from vdsm_agent.connections.probes import ProbePool
+from vdsm_agent.connections.registry import Registration
 from vdsm_agent.errors import (
     AgentError,
     ConnectionIdInUse,
@@ -72,7 +70,6 @@ from vdsm_agent.errors import (
 from vdsm_agent.security import redact
 from vdsm_agent.settings import Config
 from vdsm_agent.store import Store
-from vdsm_agent.store.models import StorageConnectionRow
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +80,6 @@ UNMANAGED_PREFIX = "unmanaged-"
 def resource_name(connection_id: str) -> str:
     """The resource a task holds while it uses a connection."""
     return f"connection:{connection_id}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Registration:
-    connection_id: str
-    endpoint: uris.Endpoint
-    options: dict[str, Any]
-    created_at: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +160,7 @@ class ConnectionManager:
         self.context.mount_root.mkdir(parents=True, exist_ok=True)
         if self._store is None:
             return
-        rows = await self._store.run(_load_rows)
+        rows = await self._store.run(registry.load_rows)
         for connection_id, uri, options, created_at in rows:
             try:
                 endpoint = self.parse(uri)
@@ -219,7 +208,7 @@ class ConnectionManager:
             registration = Registration(connection_id, endpoint, dict(options or {}),
                                         time.time())
             if self._store is not None:
-                await self._store.run(_insert_row, registration)
+                await self._store.run(registry.insert_row, registration)
             self._register(registration)
         log.info("connection %s: managed %s", connection_id, endpoint.uri)
         return self.status(connection_id)
@@ -229,7 +218,7 @@ class ConnectionManager:
             registration = self._registration(connection_id)
             await self._check_not_held(connection_id)
             if self._store is not None:
-                await self._store.run(_delete_row, connection_id)
+                await self._store.run(registry.delete_row, connection_id)
             del self._registrations[connection_id]
             monitor = self._monitors[registration.endpoint.key]
             monitor.ids.discard(connection_id)
@@ -254,12 +243,12 @@ class ConnectionManager:
         LUN). Every ID naming that target counts. The filesystem work (resolving
         the mount points' parents, iSCSI sysfs) runs in a worker thread.
         """
-        targets = [_Footprint(tuple(sorted(monitor.ids)), monitor.backend, monitor.endpoint,
+        targets = [Footprint(tuple(sorted(monitor.ids)), monitor.backend, monitor.endpoint,
                               monitor.attachment)
                    for monitor in self._monitors.values() if monitor.ids]
         if not paths or not targets:
             return []
-        held = await asyncio.to_thread(_ids_holding, list(paths), targets)
+        held = await asyncio.to_thread(ids_holding, list(paths), targets)
         return sorted(resource_name(connection_id) for connection_id in held)
 
     def get(self, connection_id: str) -> dict[str, Any]:
@@ -391,111 +380,8 @@ class ConnectionManager:
 
     def status(self, connection_id: str) -> dict[str, Any]:
         registration = self._registrations[connection_id]
-        monitor = self._monitors[registration.endpoint.key]
-        health = monitor.health
-        info = monitor.backend.describe(registration.endpoint, monitor.attachment)
-        info.update(health.probe_info)
-        info["adopted"] = bool(monitor.attachment and monitor.attachment.adopted)
-        info["sharedWith"] = sorted(monitor.ids - {connection_id})
-        info["probeInFlight"] = monitor.probe_in_flight
-        if registration.options:
-            info["options"] = registration.options
-        return {
-            "uri": registration.endpoint.uri,
-            "managed": True,
-            "connected": monitor.attached,
-            "state": health.state.value,
-            "lastError": health.last_error.to_json() if health.last_error else None,
-            "lastCheck": rfc3339(health.last_check, 3),
-            "latencyMs": None if health.latency_ms is None else round(health.latency_ms, 3),
-            "attempts": health.attempts,
-            "nextRetryAt": (rfc3339(health.next_retry_at, 3)
-                            if health.state is State.DISCONNECTED else None),
-            "connectionInfo": info,
-        }
+        return status.managed(registration, self._monitors[registration.endpoint.key])
 
     def _unmanaged_status(self, scheme: str, found: Discovered) -> dict[str, Any]:
         leftover = self._leftovers.get(found.identity) or self._leftovers.get(found.uri)
-        return {
-            "uri": found.uri,
-            "managed": False,
-            "connected": True,
-            "state": State.CONNECTED.value,
-            "lastError": leftover.to_json() if leftover else None,
-            "lastCheck": None,
-            "latencyMs": None,
-            "attempts": 0,
-            "nextRetryAt": None,
-            "connectionInfo": {"scheme": scheme, **found.info},
-        }
-
-
-# -- which targets hold a path (run in a worker thread) ---------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Footprint:
-    """A target as ``resources_for_paths`` needs it, taken on the event loop."""
-
-    ids: tuple[str, ...]
-    backend: Backend[Any]
-    endpoint: uris.Endpoint
-    attachment: Attachment | None
-
-
-def _within(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
-
-
-def _resolved_parent(path: str) -> str:
-    # Symlinks above the mount point are resolved; the mount point itself is
-    # never touched (a stat of it waits for a hung server).
-    head, leaf = os.path.split(path.rstrip("/") or "/")
-    return os.path.join(os.path.realpath(head), leaf)
-
-
-def _ids_holding(paths: Sequence[str], targets: Sequence[_Footprint]) -> set[str]:
-    """Blocking: the IDs of the targets that hold any of ``paths``."""
-    held: set[str] = set()
-    for target in targets:
-        backend, endpoint = target.backend, target.endpoint
-        if isinstance(backend, MountBackend):
-            tree: str | None = backend.mount_point(endpoint)
-        elif isinstance(endpoint, FileEndpoint):
-            tree = endpoint.path
-        else:
-            tree = None
-        if tree is not None:
-            roots = {tree, _resolved_parent(tree)}
-            hit = any(_within(path, root) for path in paths for root in roots)
-        else:
-            try:
-                device = backend.describe(endpoint, target.attachment).get("device")
-            except Exception:
-                log.exception("connection %s: cannot tell its device", ", ".join(target.ids))
-                device = None
-            hit = isinstance(device, str) and os.path.realpath(device) in paths
-        if hit:
-            held.update(target.ids)
-    return held
-
-
-# -- store functions (run on the DB thread) -------------------------------------------------
-
-
-def _load_rows() -> list[tuple[str, str, dict[str, Any], float]]:
-    query = StorageConnectionRow.select().order_by(StorageConnectionRow.created_at)
-    return [(row.connection_id, row.uri, json.loads(row.options), row.created_at)
-            for row in query]
-
-
-def _insert_row(registration: Registration) -> None:
-    StorageConnectionRow.insert(
-        connection_id=registration.connection_id, uri=registration.endpoint.uri,
-        options=json.dumps(registration.options, sort_keys=True),
-        created_at=registration.created_at).execute()
-
-
-def _delete_row(connection_id: str) -> None:
-    StorageConnectionRow.delete().where(
-        StorageConnectionRow.connection_id == connection_id).execute()
+        return status.unmanaged(scheme, found, leftover)

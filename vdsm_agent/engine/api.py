@@ -20,7 +20,7 @@ from vdsm_agent.engine import views
 from vdsm_agent.engine.agentclient import ssl_context
 from vdsm_agent.engine.engine import Engine
 from vdsm_agent.engine.store import repository
-from vdsm_agent.server.jsonrpc import Handler
+from vdsm_agent.server.routes import Handler
 
 log = logging.getLogger(__name__)
 DEFAULT_AGENT_PATH = "/jsonrpc"

@@ -6,7 +6,8 @@ and its own timeouts, so a slow, frozen or dead host never delays another:
 * the **events loop** long-polls the agent's ``getEvents`` and applies task
   and connection events as they come (within a second); on first contact and
   after every gap (the agent restarted, or the engine fell behind its bound)
-  it takes the feed's position and asks for a full resynchronisation;
+  it takes the feed's position and asks for a full resynchronisation
+  (``hostfeed.HostFeed``);
 * the **sync loop** does the full resynchronisation (every page of
   ``listTasks`` and ``getStorageConnectionList``) every ``resync_interval``,
   at once when asked, and every ``poll_interval`` for an agent without an
@@ -33,7 +34,6 @@ import hashlib
 import logging
 import random
 import ssl
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -42,13 +42,13 @@ from vdsm_agent.common.backoff import Backoff
 from vdsm_agent.common.clock import now
 from vdsm_agent.common.supervision import Background
 from vdsm_agent.engine.agentclient import (
-    METHOD_NOT_FOUND,
     AgentClient,
     AgentError,
     AgentUnreachable,
     ssl_context,
 )
-from vdsm_agent.engine.states import TASK_FINAL, HostStatus
+from vdsm_agent.engine.hostfeed import HostFeed
+from vdsm_agent.engine.states import HostStatus
 from vdsm_agent.engine.store import repository
 from vdsm_agent.engine.store.models import HostRow
 
@@ -58,7 +58,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LIST_PAGE_SIZE = 1000
-MAX_EVENTS = 1000
 PERSIST_EVERY = 30.0  # seconds between writes of a host's lastSeen/syncedAt at resync
 
 
@@ -78,9 +77,7 @@ class HostWorker:
         self.last_error: str | None = row.last_error
         self.agent_version: str | None = row.agent_version
         self.synced_at: float | None = row.synced_at
-        self.events_supported: bool | None = None
-        self.epoch: str | None = None
-        self.since = 0
+        self.feed = HostFeed(self)
         self.client: AgentClient | None = None
         self._loops = Background(f"host {self.name}", log)
         self._backoff = Backoff(base=self.config.retry_interval, cap=self.config.retry_max,
@@ -89,7 +86,7 @@ class HostWorker:
         self._resync = asyncio.Event()
         self._kick = asyncio.Event()
         self._status_lock = asyncio.Lock()
-        self._need_version = True
+        self.need_version = True  # ask the agent's version at the next resync
         self._persisted_version: str | None = row.agent_version
         self._persisted_at: float | None = None
         self._snapshot_digest: bytes | None = None
@@ -107,9 +104,9 @@ class HostWorker:
         self._running = True
         self.status = HostStatus.CONNECTING
         self.failures = 0
-        self.epoch = None
-        self._need_version = True
-        for name, loop in (("events loop", self._events_loop), ("sync loop", self._sync_loop),
+        self.feed.epoch = None
+        self.need_version = True
+        for name, loop in (("events loop", self.feed.loop), ("sync loop", self._sync_loop),
                            ("steps loop", self._steps_loop)):
             self._loops.loop(loop, name, restart_delay=self.config.retry_interval)
 
@@ -129,6 +126,11 @@ class HostWorker:
             self.status = HostStatus.MAINTENANCE
         else:
             await self.start()
+
+    @property
+    def events_supported(self) -> bool | None:
+        """Whether the host has an events feed (None: not known yet)."""
+        return self.feed.supported
 
     # -- status ---------------------------------------------------------------------------
 
@@ -236,10 +238,10 @@ class HostWorker:
         is already in the store: it costs no database work."""
         started = now()
         changes = self._changes
-        if self._need_version:
+        if self.need_version:
             ping = await self.call("ping")
             self.agent_version = str(ping.get("version")) if isinstance(ping, dict) else None
-            self._need_version = False
+            self.need_version = False
         # Both at once; both always end (their own timeouts) before either's error counts.
         answers = await asyncio.gather(self._all_tasks(), self.call("getStorageConnectionList"),
                                        return_exceptions=True)
@@ -298,7 +300,7 @@ class HostWorker:
             self._resync.clear()
             try:
                 await self.resync()
-                delay = (self.config.resync_interval if self.events_supported is not False
+                delay = (self.config.resync_interval if self.feed.supported is not False
                          else min(self.config.poll_interval, self.config.resync_interval))
             except AgentUnreachable:
                 delay = self.retry_delay()
@@ -308,94 +310,6 @@ class HostWorker:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._resync.wait()
-
-    # -- the events feed -------------------------------------------------------------------
-
-    async def _events_loop(self) -> None:
-        config = self.config
-        while True:
-            if self.events_supported is False:
-                # An agent without the feed: probe again after a while (an upgrade
-                # restarts it); the sync loop polls meanwhile.
-                await asyncio.sleep(max(config.resync_interval, config.poll_interval))
-            first = self.epoch is None
-            params: dict[str, Any] = {"since": self.since, "timeout": config.events_timeout,
-                                      "maxEvents": MAX_EVENTS}
-            if first:
-                # Only the feed's position: what came before is in the resync.
-                params = {"since": 0, "timeout": 0, "maxEvents": 1}
-            else:
-                params["epoch"] = self.epoch
-            try:
-                answer = await self.call(
-                    "getEvents", params, timeout=config.request_timeout + params["timeout"])
-            except AgentUnreachable:
-                await asyncio.sleep(self.retry_delay())
-                continue
-            except AgentError as exc:
-                if exc.code == METHOD_NOT_FOUND:
-                    if self.events_supported is not False:
-                        log.info("host %s has no events feed; polling every %g s",
-                                 self.name, config.poll_interval)
-                    self.events_supported = False
-                    self.request_resync()
-                else:
-                    log.warning("host %s: getEvents refused: %s", self.name, exc)
-                    self.epoch = None
-                    await asyncio.sleep(self.retry_delay())
-                continue
-            if self.events_supported is not True:
-                self.events_supported = True
-                log.info("host %s: following its events feed", self.name)
-            await self._take_events(answer, first)
-
-    async def _take_events(self, answer: Mapping[str, Any], first: bool) -> None:
-        epoch = str(answer.get("epoch"))
-        if first:
-            self.epoch = epoch
-            self.since = int(answer.get("lastSeq") or 0)
-            self.request_resync()
-            return
-        gap = bool(answer.get("gap")) or epoch != self.epoch
-        self.epoch = epoch
-        self.since = int(answer.get("nextSince") or self.since)
-        if gap:
-            log.info("host %s: gap in its events feed; resynchronising", self.name)
-            self._need_version = True
-            self.request_resync()
-        for event in answer.get("events") or ():
-            try:
-                await self._apply_event(event)
-            except AgentUnreachable:
-                # The task's details could not be fetched: the resync will have them.
-                self.request_resync()
-
-    async def _apply_event(self, event: Mapping[str, Any]) -> None:
-        store = self.engine.store
-        self.changed()
-        kind = event.get("type")
-        if kind == "task" and event.get("taskID"):
-            task_id = str(event["taskID"])
-            doc = None
-            # A task new to the engine, or one that ended: its whole document
-            # (params, resources; result, error, warnings), not only its state.
-            if (str(event.get("state")) in TASK_FINAL
-                    or not await store.run(repository.knows_task, self.name, task_id)):
-                try:
-                    doc = await self.call("getTask", {"taskID": task_id})
-                except AgentError:
-                    doc = None  # deleted meanwhile: record what the event says
-            if doc is not None:
-                jobs = await store.run(repository.apply_task_doc, self.name, doc, now())
-            else:
-                jobs = await store.run(repository.apply_task_event, self.name, event, None,
-                                       now())
-            self.engine.jobs_changed(jobs)
-        elif kind == "connection":
-            unknown = await store.run(repository.apply_connection_event, self.name, event,
-                                      now())
-            if unknown:
-                self.request_resync()
 
     # -- steps ---------------------------------------------------------------------------
 

@@ -54,7 +54,6 @@ OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 ACCEPT_PAUSE = 0.25  # seconds between accept() tries while out of resources
 SHORTAGE_HOLD = 2.0  # seconds TCP sheds connections after accept() last ran out
 ACCEPT_BATCH = 128  # connections accepted per readable event (then others get a turn)
-BACKLOG = 128
 # Unix socket connections kept for root and the agent's own user.
 ROOT_RESERVE = 8
 # Descriptors TCP connections leave for the agent's own work (the store, task
@@ -353,49 +352,3 @@ class Guarded(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._inner.resume_writing()
 
-
-# -- listening sockets -------------------------------------------------------------------
-
-
-def tcp_sockets(host: str, port: int) -> list[socket.socket]:
-    """Bound, listening, non-blocking sockets for ``host:port`` (one per address
-    ``host`` resolves to, as asyncio's create_server makes them)."""
-    infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
-                               socket.AI_PASSIVE)
-    sockets: list[socket.socket] = []
-    seen: set[tuple[int, Any]] = set()
-    try:
-        for family, kind, proto, _name, address in infos:
-            if (family, address) in seen:
-                continue
-            seen.add((family, address))
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(BACKLOG)
-            sock.setblocking(False)
-    except OSError:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
-
-
-def unix_socket(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        sock.listen(BACKLOG)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def own_uids() -> frozenset[int]:
-    """Who may take the Unix socket's reserved connections: root and the agent's user."""
-    return frozenset({0, os.getuid()})

@@ -25,7 +25,7 @@ enough (see docs/design.md, "JSON-RPC dispatch"):
 
 The hot path is kept cheap (docs/benchmarks.md): the library's per-request
 ``inspect.signature(...).bind`` (about half the cost of a ``ping``) is replaced
-by a check against each handler's parameter names, computed once here; only
+by a check against each handler's parameter names, computed once (``routes``); only
 when that check fails does the library's own binding run, so a params/handler
 mismatch still gets the library's -32602 answer. The call itself goes through
 ``jsonrpcserver.async_dispatcher.call``; success answers are built as a dict
@@ -35,12 +35,10 @@ directly and error answers by the library's response functions.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
-import inspect
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any, cast
 
 import orjson
@@ -52,16 +50,16 @@ from jsonrpcserver.response import to_serializable_one
 from jsonrpcserver.sentinels import NOID
 from oslash.either import Left
 
-from rpc_schema import ApiSchema, ParamsInvalid, Verb
+from rpc_schema import ApiSchema, ParamsInvalid
 from vdsm_agent import errors
 from vdsm_agent.security import audit, redact
 from vdsm_agent.security.identity import CURRENT_CALLER, Caller
 from vdsm_agent.security.limits import LONG_POLL_VERBS, Limiter
-from vdsm_agent.security.roles import Role, parse_role
+from vdsm_agent.security.roles import Role
+from vdsm_agent.server.routes import Handler, Route
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[..., Awaitable[Any]]
 _ADMIN = Role.ADMIN
 _ENVELOPE_KEYS = frozenset(("jsonrpc", "method", "params", "id"))
 
@@ -120,107 +118,6 @@ def translate_errors(handler: Handler) -> Handler:
     return wrapper
 
 
-_KEYWORD_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Binding:
-    """Which params a handler binds, read once from its signature.
-
-    The handler takes the context as its first positional argument and the
-    params by name. ``accepted`` is None when it also takes ``**kwargs``; then
-    only ``clashes`` (the context parameter's name) cannot be given.
-    """
-
-    required: frozenset[str]
-    accepted: frozenset[str] | None
-    clashes: frozenset[str]
-
-    def binds(self, params: Mapping[str, Any]) -> bool:
-        keys = params.keys()
-        if not self.required <= keys:
-            return False
-        if self.accepted is None:
-            return keys.isdisjoint(self.clashes)
-        return keys <= self.accepted
-
-
-def _binding(method: Handler) -> _Binding | None:
-    """The handler's binding, or None when only inspect's bind can say (rare shapes)."""
-    try:
-        parameters = list(inspect.signature(method).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    if not parameters or parameters[0].kind not in (
-            inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
-        return None  # cannot take the context positionally: the library says why
-    context, *rest = parameters
-    required: set[str] = set()
-    accepted: set[str] | None = set()
-    for parameter in rest:
-        if parameter.kind in _KEYWORD_KINDS:
-            if parameter.default is inspect.Parameter.empty:
-                required.add(parameter.name)
-            if accepted is not None:
-                accepted.add(parameter.name)
-        elif parameter.kind is inspect.Parameter.VAR_KEYWORD:
-            accepted = None
-        else:
-            return None  # positional-only or *args after the context
-    clashes = frozenset(() if context.kind is inspect.Parameter.POSITIONAL_ONLY
-                        else (context.name,))
-    return _Binding(frozenset(required), None if accepted is None else frozenset(accepted),
-                    clashes)
-
-
-_MISSING = object()
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Elevation:
-    """A param value that needs a stronger role than the verb's (schema ``roleWhen``)."""
-
-    path: tuple[str, ...]  # "params.force" -> ("params", "force")
-    equals: Any
-    role: Role
-
-    def applies(self, params: Mapping[str, Any]) -> bool:
-        value: Any = params
-        for key in self.path:
-            if type(value) is not dict:
-                return False
-            value = value.get(key, _MISSING)
-        return value is not _MISSING and value == self.equals and type(value) is type(
-            self.equals)
-
-
-def _elevations(verb: Verb) -> tuple[_Elevation, ...]:
-    return tuple(_Elevation(tuple(str(rule["param"]).split(".")), rule.get("equals", True),
-                            parse_role(rule["role"]))
-                 for rule in verb.role_when)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Route:
-    """Everything dispatch needs for one verb, looked up once per request."""
-
-    verb: Verb
-    method: Handler  # wrapped by translate_errors
-    binding: _Binding | None
-    # The role a caller needs; a verb without one in the schema needs admin.
-    role: Role = Role.ADMIN
-    elevations: tuple[_Elevation, ...] = ()
-    # A mutating verb (declared role operate or admin): its calls go to the audit log.
-    audited: bool = False
-
-    def required(self, params: Mapping[str, Any]) -> Role:
-        needed = self.role
-        for elevation in self.elevations:
-            if elevation.role > needed and elevation.applies(params):
-                needed = elevation.role
-        return needed
-
-
 class Dispatcher:
     """Dispatches JSON-RPC bodies to one application's methods table."""
 
@@ -237,14 +134,8 @@ class Dispatcher:
         self.context = context
         self.max_batch = max_batch
         self.limiter = limiter
-        self._routes = {name: self._route(schema.verbs[name], method)
+        self._routes = {name: Route.of(schema.verbs[name], method)
                         for name, method in self.methods.items()}
-
-    @staticmethod
-    def _route(verb: Verb, method: Handler) -> _Route:
-        role = parse_role(verb.role) if verb.role is not None else Role.ADMIN
-        return _Route(verb, method, _binding(method), role, _elevations(verb),
-                      audited=verb.role is not None and role >= Role.OPERATE)
 
     async def dispatch(self, body: bytes) -> bytes | None:
         """Answer a request body; None when nothing is to be sent back."""
@@ -331,7 +222,7 @@ class Dispatcher:
         ident = member.get("id", NOID)
         return None if ident is NOID else error_answer(error, ident)
 
-    def _refuse(self, route: _Route, caller: Caller | None, params: Any, ident: Any,
+    def _refuse(self, route: Route, caller: Caller | None, params: Any, ident: Any,
                 exc: errors.RpcError) -> dict[str, Any] | None:
         """An error answer before the handler runs (audited for mutating verbs)."""
         error = exc.to_error()
@@ -339,7 +230,7 @@ class Dispatcher:
             audit.record(caller, route.verb.name, params, error=error)
         return None if ident is NOID else error_answer(error, ident)
 
-    def _forbidden(self, route: _Route, caller: Caller, params: Any, ident: Any,
+    def _forbidden(self, route: Route, caller: Caller, params: Any, ident: Any,
                    required: Role) -> dict[str, Any] | None:
         name = route.verb.name
         error = errors.Forbidden(
@@ -414,7 +305,7 @@ def _is_long_poll(member: Any) -> bool:
         return False
 
 
-def _audit_outcome(route: _Route, caller: Caller | None, params: Any, result: Any) -> None:
+def _audit_outcome(route: Route, caller: Caller | None, params: Any, result: Any) -> None:
     if isinstance(result, Left):
         failure = result._error
         audit.record(caller, route.verb.name, params,

@@ -23,6 +23,7 @@ import ssl
 import stat
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -34,15 +35,14 @@ from vdsm_agent.server.accept import (
     Listener,
     ProtocolFactory,
     Shortage,
-    own_uids,
     raise_fd_limit,
     tcp_fd_ceiling,
-    tcp_sockets,
-    unix_socket,
 )
 from vdsm_agent.settings import Config
 
 log = logging.getLogger(__name__)
+
+BACKLOG = 128  # listen(2) backlog of every listening socket
 
 
 class ListenError(RuntimeError):
@@ -296,3 +296,50 @@ def bound_address(runner: web.AppRunner) -> str:
         if isinstance(site_address, tuple):
             return _format(site_address)
     raise ListenError("no TCP address bound")
+
+
+# -- listening sockets (each served by an accept.Listener) -------------------------------
+
+
+def tcp_sockets(host: str, port: int) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for ``host:port`` (one per address
+    ``host`` resolves to, as asyncio's create_server makes them)."""
+    infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                               socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    seen: set[tuple[int, Any]] = set()
+    try:
+        for family, kind, proto, _name, address in infos:
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def unix_socket(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def own_uids() -> frozenset[int]:
+    """Who may take the Unix socket's reserved connections: root and the agent's user."""
+    return frozenset({0, os.getuid()})

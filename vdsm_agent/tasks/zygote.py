@@ -35,6 +35,9 @@ the zygote says it in one line on its stderr (the agent's: its log, or the
 journal under systemd) and exits 0, without a traceback.
 """
 
+# Longer than 400 lines: both ends of the zygote's small protocol (the agent's side and
+# the zygote's), so that each message is written and read in one place.
+
 from __future__ import annotations
 
 import argparse

@@ -1,0 +1,128 @@
+"""Following one host's events feed: what changed there, within a second.
+
+The feed is long-polled with ``getEvents``. On first contact, and after
+every gap (the agent restarted: another epoch; or the engine fell behind the
+feed's bound), only the feed's position is taken and a full
+resynchronisation is asked of the host worker (``HostWorker.resync``): what
+came before is in it. Task and connection events are applied to the store
+as they come; a task new to the engine, or one that ended, is fetched whole
+(``getTask``). An agent without the feed (``MethodNotFound``) is polled
+instead, and asked again after a while.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from vdsm_agent.common.clock import now
+from vdsm_agent.engine.agentclient import METHOD_NOT_FOUND, AgentError, AgentUnreachable
+from vdsm_agent.engine.states import TASK_FINAL
+from vdsm_agent.engine.store import repository
+
+if TYPE_CHECKING:
+    from vdsm_agent.engine.poller import HostWorker
+
+log = logging.getLogger(__name__)
+
+MAX_EVENTS = 1000  # events per getEvents answer
+
+
+class HostFeed:
+    def __init__(self, worker: HostWorker) -> None:
+        self.worker = worker
+        self.supported: bool | None = None  # whether the host has a feed (None: not known)
+        self.epoch: str | None = None  # the feed's epoch; None: take its position first
+        self.since = 0  # the last event applied
+
+    async def loop(self) -> None:
+        worker = self.worker
+        config = worker.config
+        while True:
+            if self.supported is False:
+                # An agent without the feed: probe again after a while (an upgrade
+                # restarts it); the sync loop polls meanwhile.
+                await asyncio.sleep(max(config.resync_interval, config.poll_interval))
+            first = self.epoch is None
+            params: dict[str, Any] = {"since": self.since, "timeout": config.events_timeout,
+                                      "maxEvents": MAX_EVENTS}
+            if first:
+                # Only the feed's position: what came before is in the resync.
+                params = {"since": 0, "timeout": 0, "maxEvents": 1}
+            else:
+                params["epoch"] = self.epoch
+            try:
+                answer = await worker.call(
+                    "getEvents", params, timeout=config.request_timeout + params["timeout"])
+            except AgentUnreachable:
+                await asyncio.sleep(worker.retry_delay())
+                continue
+            except AgentError as exc:
+                if exc.code == METHOD_NOT_FOUND:
+                    if self.supported is not False:
+                        log.info("host %s has no events feed; polling every %g s",
+                                 worker.name, config.poll_interval)
+                    self.supported = False
+                    worker.request_resync()
+                else:
+                    log.warning("host %s: getEvents refused: %s", worker.name, exc)
+                    self.epoch = None
+                    await asyncio.sleep(worker.retry_delay())
+                continue
+            if self.supported is not True:
+                self.supported = True
+                log.info("host %s: following its events feed", worker.name)
+            await self._take(answer, first)
+
+    async def _take(self, answer: Mapping[str, Any], first: bool) -> None:
+        worker = self.worker
+        epoch = str(answer.get("epoch"))
+        if first:
+            self.epoch = epoch
+            self.since = int(answer.get("lastSeq") or 0)
+            worker.request_resync()
+            return
+        gap = bool(answer.get("gap")) or epoch != self.epoch
+        self.epoch = epoch
+        self.since = int(answer.get("nextSince") or self.since)
+        if gap:
+            log.info("host %s: gap in its events feed; resynchronising", worker.name)
+            worker.need_version = True
+            worker.request_resync()
+        for event in answer.get("events") or ():
+            try:
+                await self._apply(event)
+            except AgentUnreachable:
+                # The task's details could not be fetched: the resync will have them.
+                worker.request_resync()
+
+    async def _apply(self, event: Mapping[str, Any]) -> None:
+        worker = self.worker
+        store = worker.engine.store
+        worker.changed()
+        kind = event.get("type")
+        if kind == "task" and event.get("taskID"):
+            task_id = str(event["taskID"])
+            doc = None
+            # A task new to the engine, or one that ended: its whole document
+            # (params, resources; result, error, warnings), not only its state.
+            if (str(event.get("state")) in TASK_FINAL
+                    or not await store.run(repository.knows_task, worker.name, task_id)):
+                try:
+                    doc = await worker.call("getTask", {"taskID": task_id})
+                except AgentError:
+                    doc = None  # deleted meanwhile: record what the event says
+            if doc is not None:
+                jobs = await store.run(repository.apply_task_doc, worker.name, doc, now())
+            else:
+                jobs = await store.run(repository.apply_task_event, worker.name, event, None,
+                                       now())
+            worker.engine.jobs_changed(jobs)
+        elif kind == "connection":
+            unknown = await store.run(repository.apply_connection_event, worker.name, event,
+                                      now())
+            if unknown:
+                worker.request_resync()
+
