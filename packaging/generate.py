@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generate the packaged files that derive from the code: run at package build time.
 
-    python3 packaging/generate.py [--out DIR] [--interpreter PATH]
+    python3 packaging/generate.py [--out DIR] [--private DIR] [--setup-cfg FILE]
                                   [config|manpages|wrappers|completions ...]
 
 * ``config``: the default config file ``vdsm-agent.conf`` (installed as
@@ -37,6 +37,7 @@ import argparse
 import configparser
 import datetime
 import importlib
+import importlib.metadata
 import os
 import re
 import sys
@@ -68,16 +69,18 @@ WIDTH = 79
 
 
 def console_scripts(setup_cfg: Path = ROOT / "setup.cfg") -> dict[str, str]:
-    """``name -> "module:function"`` from setup.cfg's console_scripts."""
+    """``name -> "module:function"`` from setup.cfg's console_scripts, read as
+    setuptools writes them to entry_points.txt: an INI group of ``name = value``
+    lines, each value parsed as an entry point (``importlib.metadata``)."""
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(setup_cfg, encoding="utf-8")
     raw = parser.get("options.entry_points", "console_scripts", fallback="")
-    scripts = {}
-    for line in raw.splitlines():
-        if "=" in line:
-            name, target = (part.strip() for part in line.split("=", 1))
-            scripts[name] = target
-    return scripts
+    group = configparser.ConfigParser(interpolation=None, delimiters=("=",))
+    group.optionxform = str  # type: ignore[assignment,method-assign]  # names keep their case
+    group.read_string(f"[console_scripts]\n{raw}")
+    points = [importlib.metadata.EntryPoint(name, value, "console_scripts")
+              for name, value in group.items("console_scripts")]
+    return {point.name: f"{point.module}:{point.attr}" for point in points}
 
 
 # -- the default config file ---------------------------------------------------------

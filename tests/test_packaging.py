@@ -408,3 +408,27 @@ def test_ci_runs_the_packaging_test_before_pytest() -> None:
     lines = (ROOT / "scripts" / "test").read_text(encoding="utf-8").strip().splitlines()
     assert lines[-1].split(";")[-1].strip().startswith("exec .venv/bin/pytest")
     assert any(line.strip().endswith("packaging/test") for line in lines[:-1])
+
+
+def test_the_generator_documents_only_options_it_has(capsys: pytest.CaptureFixture[str]) -> None:
+    """Its docstring's usage line drifted (it named an --interpreter it did not have)."""
+    with pytest.raises(SystemExit):
+        generate.main(["--help"])
+    offered = set(re.findall(r"--[a-z][a-z-]*", capsys.readouterr().out))
+    usage = (generate.__doc__ or "").split("\n\n")[1]
+    documented = set(re.findall(r"--[a-z][a-z-]*", usage))
+    assert documented
+    assert documented <= offered
+
+
+def test_console_scripts_are_read_as_setuptools_reads_them(tmp_path: Path) -> None:
+    """An entry point's value is parsed (extras dropped), comments are comments, and
+    the other groups are not scripts (setup.cfg was split by hand)."""
+    cfg = tmp_path / "setup.cfg"
+    cfg.write_text("[options.entry_points]\nconsole_scripts =\n"
+                   "    # old-name = gone:main\n"
+                   "    vdsm-agent=vdsm_agent.main:main\n"
+                   "    Tool-X = pkg.mod:func [extra]\n"
+                   "gui_scripts =\n    other = a:b\n", encoding="utf-8")
+    assert generate.console_scripts(cfg) == {"vdsm-agent": "vdsm_agent.main:main",
+                                             "Tool-X": "pkg.mod:func"}

@@ -95,8 +95,10 @@ SETTINGS: tuple[Setting, ...] = (
             "host non-responsive; it is up again as soon as a call succeeds.",
             parse_positive_int),
     Setting("retry_interval", "seconds", 2.0,
-            "Delay before retrying a host after a failed attempt, doubled after each "
-            "further failure up to retry_max.", parse_seconds),
+            "Shortest delay before retrying a host after a failed attempt: after n "
+            "failures in a row the delay is uniform(0, retry_interval * 2^(n-1)), at "
+            "least retry_interval and at most retry_max (full jitter, so that hosts "
+            "lost together are not retried in lock-step).", parse_seconds),
     Setting("retry_max", "seconds", 30.0,
             "Longest delay between attempts to reach a failing host.", parse_seconds),
     # -- jobs (vdsm_agent/engine/jobs.py) --
