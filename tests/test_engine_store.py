@@ -13,7 +13,7 @@ import pytest
 from tests.engine_support import database_url, postgres_server  # noqa: F401
 from vdsm_agent import errors
 from vdsm_agent.common.clock import rfc3339
-from vdsm_agent.engine.states import StepState
+from vdsm_agent.engine.states import STEP_FINAL, STEP_TRANSITIONS, StepState
 from vdsm_agent.engine.store import EngineStore, repository
 from vdsm_agent.engine.store.migrations import latest_version
 from vdsm_agent.engine.store.models import (
@@ -220,6 +220,26 @@ async def test_job_states_from_steps(store: EngineStore):
     assert await store.run(repository.delete_finished_jobs, T0 + 2) == 1
     with pytest.raises(errors.JobNotFound):
         await store.run(repository.get_job, "j")
+
+
+async def test_a_step_moves_only_by_its_transition_table(store: EngineStore):
+    """Every change of a step's state goes through steps.move_step and the table in
+    engine/states.py: a final step never moves again."""
+    await add_host(store, "h1")
+    spec = repository.StepSpec("h1", "cancelTask", {"taskID": "t"}, task_id="t")
+    await store.run(repository.create_job, "j", "cancelTask", {}, [spec], ["s1"], [], T0)
+    await store.run(repository.step_accepted, "s1", StepState.RUNNING, T0)
+    await store.run(repository.step_accepted, "s1", StepState.RUNNING, T0 + 1)  # stays
+    await store.run(repository.step_accepted, "s1", StepState.DONE, T0 + 2)
+    step = await store.run(repository.get_step, "s1")
+    assert (step.state, step.attempts, step.ended_at) == ("done", 3, T0 + 2)
+
+    def move_back() -> None:
+        repository.move_step(repository.get_step("s1"), StepState.RUNNING, T0 + 3)
+    with pytest.raises(ValueError, match="done -> running is not allowed"):
+        await store.run(move_back)
+    assert set(STEP_TRANSITIONS) == set(StepState)
+    assert all(not STEP_TRANSITIONS[StepState(final)] for final in STEP_FINAL)
 
 
 async def test_task_pages_and_unknown_hosts(store: EngineStore):

@@ -7,7 +7,8 @@ import enum
 from vdsm_agent.tasks.states import FINAL as TASK_FINAL_STATES
 from vdsm_agent.tasks.states import State as TaskState
 
-__all__ = ["TASK_FINAL", "HostStatus", "JobState", "StepState", "TaskState"]
+__all__ = ["STEP_TRANSITIONS", "TASK_FINAL", "HostStatus", "JobState", "StepState",
+           "TaskState"]
 
 TASK_FINAL: frozenset[str] = frozenset(str(state) for state in TASK_FINAL_STATES)
 # How the engine shows a task (or a connection) of a host it cannot currently see.
@@ -30,6 +31,17 @@ class StepState(enum.StrEnum):
 
 
 STEP_FINAL: frozenset[str] = frozenset({StepState.DONE, StepState.FAILED, StepState.CANCELED})
+# The one transition table of steps (``store.steps.move_step`` is the one function
+# that moves one): a pending step may be accepted (running) or end at once (its
+# call answered with a final outcome, or failed); a running one only ends.
+STEP_TRANSITIONS: dict[StepState, frozenset[StepState]] = {
+    StepState.PENDING: frozenset({StepState.RUNNING, StepState.DONE, StepState.FAILED,
+                                  StepState.CANCELED}),
+    StepState.RUNNING: frozenset({StepState.DONE, StepState.FAILED, StepState.CANCELED}),
+    StepState.DONE: frozenset(),
+    StepState.FAILED: frozenset(),
+    StepState.CANCELED: frozenset(),
+}
 
 
 class JobState(enum.StrEnum):

@@ -21,7 +21,7 @@ from vdsm_agent.engine.store.rows import BATCH, atomic, dumps, timestamp
 from vdsm_agent.engine.store.steps import (
     ACTIVE_STEP_STATES,
     engine_step,
-    finish_step,
+    move_step,
     recompute_jobs,
     replace_task_locks,
 )
@@ -58,17 +58,15 @@ def _on_task_state(host: str, task_id: str, state: str, now: float, jobs: set[st
     for step in steps:
         if step.action == "startTask":
             if final:
-                finish_step(step, step_state_for_task(state), now, result={"taskState": state})
+                move_step(step, step_state_for_task(state), now, result={"taskState": state})
             elif step.state == StepState.PENDING:
                 # The host has the task although its answer never came: bound.
-                step.state = StepState.RUNNING.value
-                step.updated_at = now
-                step.save()
+                move_step(step, StepState.RUNNING, now)
             else:
                 continue
             jobs.add(step.job_id)
         elif step.action == "cancelTask" and final and step.state == StepState.RUNNING:
-            finish_step(step, StepState.DONE, now, result={"taskState": state})
+            move_step(step, StepState.DONE, now, result={"taskState": state})
             jobs.add(step.job_id)
 
 
@@ -78,7 +76,7 @@ def _on_task_gone(host: str, task_id: str, now: float, jobs: set[str]) -> None:
     steps = StepRow.select().where((StepRow.host == host) & (StepRow.task_id == task_id)
                                    & (StepRow.state == StepState.RUNNING.value))
     for step in steps:
-        finish_step(step, StepState.FAILED, now, error=errors.Failure.TASK_GONE.error(
+        move_step(step, StepState.FAILED, now, error=errors.Failure.TASK_GONE.error(
             "the host no longer lists the task; its end was not seen"))
         jobs.add(step.job_id)
 

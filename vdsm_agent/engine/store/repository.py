@@ -61,12 +61,12 @@ from vdsm_agent.engine.store.steps import (
     StepSpec,
     create_job,
     delete_finished_jobs,
-    finish_step,
     get_job,
     get_step,
     job_document,
     list_jobs_page,
     locks_of,
+    move_step,
     pending_steps,
     recompute_jobs,
     step_accepted,
@@ -81,7 +81,7 @@ __all__ = [
     "apply_resync", "apply_task_doc", "apply_task_event", "apply_task_snapshot", "create_job",
     "delete_finished_jobs", "dumps", "forget_connection", "get_host", "get_job", "get_step",
     "get_task", "host_counts", "instance_id", "job_document", "knows_task", "list_connections",
-    "list_hosts", "list_jobs_page", "list_tasks_page", "loads", "locks_of",
+    "list_hosts", "list_jobs_page", "list_tasks_page", "loads", "locks_of", "move_step",
     "pending_connection_steps", "pending_steps", "remove_host", "set_maintenance",
     "step_accepted", "step_attempt_failed", "step_document", "step_failed", "update_host",
 ]
@@ -94,8 +94,8 @@ def remove_host(name: str, now: float) -> set[str]:
         steps = list(StepRow.select().where((StepRow.host == name)
                                             & StepRow.state.in_(ACTIVE_STEP_STATES)))
         for step in steps:
-            finish_step(step, StepState.FAILED, now,
-                        error=errors.Failure.HOST_REMOVED.error(f"host {name} was removed"))
+            move_step(step, StepState.FAILED, now,
+                      error=errors.Failure.HOST_REMOVED.error(f"host {name} was removed"))
         for model in (HostTaskRow, HostConnectionRow, ResourceLockRow):
             model.delete().where(model.host == name).execute()
         HostRow.delete().where(HostRow.name == name).execute()

@@ -1,7 +1,10 @@
 """Jobs, their steps, and the resource locks of engine-started tasks (DB thread).
 
-Functions that change steps return the IDs of the jobs whose state they may
-have changed, so that the caller can wake ``waitJob``.
+A step changes state only through ``move_step`` (the table is
+``engine.states.STEP_TRANSITIONS``); a job's state is derived from its steps'
+by ``recompute_jobs`` (``engine.states.job_state``). Functions that change
+steps return the IDs of the jobs whose state they may have changed, so that
+the caller can wake ``waitJob``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,13 @@ import peewee
 
 from vdsm_agent import errors
 from vdsm_agent.common.clock import rfc3339
-from vdsm_agent.engine.states import STEP_FINAL, TASK_FINAL, StepState, job_state
+from vdsm_agent.engine.states import (
+    STEP_FINAL,
+    STEP_TRANSITIONS,
+    TASK_FINAL,
+    StepState,
+    job_state,
+)
 from vdsm_agent.engine.store.hosts import get_host
 from vdsm_agent.engine.store.models import HostTaskRow, JobRow, ResourceLockRow, StepRow
 from vdsm_agent.engine.store.rows import BATCH, atomic, dumps, loads
@@ -111,17 +120,26 @@ def locks_of(host: str | None = None) -> list[ResourceLockRow]:
     return list(select.order_by(ResourceLockRow.host, ResourceLockRow.resource))
 
 
-def finish_step(step: StepRow, state: StepState, now: float, *,
-                result: Any = None, error: Any = None) -> None:
+def move_step(step: StepRow, state: StepState, now: float, *,
+              result: Any = None, error: Any = None) -> None:
+    """The one function that changes a step's state (``STEP_TRANSITIONS``; staying
+    running is no move), with its result or error, saved. A startTask step that
+    ends other than done frees its task's locks."""
+    current = StepState(step.state)
+    if state is not current and state not in STEP_TRANSITIONS[current]:
+        raise ValueError(f"step {step.id}: {current} -> {state} is not allowed")
     step.state = state.value
     step.updated_at = now
-    step.ended_at = now
+    final = state in STEP_FINAL
+    if final:
+        step.ended_at = now
     if result is not None:
         step.result = dumps(result)
     if error is not None:
         step.last_error = dumps(error)
     step.save()
-    if step.action == "startTask" and step.task_id is not None and state != StepState.DONE:
+    if final and step.action == "startTask" and step.task_id is not None \
+            and state != StepState.DONE:
         # A task that never ran (or ended) holds nothing any more.
         ResourceLockRow.delete().where((ResourceLockRow.host == step.host)
                                        & (ResourceLockRow.task_id == step.task_id)).execute()
@@ -158,14 +176,7 @@ def step_accepted(step_id: str, state: StepState, now: float, result: Any = None
         if step is None or step.state in STEP_FINAL:
             return set()
         step.attempts += 1
-        if state in STEP_FINAL:
-            finish_step(step, state, now, result=result)
-        else:
-            step.state = state.value
-            step.updated_at = now
-            if result is not None:
-                step.result = dumps(result)
-            step.save()
+        move_step(step, state, now, result=result)
         recompute_jobs({step.job_id}, now)
         return {step.job_id}
 
@@ -185,7 +196,7 @@ def step_failed(step_id: str, error: Any, now: float) -> set[str]:
         if step is None or step.state in STEP_FINAL:
             return set()
         step.attempts += 1
-        finish_step(step, StepState.FAILED, now, error=error)
+        move_step(step, StepState.FAILED, now, error=error)
         recompute_jobs({step.job_id}, now)
         return {step.job_id}
 
