@@ -9,7 +9,8 @@
   transition in its views within 2 s, a frozen host non-responsive while the
   others stay up, a restart (new epoch, state reset) resynchronised, a killed
   host refused and back; the engine's jobs (start, cancel, manage, unmanage)
-  run against hollow hosts, and no verb it sent was unknown to them.
+  run against hollow hosts, and no verb it sent was unknown to them;
+* a path per host (one port): the engine's client and poller use the URLs.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ from benchmarks.hollow import control
 from benchmarks.hollow.verbs import VERBS
 from tests.engine_support import EngineClient, async_until, engine_config
 from tests.support import SCHEMA, RpcFailure, check_result, until
+from vdsm_agent.engine.agentclient import AgentClient, AgentUnreachable
 from vdsm_agent.engine.app import make_app
+from vdsm_agent.engine.store import EngineStore, repository
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE_SOURCES = ROOT / "vdsm_agent" / "engine"
@@ -457,3 +460,52 @@ async def test_an_engine_follows_twenty_hollow_hosts(make_engine: Any, tmp_path:
         assert {"getEvents", "listTasks", "getStorageConnectionList", "getTask", "ping",
                 "startTask", "cancelTask", "manageStorageConnection",
                 "unmanageStorageConnection"} <= set(status["requests"])
+
+
+async def test_a_path_per_host_with_the_engines_client(make_engine: Any, tmp_path: Path) -> None:
+    """One port, a path per host: the engine keeps the path of an agent URL and its
+    client calls it; a killed host's calls fail, the others' do not."""
+    with hollow(tmp_path, 3, "--path-per-host", "--tasks", "2") as process:
+        urls = [process.url(index) for index in range(3)]
+        assert len({urllib.parse.urlsplit(url).port for url in urls}) == 1
+        assert [urllib.parse.urlsplit(url).path for url in urls] == [
+            "/h/0/jsonrpc", "/h/1/jsonrpc", "/h/2/jsonrpc"]
+        clients = [AgentClient(url, connect_timeout=1, request_timeout=2) for url in urls]
+        try:
+            for client in clients:
+                check_result("ping", await client.call("ping"))
+                page = await client.call("listTasks", {"pageSize": 1000})
+                check_result("listTasks", page)
+                assert len(page["tasks"]) == 2
+            await _ctl(process, "kill", hosts=[1])
+            with pytest.raises(AgentUnreachable):
+                await clients[1].call("ping")
+            check_result("ping", await clients[0].call("ping"))
+            await _ctl(process, "start", hosts=[1])
+            check_result("ping", await clients[1].call("ping"))
+            wrong = AgentClient(urls[0].replace("/h/0/", "/h/9/"), connect_timeout=1,
+                                request_timeout=2)
+            with pytest.raises(AgentUnreachable, match="HTTP 404"):
+                await wrong.call("ping")
+            await wrong.close()
+        finally:
+            for client in clients:
+                await client.close()
+
+        # addHost's schema takes no path but /jsonrpc (rpc_schema/engine.json): the host
+        # is written into the engine's database, as benchmarks/hollow/bench.py does.
+        config = engine_config(tmp_path)
+        config.state_path.mkdir(parents=True, exist_ok=True)
+        store = await EngineStore.open(config.database_url)
+        try:
+            await store.run(repository.add_host, "pathhost", urls[2], None, None, None, False,
+                            time.time())
+        finally:
+            await store.close()
+        engine = await make_engine()
+        await engine.wait_status("pathhost", "up", timeout=10)
+        assert (await engine.host("pathhost"))["url"] == urls[2]
+
+        async def listed() -> bool:
+            return (await engine.host("pathhost"))["counts"]["tasks"].get("done") == 2
+        await async_until(listed, timeout=10)

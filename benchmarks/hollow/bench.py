@@ -23,8 +23,10 @@ import asyncio
 import contextlib
 import dataclasses
 import http.client
+import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,6 +47,8 @@ from vdsm_agent.engine.store import EngineStore, repository
 ROOT = Path(__file__).resolve().parents[2]
 MIX = {"task": 0.6, "progress": 0.3, "connection": 0.1}
 UP_TIMEOUT = 600.0  # seconds for every host to be up once the engine started
+PROBE_TIMEOUT = 30.0
+FINAL = frozenset({"done", "failed", "canceled", "interrupted"})
 
 
 class BenchError(Exception):
@@ -67,6 +71,7 @@ class Sample:
     engine_fds: int | None
     requests: dict[str, int]
     events: int  # events the hollow hosts published in the window
+    latencies: list[float]  # a transition on a host -> shown by the engine's getTask
 
     @property
     def requests_per_s(self) -> float:
@@ -177,13 +182,15 @@ def _wait_all_listed(engine_port: int, control_url: str, hosts: int, began: floa
 
 
 def measure(root: Path, hosts: int, rate: float, settle: float, window: float,
-            path_per_host: bool, with_engine: bool, via_api: bool = False) -> Sample:
+            path_per_host: bool, with_engine: bool, via_api: bool = False,
+            probes: int = 20) -> Sample:
     with hollow_process(root, hosts, rate, path_per_host) as (hollow, document):
         control_url = document["control"]
         hollow_ps = psutil.Process(hollow.pid)
         engine_ps = None
         up_s = added_s = None
         up = 0
+        url = ""
         with contextlib.ExitStack() as stack:
             if with_engine:
                 if not via_api:
@@ -207,7 +214,11 @@ def measure(root: Path, hosts: int, rate: float, settle: float, window: float,
             hollow_before = _cpu(hollow_ps)
             engine_before = _cpu(engine_ps) if engine_ps else 0.0
             began = time.monotonic()
-            time.sleep(window)
+            latencies: list[float] = []
+            if engine_ps is not None and probes:
+                latencies = _probe_latency(control_url, url, document["hosts"], began + window,
+                                           probes)
+            time.sleep(max(began + window - time.monotonic(), 0))
             elapsed = time.monotonic() - began
             hollow_used = _cpu(hollow_ps) - hollow_before
             engine_used = _cpu(engine_ps) - engine_before if engine_ps else None
@@ -219,7 +230,34 @@ def measure(root: Path, hosts: int, rate: float, settle: float, window: float,
                 engine_cpu=None if engine_used is None else engine_used / elapsed * 100,
                 engine_rss=engine_ps.memory_info().rss if engine_ps else None,
                 engine_fds=engine_ps.num_fds() if engine_ps else None,
-                requests=dict(status["requests"]), events=status["events"] - events_before)
+                requests=dict(status["requests"]), events=status["events"] - events_before,
+                latencies=latencies)
+
+
+def _probe_latency(control_url: str, engine_url: str, hosts: Sequence[dict[str, Any]],
+                   until: float, probes: int) -> list[float]:
+    """Seconds from a task transition made on a random hollow host (a control ``tick``)
+    to the engine's ``getTask`` showing it, ``probes`` times spread until ``until``
+    (each in its own slot of the window, at a random moment of it)."""
+    rng = random.Random(1)
+    start = time.monotonic()
+    slot = max(until - start, 0) / probes
+    latencies = []
+    for number in range(probes):
+        time.sleep(max(start + slot * (number + rng.random() * 0.5) - time.monotonic(), 0))
+        host = rng.randrange(len(hosts))
+        name = hosts[host]["name"]
+        event = control.call(control_url, "tick", hosts=[host], kind="task")[name]
+        began = time.monotonic()
+        while time.monotonic() - began < PROBE_TIMEOUT:
+            with contextlib.suppress(control.ControlError):
+                task = control.call(engine_url, "getTask", host=name,
+                                    taskID=event["taskID"])["task"]
+                if task["state"] == event["state"] or task["state"] in FINAL:
+                    break
+            time.sleep(0.005)
+        latencies.append(time.monotonic() - began)
+    return latencies
 
 
 def _progress(line: str) -> None:
@@ -253,6 +291,12 @@ def print_samples(samples: Sequence[Sample], rate: float) -> None:
                              for verb, count in sorted(s.requests.items(),
                                                        key=lambda item: -item[1]))
         print(f"  {s.hosts} hosts, requests/s by verb: {per_verb or '-'}")
+        if s.latencies:
+            ordered = sorted(s.latencies)
+            p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+            print(f"  {s.hosts} hosts, transition -> engine's getTask ({len(ordered)} probes): "
+                  f"p50 {statistics.median(ordered) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
+                  f"max {ordered[-1] * 1000:.0f} ms")
         if s.added_s is not None:
             print(f"  {s.hosts} hosts: addHost of all took {s.added_s:.1f} s")
         if s.up < s.hosts and s.engine_cpu is not None:
@@ -278,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "in its database before it starts)")
     parser.add_argument("--no-engine", action="store_true",
                         help="the hollow process alone (no engine polls it)")
+    parser.add_argument("--probes", type=int, default=20,
+                        help="transitions timed to the engine's view per window (default 20)")
     parser.add_argument("--quick", action="store_true", help="100 hosts, 10 s + 20 s")
     return parser
 
@@ -297,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{hosts} hosts ...", file=sys.stderr, flush=True)
         try:
             samples.append(measure(root, hosts, args.rate, settle, window,
-                                   args.path_per_host, not args.no_engine, args.via_api))
+                                   args.path_per_host, not args.no_engine, args.via_api,
+                                   args.probes))
         except (BenchError, control.ControlError) as exc:
             print(f"bench hollow: {hosts} hosts: {exc}", file=sys.stderr)
             return 1

@@ -6,9 +6,11 @@ Two ways to address the hosts (``FleetOptions.path_per_host``):
   listening socket each, exactly like N agents. A dead host's port refuses
   connections (its listening socket is closed and its connections are
   aborted, as the kernel does for a killed process).
-* **a path per host**: one port, ``http://127.0.0.1:PORT/h/INDEX/jsonrpc``
-  (the engine keeps a URL's path: ``addHost`` adds ``/jsonrpc`` only when
-  there is none). No descriptor per host, but a dead host cannot refuse a
+* **a path per host**: one port, ``http://127.0.0.1:PORT/h/INDEX/jsonrpc``.
+  The engine's client and poller use such a URL as is, but ``addHost``'s
+  schema (rpc_schema/engine.json) takes no path other than ``/jsonrpc``: the
+  hosts must be written into the engine's database (``bench --path-per-host``
+  does). No listening socket per host, but a dead host cannot refuse a
   connection on a shared port: its requests are aborted instead (the engine
   sees an unreachable host either way).
 
