@@ -284,10 +284,10 @@ def page_client_program(program: Any, name: str, summary: str,
                         see_also: Iterable[tuple[str, int]]) -> str:
     """The page of a client program (vdsm-agent-client, vdsm-engine call)."""
     import rpc_schema
-    from vdsm_agent.client import command
+    from vdsm_agent.client import usage
 
     schema = rpc_schema.load(program.schema_name)
-    parser = command.build_parser(program, schema)
+    parser = usage.build_parser(program, schema)
     verbs: list[str] = []
     for verb_name, verb in sorted(schema.verbs.items()):
         verbs += [".TP", f"\\fB{roff_word(verb_name)}\\fR", roff_text(verb.summary)]
@@ -303,8 +303,8 @@ def page_client_program(program: Any, name: str, summary: str,
     environment += [".TP", "\\fBNO_COLOR\\fR",
                     "Set (to anything): no colours in tables and the progress bar. Colours "
                     "are only used on a terminal."]
-    usage = command.usage_line(program)
-    synopsis = roff_preformatted("\n".join(line.strip() for line in usage.splitlines()))
+    usage_line = usage.usage_line(program)
+    synopsis = roff_preformatted("\n".join(line.strip() for line in usage_line.splitlines()))
     description = [
         roff_text(program.summary), ".PP",
         "Verbs, their params and the params' types come from the API schema, the same "
@@ -313,10 +313,10 @@ def page_client_program(program: Any, name: str, summary: str,
         "params, errors and examples. Options may come before or after the verb."]
     sections = [
         ("verbs", verbs),
-        ("parameters", roff_preformatted(command.PARAMS_HELP.split("\n", 1)[1])),
-        ("target", roff_preformatted(command.target_help(program).split("\n", 1)[1])),
+        ("parameters", roff_preformatted(usage.PARAMS_HELP.split("\n", 1)[1])),
+        ("target", roff_preformatted(usage.target_help(program).split("\n", 1)[1])),
         ("exit status", roff_preformatted(
-            command.exit_codes_help(program.server, command.error_examples(schema))
+            usage.exit_codes_help(program.server, usage.error_examples(schema))
             .split("\n", 1)[1])),
         ("environment", environment),
         ("examples", roff_preformatted("\n".join(f"{program.prog} {example}"

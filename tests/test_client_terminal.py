@@ -202,8 +202,10 @@ def table_rows(terminal: Terminal) -> list[str]:
 
 @pytest.mark.parametrize("width", [80, 120])
 def test_tables_fit_the_terminal(agent, terminals, width):
-    for _ in range(3):
-        start_sleep(agent, seconds=0.1)
+    started = [start_sleep(agent, seconds=0.1) for _ in range(3)]
+    # Finished, so that every row has a percentage (a task still initializing has none).
+    for task_id in started:
+        until(lambda task_id=task_id: agent.call("getTask", taskID=task_id)["state"] == "done")
     tasks = agent.call("listTasks")["tasks"]
     terminal = terminals(width)
     terminal.run(client(agent, "listTasks", "--table"))

@@ -18,12 +18,6 @@ PACKAGE = ROOT / "vdsm_agent"
 # a comment line starting with SIZE_NOTE, saying why the module is one module.
 SIZE_LIMIT = 400
 SIZE_NOTE = "# Longer than 400 lines:"
-# Over the limit without a note when this test came (issue 17), in code another change
-# owns: the CLI rewrite of issue 16 (vdsm_agent/client/). Listed here until it is split
-# or noted there; the test fails as soon as one of them is (remove it from the list).
-PENDING = frozenset({"vdsm_agent.client.command"})
-
-
 def module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -141,10 +135,8 @@ def test_a_module_over_the_size_limit_says_why() -> None:
         lines = path.read_text().splitlines()
         if len(lines) > SIZE_LIMIT and len(_size_note(lines)) < 20:
             too_long[name] = len(lines)
-    unexplained = {name: size for name, size in too_long.items() if name not in PENDING}
-    assert unexplained == {}, (f"split these, or say why each is one module in a comment "
-                               f"line starting {SIZE_NOTE!r}")
-    assert set(too_long) == PENDING & set(MODULES), "no longer pending: remove from PENDING"
+    assert too_long == {}, (f"split these, or say why each is one module in a comment "
+                            f"line starting {SIZE_NOTE!r}")
 
 
 def test_the_layout_table_names_every_folder_and_top_level_module() -> None:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from rpc_schema import ApiSchema
 from vdsm_agent import API_VERSION, __version__
-from vdsm_agent.client import command
+from vdsm_agent.client import command, usage
 from vdsm_agent.client.program import NestedSchema, Program
 from vdsm_agent.client.transport import DEFAULT_URL, INSTALLED_SOCKET, SOCKET_ENV, Defaults
 from vdsm_agent.client.watch import agent_watchers
@@ -65,7 +65,7 @@ EXIT_UNREACHABLE = command.EXIT_UNREACHABLE
 
 def build_parser(schema: ApiSchema) -> argparse.ArgumentParser:
     """The agent client's argument parser (for the man page and the tests)."""
-    return command.build_parser(AGENT, schema)
+    return usage.build_parser(AGENT, schema)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

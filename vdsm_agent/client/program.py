@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from vdsm_agent.client.transport import Defaults
 
 if TYPE_CHECKING:
-    from vdsm_agent.client.command import Caller
+    from vdsm_agent.client.calling import Caller
     from vdsm_agent.client.watch import Follower
 
 # Makes a follower for a verb called with --watch: (caller, the verb's params).

@@ -33,7 +33,7 @@ from vdsm_agent.client.units import (
 )
 
 if TYPE_CHECKING:
-    from vdsm_agent.client.command import Caller
+    from vdsm_agent.client.calling import Caller
     from vdsm_agent.client.program import Program
 
 # How long one poll waits (a waitTask long-poll returns at once when the task ends).

@@ -17,7 +17,7 @@ from typing import Any
 
 from vdsm_agent import __version__
 from vdsm_agent.client import command
-from vdsm_agent.client.command import Caller
+from vdsm_agent.client.calling import Caller
 from vdsm_agent.client.program import Program
 from vdsm_agent.client.transport import Defaults
 from vdsm_agent.client.units import BYTE_KINDS
