@@ -34,6 +34,8 @@ from fastjsonschema.draft04 import CodeGeneratorDraft04
 from fastjsonschema.draft2019 import CodeGeneratorDraft2019
 from fastjsonschema.ref_resolver import RefResolver
 
+from rpc_schema import words
+
 # Roles a verb may require, weakest first ("none": public, like GET /health).
 ROLES = ("none", "read", "operate", "admin")
 
@@ -127,8 +129,19 @@ def _explain(exc: fastjsonschema.JsonSchemaValueException) -> ParamsInvalid:
     # fastjsonschema names the root "data"; callers know it as "params".
     name = str(exc.name or "data")
     field = "params" + name[len("data"):] if name.startswith("data") else name
-    message = str(exc.message).replace(name, field, 1)
-    return ParamsInvalid(field, str(exc.rule or "schema"), message)
+    return ParamsInvalid(field, str(exc.rule or "schema"), violation(exc, field))
+
+
+def violation(exc: fastjsonschema.JsonSchemaValueException, field: str) -> str:
+    """The sentence for a schema violation, naming ``field`` as the caller knows it:
+    a pattern or format in words with an example (``rpc_schema.words``), else
+    fastjsonschema's own sentence. The one place both the verbs' params and the
+    task kinds' params are put into words."""
+    said = words.explain(str(exc.rule or ""), exc.rule_definition)
+    if said is not None:
+        return f"{field} {said}"
+    name = str(exc.name or "data")
+    return str(exc.message).replace(name, field, 1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -117,6 +117,9 @@ class FakeRunner:
     def argvs(self) -> list[list[str]]:
         return [argv for argv, _ in self.calls]
 
+    def unmet(self, needs: Any) -> str | None:
+        return None  # it fakes every tool: every scheme is served
+
     async def run(self, argv: Sequence[str], timeout: float) -> CommandResult:
         self.calls.append((list(argv), timeout))
         outcome = self.respond(list(argv)) if self.respond else ok(argv)
@@ -132,6 +135,9 @@ class FailingRunner:
         self.real = real
         self.fail_prefixes = [list(prefix) for prefix in fail_prefixes]
         self.failed: list[list[str]] = []
+
+    def unmet(self, needs: Any) -> str | None:
+        return self.real.unmet(needs)  # type: ignore[no-any-return]
 
     async def run(self, argv: Sequence[str], timeout: float) -> CommandResult:
         args = list(argv)

@@ -308,7 +308,7 @@ async def test_connection_state_changes_appear(agents: Any, tmp_path: Path) -> N
     directory.rmdir()
     events, since = await collect(rpc, since, lambda found: bool(found), type="connection")
     assert (events[0]["previousState"], events[0]["state"]) == ("connected", "disconnected")
-    assert events[0]["error"]["code"] == "ENOTDIR"
+    assert events[0]["error"]["code"] == "ENOENT"
     assert set(events[0]["error"]) >= {"code", "message", "at", "time"}
     directory.mkdir()
     events, _ = await collect(rpc, since, lambda found: any(

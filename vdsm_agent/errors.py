@@ -98,7 +98,7 @@ class InvalidUri(AgentError):
 class UnsupportedScheme(AgentError):
     code = 101
     name = "UnsupportedScheme"
-    message = "No connection backend handles this URI scheme"
+    message = "This host does not serve this URI scheme"
 
 
 class ConnectionIdInUse(AgentError):
@@ -191,7 +191,9 @@ class DeviceInUse(AgentError):
 class PathNotAllowed(AgentError):
     code = 302
     name = "PathNotAllowed"
-    message = "The path is outside the configured allowed roots"
+    # Not only "outside the allowed roots": also a symlink, '..', another mount, a
+    # hard link, or a device path that is no block device; the detail says which.
+    message = "The path may not be used"
 
 
 class PreconditionFailed(AgentError):

@@ -20,13 +20,22 @@ async def get_capabilities(agent: Agent) -> dict[str, Any]:
         "version": __version__,
         "apiVersion": API_VERSION,
         "hostname": socket.gethostname(),
-        "uriSchemes": sorted(BACKENDS),
+        **_schemes(agent),
+        "allowedRoots": list(agent.config.allowed_roots),
         "taskKinds": agent.tasks.kind_names() if agent.tasks is not None else [],
         "limits": {
             "maxBodySize": agent.config.max_body_size,
             "maxBatch": agent.config.max_batch,
         },
     }
+
+
+def _schemes(agent: Agent) -> dict[str, Any]:
+    """The URI schemes this host serves (its tools and kernel), and why others are not."""
+    manager = agent.connections
+    if manager is None:  # not started (yet): every scheme with a backend
+        return {"uriSchemes": sorted(BACKENDS), "unservedSchemes": {}}
+    return {"uriSchemes": manager.schemes, "unservedSchemes": manager.unserved_schemes()}
 
 
 async def discover(agent: Agent) -> dict[str, Any]:

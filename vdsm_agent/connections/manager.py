@@ -147,7 +147,14 @@ class ConnectionManager:
 
     @property
     def schemes(self) -> list[str]:
-        return sorted(self.backends)
+        """The schemes this host serves (its tools and kernel: backends/needs.py)."""
+        return sorted(scheme for scheme, backend in self.backends.items()
+                      if backend.unserved() is None)
+
+    def unserved_schemes(self) -> dict[str, str]:
+        """The schemes with a backend that this host cannot serve, and why."""
+        reasons = {scheme: backend.unserved() for scheme, backend in self.backends.items()}
+        return {scheme: reason for scheme, reason in sorted(reasons.items()) if reason}
 
     @property
     def monitors(self) -> Mapping[str, TargetMonitor]:
@@ -196,7 +203,16 @@ class ConnectionManager:
     async def manage(self, connection_id: str, uri: str,
                      options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         endpoint = self.parse(uri)
-        self.backends[endpoint.scheme].authorize(endpoint)
+        backend = self.backends[endpoint.scheme]
+        existing = self._registrations.get(connection_id)
+        reason = backend.unserved()
+        if reason is not None and (existing is None or existing.endpoint.uri != endpoint.uri):
+            # A persisted connection of the scheme stays managed (and says why it
+            # fails to connect); a new one could only ever fail.
+            raise UnsupportedScheme(f"{endpoint.scheme}:// is not served on this host: "
+                                    f"{reason}", scheme=endpoint.scheme,
+                                    supported=self.schemes, reason=reason)
+        backend.authorize(endpoint)
         async with self._lock:
             existing = self._registrations.get(connection_id)
             if existing is not None:

@@ -214,14 +214,30 @@ def _root_of(names: list[str], roots: Iterable[str]) -> tuple[str, list[str]] | 
     return best
 
 
+def _outside_roots(path: str, names: list[str], roots: tuple[str, ...],
+                   found: tuple[str, list[str]] | None, field: str) -> errors.PathNotAllowed:
+    """Why a caller's file path is beneath no allowed root, and where roots are set."""
+    shown = [os.path.realpath(root) for root in roots]
+    if found is not None:  # the root itself: a directory, not a file in it
+        reason = f"{path} is the allowed root {found[0]} itself; give a file beneath it"
+    elif names[:1] == ["dev"]:
+        reason = f"{path} is a device; {field} takes an image file beneath an allowed root"
+    else:
+        reason = f"{path} is not beneath an allowed root"
+    roots_now = f"allowed roots: {', '.join(shown)}" if shown else "no allowed root is set"
+    return errors.PathNotAllowed(
+        f"{reason} ({roots_now}; add one with --allowed-root DIR or setting allowed_roots)",
+        field=field, path=path, rule="allowedRoots", allowedRoots=shown,
+        setting="allowed_roots")
+
+
 def _split(path: str, roots: Iterable[str], field: str) -> tuple[str, list[str]]:
     """The root a caller's path is beneath, and its components below it (at least one)."""
     roots = tuple(roots)
-    found = _root_of(_components(path, field), roots)
+    names = _components(path, field)
+    found = _root_of(names, roots)
     if found is None or not found[1]:
-        shown = ", ".join(os.path.realpath(root) for root in roots) or "none"
-        raise errors.PathNotAllowed(f"{path} is not under an allowed root (configured: "
-                                    f"{shown})", field=field, path=path)
+        raise _outside_roots(path, names, roots, found, field)
     return found
 
 
@@ -318,15 +334,24 @@ def resolve_device(path: str, field: str) -> Resolved:
     _components(path, field)
     real = os.path.realpath(path)
     if not real.startswith(DEV + "/"):
-        raise errors.PathNotAllowed(f"{path} is not a block device under /dev (resolves to "
-                                    f"{real})", field=field, path=path)
+        raise errors.PathNotAllowed(f"{path} is not a block device under /dev (it resolves "
+                                    f"to {real})", field=field, path=path, rule="blockDevice")
     fd = _beneath(DEV, real[len(DEV) + 1:], path, field, device=True)
     resolved = Resolved(fd, real, os.fstat(fd), "device")
     if not stat.S_ISBLK(resolved.info.st_mode):
         resolved.close()
-        raise errors.PathNotAllowed(f"{path} is under /dev but is not a block device",
-                                    field=field, path=path)
+        raise errors.PathNotAllowed(f"{path} is not a block device (it is "
+                                    f"{_file_type(resolved.info)}); give one such as "
+                                    "/dev/loop1", field=field, path=path, rule="blockDevice")
     return resolved
+
+
+_FILE_TYPES = {stat.S_IFCHR: "a character device", stat.S_IFDIR: "a directory",
+               stat.S_IFREG: "a regular file", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
+
+
+def _file_type(info: os.stat_result) -> str:
+    return _FILE_TYPES.get(stat.S_IFMT(info.st_mode), "another kind of file")
 
 
 def resolve(path: str, roots: Iterable[str], field: str, *,

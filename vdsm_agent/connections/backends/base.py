@@ -18,6 +18,7 @@ from collections.abc import Sequence, Set
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
+from vdsm_agent.connections.backends.needs import HostSupport, Needs
 from vdsm_agent.connections.probes import ProbeResult
 from vdsm_agent.connections.uri import Endpoint
 from vdsm_agent.system import commands
@@ -27,16 +28,26 @@ E = TypeVar("E", bound=Endpoint)
 
 
 class Runner(Protocol):
-    """Runs one command: an argv list and a hard timeout (process group killed)."""
+    """Runs one command: an argv list and a hard timeout (process group killed); and
+    says whether the tools and kernel support a backend needs are there (a runner
+    that fakes the tools says they all are)."""
 
     async def run(self, argv: Sequence[str], timeout: float) -> CommandResult: ...
 
+    def unmet(self, needs: Needs) -> str | None: ...
+
 
 class SystemRunner:
-    """The production runner: ``system.commands.run_async``."""
+    """The production runner: ``system.commands.run_async`` and this host's support."""
+
+    def __init__(self, support: HostSupport | None = None) -> None:
+        self.support = support or HostSupport()
 
     async def run(self, argv: Sequence[str], timeout: float) -> CommandResult:
         return await commands.run_async(argv, timeout=timeout)
+
+    def unmet(self, needs: Needs) -> str | None:
+        return self.support.unmet(needs)
 
 
 class BackendError(Exception):
@@ -110,20 +121,36 @@ async def run_checked(context: BackendContext, argv: Sequence[str], timeout: flo
     return result
 
 
+# Lines tools print after the one that says what went wrong (mount(8) ends every
+# failure with the dmesg line, and may start with a "(hint)").
+_NOISE = ("dmesg(1) may have more information", "(hint)")
+
+
 def describe_failure(result: CommandResult) -> str:
-    """One line for lastError: the command, its exit code and its last words."""
-    output = (result.stderr.strip() or result.stdout.strip()).splitlines()
-    tail = output[-1] if output else "no output"
-    return f"{result.argv[0]} exited with {result.returncode}: {tail[:400]}"
+    """One line for lastError: the command, its exit code and the tool's own words
+    (its first error line, e.g. mount's "unknown filesystem type 'nfs'", not the
+    advice that follows it)."""
+    lines = [line.strip() for line in
+             (result.stderr.strip() or result.stdout.strip()).splitlines() if line.strip()]
+    said = [line for line in lines if not any(noise in line for noise in _NOISE)]
+    first = (said or lines or ["no output"])[0]
+    return f"{result.argv[0]} exited with {result.returncode}: {first[:400]}"
 
 
 class Backend(abc.ABC, Generic[E]):
     """One URI scheme. Subclasses set ``scheme`` and implement the methods."""
 
     scheme: ClassVar[str]
+    # The programs and kernel support the scheme needs (needs.py): without them it
+    # is not served (getCapabilities.uriSchemes; manage answers UnsupportedScheme).
+    needs: ClassVar[Needs] = Needs()
 
     def __init__(self, context: BackendContext) -> None:
         self.context = context
+
+    def unserved(self) -> str | None:
+        """Why this host cannot serve the scheme (a tool or the kernel lacks), or None."""
+        return self.context.runner.unmet(self.needs)
 
     @abc.abstractmethod
     def parse(self, uri: str) -> E:

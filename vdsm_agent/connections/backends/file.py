@@ -3,15 +3,17 @@
 Nothing is attached: the directory must exist. The probe is the mount probe
 (statvfs plus a direct read of a file in the directory), so a directory that
 lives on a mount the agent does not manage is still watched without blocking
-anything. A missing directory is a broken connection, retried with backoff
-until it appears. Disconnect does nothing; discovery finds nothing (a local
-directory is not a connection on the host).
+anything. A missing directory (``ENOENT``; a file in its place is ``ENOTDIR``)
+is a broken connection, retried with backoff until it appears. Disconnect does
+nothing; discovery finds nothing (a local directory is not a connection on the
+host).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 from typing import Any
 
 from vdsm_agent.connections import uri as uris
@@ -47,11 +49,14 @@ class FileBackend(Backend[FileEndpoint]):
 
     def probe(self, endpoint: FileEndpoint, attachment: Attachment) -> ProbeResult:
         try:
-            if not os.path.isdir(endpoint.path):
-                return ProbeResult.failure("ENOTDIR", f"{endpoint.path} is not a directory",
-                                           broken=True)
+            info = os.stat(endpoint.path)
+        except FileNotFoundError:
+            return ProbeResult.failure("ENOENT", f"{endpoint.path} does not exist", broken=True)
         except OSError as exc:
             return ProbeResult.from_oserror(exc, f"stat {endpoint.path}")
+        if not stat.S_ISDIR(info.st_mode):
+            return ProbeResult.failure("ENOTDIR", f"{endpoint.path} is not a directory",
+                                       broken=True)
         return probe_directory(endpoint.path, self._files)
 
     def describe(self, endpoint: FileEndpoint, attachment: Attachment | None) -> dict[str, Any]:

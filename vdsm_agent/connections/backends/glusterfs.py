@@ -16,6 +16,7 @@ from typing import Any
 
 from vdsm_agent.connections import uri as uris
 from vdsm_agent.connections.backends.mounts import MountBackend, MountEndpoint
+from vdsm_agent.connections.backends.needs import Needs
 
 # GlusterFS volume names: letters, digits, "-" and "_"; we refuse a leading "-".
 _VOLUME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,127}$")
@@ -29,6 +30,7 @@ class GlusterEndpoint(MountEndpoint):
 
 class GlusterfsBackend(MountBackend[GlusterEndpoint]):
     scheme = "glusterfs"
+    needs = Needs(programs=("mount.glusterfs",), filesystems=("fuse",))
     fstypes = frozenset({"fuse.glusterfs"})
     fuse = True
 

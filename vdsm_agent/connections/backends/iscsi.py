@@ -35,6 +35,7 @@ from vdsm_agent.connections.backends.base import (
     Discovered,
     describe_failure,
 )
+from vdsm_agent.connections.backends.needs import Needs
 from vdsm_agent.connections.probes import ProbeResult, read_direct
 from vdsm_agent.system import commands
 from vdsm_agent.system.commands import CommandResult
@@ -132,6 +133,7 @@ def lun_device(session: Session, lun: int) -> str | None:
 
 class IscsiBackend(Backend[IscsiEndpoint]):
     scheme = "iscsi"
+    needs = Needs(programs=("iscsiadm",))
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

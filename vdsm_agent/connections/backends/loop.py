@@ -37,6 +37,7 @@ from vdsm_agent.connections.backends.base import (
     BackendError,
     Discovered,
 )
+from vdsm_agent.connections.backends.needs import Needs
 from vdsm_agent.connections.probes import ProbeResult, read_direct
 from vdsm_agent.system import confine, loopdev
 
@@ -96,6 +97,7 @@ def _open_image(image: confine.Resolved) -> tuple[int, bool]:
 
 class LoopBackend(Backend[LoopEndpoint]):
     scheme = "loop"
+    needs = Needs(files=("/dev/loop-control",))
 
     def parse(self, uri: str) -> LoopEndpoint:
         parts = uris.split(uri, authority=False)

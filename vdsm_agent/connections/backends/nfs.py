@@ -25,6 +25,7 @@ from typing import Any
 
 from vdsm_agent.connections import uri as uris
 from vdsm_agent.connections.backends.mounts import MountBackend, MountEndpoint
+from vdsm_agent.connections.backends.needs import Needs
 
 DEFAULT_OPTIONS = ("soft", "nosharecache", "timeo=100", "retrans=3")
 VERSIONS = ("3", "4", "4.0", "4.1", "4.2", "auto")
@@ -97,6 +98,7 @@ def mount_options(uri: str, version: str, options: str) -> tuple[str, ...]:
 
 class NfsBackend(MountBackend[NfsEndpoint]):
     scheme = "nfs"
+    needs = Needs(programs=("mount.nfs",), filesystems=("nfs",))
     fstypes = frozenset({"nfs", "nfs4"})
 
     def parse(self, uri: str) -> NfsEndpoint:

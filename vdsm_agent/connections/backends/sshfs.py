@@ -22,6 +22,7 @@ from typing import Any
 from vdsm_agent.connections import uri as uris
 from vdsm_agent.connections.backends.base import Attachment, BackendError
 from vdsm_agent.connections.backends.mounts import MountBackend, MountEndpoint
+from vdsm_agent.connections.backends.needs import Needs
 
 DEFAULT_PORT = 22
 SERVER_ALIVE_INTERVAL = 5
@@ -47,6 +48,7 @@ class SshfsEndpoint(MountEndpoint):
 
 class SshfsBackend(MountBackend[SshfsEndpoint]):
     scheme = "sshfs"
+    needs = Needs(programs=("sshfs",), filesystems=("fuse",))
     fstypes = frozenset({"fuse.sshfs"})
     fuse = True
 

@@ -149,9 +149,9 @@ class TaskKind(abc.ABC):
         try:
             checked = _validator(cls)(_copy(params))
         except fastjsonschema.JsonSchemaValueException as exc:
-            field = _field_of(exc)
-            message = exc.message.replace(exc.name or "data", _caller_name(exc.name), 1)
-            raise errors.InvalidParams(message, field=field, rule=exc.rule or "schema") from None
+            message = rpc_schema.violation(exc, _caller_name(exc.name))
+            raise errors.InvalidParams(message, field=_field_of(exc),
+                                       rule=exc.rule or "schema") from None
         assert isinstance(checked, dict)
         return checked
 
