@@ -280,6 +280,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Empty: default_role. Privileged local work goes through the Unix socket "
             "(SO_PEERCRED).",
             parse_optional_role_name),
+    Setting("loopback_metrics", "boolean", True,
+            "GET /metrics answers every caller on the plain loopback TCP listener, "
+            "whatever its role (what a Prometheus on the host scrapes): counts and "
+            "durations only, no task IDs, paths or URIs. Off: it needs role read there "
+            "too, as it always does on TLS and the Unix socket.", parse_bool),
     Setting("audit_log", "path", "",
             "File that also receives the audit log (one JSON object per line; reopened "
             "after logrotate moves it). Empty: the audit lines go to the agent's log only "

@@ -61,6 +61,7 @@ class AgentFields:
     roles: list[tuple[str, str]]
     default_role: str
     loopback_role: str
+    loopback_metrics: bool
     audit_log: str
     max_concurrent_requests: int
     max_requests_per_connection: int

@@ -140,6 +140,7 @@ class TargetMonitor:
         self._rng = rng
         self._on_change = on_change
         self._before = before
+        self._stats = pool.stats  # probe durations, reconnects (docs/metrics.md)
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._waiters: list[asyncio.Future[None]] = []
@@ -248,9 +249,11 @@ class TargetMonitor:
         except (BackendError, OSError) as exc:
             self.attached = False
             self._connect_failed(exc)
+            self._count_reconnect()
             return
         self.attached = True
         self._apply(await self._probe(), attempt=True)
+        self._count_reconnect()
         if self.health.state is not State.DISCONNECTED:
             self._next_probe = self._on_grid(
                 asyncio.get_running_loop().time() + self.policy.interval)
@@ -287,8 +290,14 @@ class TargetMonitor:
         except TimeoutError:
             result = ProbeResult.failure(
                 "ProbeTimeout", f"no answer within {self.policy.interval:g}s")
-        self.health.latency_ms = (loop.time() - started) * 1000.0
+        elapsed = loop.time() - started
+        self.health.latency_ms = elapsed * 1000.0
+        self._stats.probes.observe(self.endpoint.scheme, elapsed)
         return result
+
+    def _count_reconnect(self) -> None:
+        outcome = "failed" if self.health.state is State.DISCONNECTED else "ok"
+        self._stats.reconnects[self.endpoint.scheme, outcome] += 1
 
     # -- verdicts ---------------------------------------------------------------------
 

@@ -32,6 +32,8 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from vdsm_agent.metrics.counters import ConnectionStats
+
 T = TypeVar("T")
 
 PROBE_READ_SIZE = 4096
@@ -93,6 +95,9 @@ class ProbePool:
         self._threads: list[threading.Thread] = []
         self._busy = 0
         self._closed = False
+        # Of the monitors that probe here (one manager's): probe durations and
+        # reconnect attempts, for GET /metrics (docs/metrics.md).
+        self.stats = ConnectionStats()
 
     @property
     def busy(self) -> int:

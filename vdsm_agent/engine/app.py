@@ -13,6 +13,8 @@ from vdsm_agent.engine.api import methods_table
 from vdsm_agent.engine.engine import Engine
 from vdsm_agent.engine.settings import EngineConfig, redact_url
 from vdsm_agent.engine.store import EngineStore
+from vdsm_agent.metrics import engine as engine_metrics
+from vdsm_agent.metrics import web as metrics_web
 from vdsm_agent.server.http import json_response, jsonrpc_response
 from vdsm_agent.server.jsonrpc import Dispatcher
 
@@ -61,4 +63,6 @@ def make_app(config: EngineConfig) -> web.Application:
     app.cleanup_ctx.append(_engine_context)
     app.router.add_post("/jsonrpc", handle_jsonrpc)
     app.router.add_get("/health", handle_health)
+    # GET /metrics (docs/metrics.md): on the engine's loopback listener, like its API.
+    metrics_web.install(app, lambda app: engine_metrics.setup(app[ENGINE], app[DISPATCHER]))
     return app

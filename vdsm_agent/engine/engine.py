@@ -17,6 +17,7 @@ from vdsm_agent.engine.settings import EngineConfig
 from vdsm_agent.engine.states import HostStatus
 from vdsm_agent.engine.store import EngineStore, repository
 from vdsm_agent.engine.store.models import HostRow
+from vdsm_agent.metrics.counters import EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class Engine:
         self.steps = StepRunner(self)
         self._jobs_event = asyncio.Event()
         self._background = Background("engine", log)
+        self.stats = EngineStats()  # resyncs, step retries (GET /metrics, docs/metrics.md)
 
     @property
     def uptime(self) -> float:

@@ -159,6 +159,7 @@ class StepRunner:
         try:
             jobs = await self._send(worker, step, request)
         except AgentUnreachable as exc:
+            self.engine.stats.step_retries += 1
             log.info("job %s step on %s: no answer (%s); will retry", step.job_id,
                      step.host, exc)
             await store.run(repository.step_attempt_failed, step.id,

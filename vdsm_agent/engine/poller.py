@@ -34,6 +34,7 @@ import hashlib
 import logging
 import random
 import ssl
+import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -179,7 +180,7 @@ class HostWorker:
                 repository.update_host, self.name, status=self.status.value,
                 failures=self.failures, last_error=self.last_error)
 
-    async def _client(self) -> AgentClient:
+    async def ensure_client(self) -> AgentClient:
         """The host's client, made on first use (TLS files are read off the loop)."""
         if self.client is None:
             context = None
@@ -202,7 +203,7 @@ class HostWorker:
         if self.maintenance:
             raise AgentUnreachable("the host is in maintenance (not polled)")
         try:
-            client = await self._client()
+            client = await self.ensure_client()
         except AgentUnreachable as exc:
             await self.failed(exc)
             raise
@@ -298,13 +299,18 @@ class HostWorker:
     async def _sync_loop(self) -> None:
         while True:
             self._resync.clear()
+            stats = self.engine.stats
+            began = time.monotonic()
             try:
                 await self.resync()
+                stats.resyncs.observe(time.monotonic() - began)
                 delay = (self.config.resync_interval if self.feed.supported is not False
                          else min(self.config.poll_interval, self.config.resync_interval))
             except AgentUnreachable:
+                stats.resync_failures += 1
                 delay = self.retry_delay()
             except AgentError as exc:
+                stats.resync_failures += 1
                 log.warning("host %s: resynchronisation refused: %s", self.name, exc)
                 delay = self.retry_delay()
             with contextlib.suppress(TimeoutError):

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from vdsm_agent.common.clock import rfc3339
+from vdsm_agent.metrics.counters import FeedStats
 from vdsm_agent.tasks.runtime import Pulse, wait_event
 from vdsm_agent.tasks.states import FINAL, State
 
@@ -134,6 +135,7 @@ class EventFeed:
         self._pulse = Pulse()
         self._closed = False
         self._throttles: dict[str, _Throttle] = {}
+        self.stats = FeedStats()  # events by type, readers, gaps (docs/metrics.md)
 
     @classmethod
     def from_config(cls, config: Config) -> EventFeed:
@@ -175,6 +177,7 @@ class EventFeed:
                         "type": event_type, **fields}
         self._events.append(event)
         self._pulse.fire()
+        self.stats.published[event_type] += 1
         return event
 
     def on_task_transition(self, change: Mapping[str, Any]) -> None:
@@ -265,6 +268,8 @@ class EventFeed:
         oldest = self.oldest_seq
         gap = ((epoch is not None and epoch != self.epoch)
                or since + 1 < oldest or since > last)
+        if gap:
+            self.stats.gaps += 1
         start = oldest - 1 if gap else since
         events = self._slice(start + 1 - oldest, max(max_events, 0))
         next_since = int(events[-1]["seq"]) if events else start
@@ -288,13 +293,17 @@ class EventFeed:
         next event up to ``timeout`` seconds (or until the feed is closed)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while True:
-            pulse = self._pulse.current()
-            page = self.read(since, epoch, max_events)
-            remaining = deadline - loop.time()
-            if page.events or page.gap or self._closed or remaining <= 0:
-                return page
-            await wait_event(pulse, remaining)
+        self.stats.long_polls += 1
+        try:
+            while True:
+                pulse = self._pulse.current()
+                page = self.read(since, epoch, max_events)
+                remaining = deadline - loop.time()
+                if page.events or page.gap or self._closed or remaining <= 0:
+                    return page
+                await wait_event(pulse, remaining)
+        finally:
+            self.stats.long_polls -= 1
 
     def keepalive(self) -> Event:
         """The line a followed stream sends while nothing happens (not an event: no
@@ -313,19 +322,25 @@ class EventFeed:
         yield [{"type": "hello", "epoch": self.epoch, "since": since,
                 "nextSince": page.next_since, "oldestSeq": page.oldest_seq,
                 "lastSeq": page.last_seq, "gap": page.gap, "follow": follow}]
-        while True:
-            if page.events:
-                yield page.events
-            since = page.next_since
-            pulse = self._pulse.current()
-            page = self.read(since, self.epoch, STREAM_BATCH)
-            if page.gap:
-                yield [{"type": "gap", "epoch": self.epoch, "since": since,
-                        "oldestSeq": page.oldest_seq, "lastSeq": page.last_seq,
-                        "at": rfc3339(self._wall_clock())}]
-                continue
-            if page.events:
-                continue
-            if not follow or self._closed or not alive():
-                return
-            await wait_event(pulse, STREAM_IDLE_CHECK)
+        # The reader's position (its lag: last_seq minus it), for GET /metrics.
+        position = [page.oldest_seq - 1 if page.gap else since]
+        self.stats.streams[id(position)] = position
+        try:
+            while True:
+                if page.events:
+                    yield page.events
+                since = position[0] = page.next_since
+                pulse = self._pulse.current()
+                page = self.read(since, self.epoch, STREAM_BATCH)
+                if page.gap:
+                    yield [{"type": "gap", "epoch": self.epoch, "since": since,
+                            "oldestSeq": page.oldest_seq, "lastSeq": page.last_seq,
+                            "at": rfc3339(self._wall_clock())}]
+                    continue
+                if page.events:
+                    continue
+                if not follow or self._closed or not alive():
+                    return
+                await wait_event(pulse, STREAM_IDLE_CHECK)
+        finally:
+            del self.stats.streams[id(position)]

@@ -13,12 +13,14 @@ later:
   needs at least ``read`` (HTTP 403 otherwise, logged in the audit log) and a
   long-poll slot of the in-flight limits for as long as the response streams
   (HTTP 429 with a ``LimitExceeded`` body otherwise; security/limits.py). Both bodies are JSON:
-  ``{"error": {"code", "message", "name", ...}}``.
+  ``{"error": {"code", "message", "name", ...}}``. ``GET /metrics`` is one of
+  these, but an anonymous loopback TCP caller may read it with
+  ``loopback_metrics`` on (the default: a Prometheus on the host).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 
 import orjson
 from aiohttp import web
@@ -40,8 +42,12 @@ def error_response(status: int, error: errors.RpcError) -> web.Response:
                         content_type="application/json")
 
 
-def middleware(authenticator: Authenticator, limiter: Limiter) -> Middleware:
+def middleware(authenticator: Authenticator, limiter: Limiter,
+               loopback: Collection[str] = ()) -> Middleware:
+    """``loopback``: routes that an anonymous loopback TCP caller may read whatever
+    its role (``GET /metrics`` with ``loopback_metrics``, docs/security.md)."""
     cached = authenticator.cached
+    anonymous_routes = frozenset(loopback)
 
     @web.middleware
     async def security_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -54,7 +60,8 @@ def middleware(authenticator: Authenticator, limiter: Limiter) -> Middleware:
         if path in DISPATCHED or path in PUBLIC:
             return await handler(request)
         what = f"{request.method} {path}"
-        if caller.role < Role.READ:
+        if caller.role < Role.READ and not (path in anonymous_routes
+                                            and caller.transport == "tcp"):
             forbidden = errors.Forbidden(
                 f"{caller} has role {caller.role}; {what} needs read",
                 identity=caller.identity, role=str(caller.role), required=str(Role.READ))

@@ -16,6 +16,8 @@ from vdsm_agent.connections.manager import ConnectionManager
 from vdsm_agent.devices.inventory import Inventory
 from vdsm_agent.events import web as events_web
 from vdsm_agent.events.feed import EventFeed
+from vdsm_agent.metrics import agent as agent_metrics
+from vdsm_agent.metrics import web as metrics_web
 from vdsm_agent.security import audit, gate
 from vdsm_agent.security.identity import Authenticator
 from vdsm_agent.security.limits import Limiter
@@ -120,7 +122,9 @@ def make_app(config: Config) -> web.Application:
     limiter = Limiter(config.max_concurrent_requests, config.max_requests_per_connection,
                       max_long_polls=config.max_long_polls, reserved=config.reserved_requests)
     app = web.Application(client_max_size=config.max_body_size,
-                          middlewares=[gate.middleware(authenticator, limiter)])
+                          middlewares=[gate.middleware(
+                              authenticator, limiter,
+                              loopback=metrics_web.LOOPBACK if config.loopback_metrics else ())])
     app[CONFIG] = config
     app[AUTHENTICATOR] = authenticator
     app[LIMITER] = limiter
@@ -130,6 +134,9 @@ def make_app(config: Config) -> web.Application:
     events_web.install(app, AGENT)  # GET /events; ends long-polls and streams at shutdown
     # After _agent_context (the store) and the tasks context (resource wiring).
     app.cleanup_ctx.append(_connections_context)
+    # GET /metrics (docs/metrics.md); last: it follows the task manager.
+    metrics_web.install(app, lambda app: agent_metrics.setup(app[AGENT], app[DISPATCHER],
+                                                             app[LIMITER]))
     app.router.add_post("/jsonrpc", handle_jsonrpc)
     app.router.add_get("/health", handle_health)
     return app

@@ -39,6 +39,7 @@ import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Mapping
+from time import perf_counter
 from typing import Any, cast
 
 import orjson
@@ -52,6 +53,7 @@ from oslash.either import Left
 
 from rpc_schema import ApiSchema, ParamsInvalid
 from vdsm_agent import errors
+from vdsm_agent.metrics.counters import RpcStats
 from vdsm_agent.security import audit, redact
 from vdsm_agent.security.identity import CURRENT_CALLER, Caller
 from vdsm_agent.security.limits import LONG_POLL_VERBS, Limiter
@@ -136,32 +138,40 @@ class Dispatcher:
         self.limiter = limiter
         self._routes = {name: Route.of(schema.verbs[name], method)
                         for name, method in self.methods.items()}
+        # Calls by method and outcome, durations (GET /metrics; docs/metrics.md).
+        self.stats = RpcStats(frozenset(self.methods))
 
     async def dispatch(self, body: bytes) -> bytes | None:
         """Answer a request body; None when nothing is to be sent back."""
         try:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
+            self.stats.refused(None, "ParseError")
             return orjson.dumps(error_response(errors.PARSE_ERROR, "Parse error", str(exc)))
         caller = CURRENT_CALLER.get()
         if type(payload) is list:
             return await self._dispatch_batch(payload, caller)
         limiter = self.limiter
         if caller is None or limiter is None:
+            started = perf_counter()
             answer = await self.dispatch_one(payload)
+            self.stats.record(payload, answer, perf_counter() - started)
         elif _is_long_poll(payload):
             answer = await self._long_poll(payload, caller, limiter)
         elif (limiter.in_flight < (limiter.max_total if caller.role is _ADMIN
                                    else limiter.max_ordinary)
               and caller.in_flight < limiter.max_per_connection):
-            # Limiter.admit(caller, 1) and release, inlined: this is the hot path.
+            # Limiter.admit(caller, 1) and release inlined: this is the hot path
+            # (and _timed_one, as above).
             limiter.in_flight += 1
             caller.in_flight += 1
+            started = perf_counter()
             try:
                 answer = await self.dispatch_one(payload, caller)
             finally:
                 limiter.in_flight -= 1
                 caller.in_flight -= 1
+            self.stats.record(payload, answer, perf_counter() - started)
         else:
             answer = self._over_limit(payload, caller, limiter)
         return None if answer is None else orjson.dumps(answer)
@@ -175,7 +185,7 @@ class Dispatcher:
     async def _run_admitted(self, member: Any, caller: Caller, limiter: Limiter,
                             long_poll: bool) -> Any:
         try:
-            return await self.dispatch_one(member, caller)
+            return await self._timed_one(member, caller)
         finally:
             if long_poll:
                 limiter.release_long_poll(caller)
@@ -184,15 +194,17 @@ class Dispatcher:
 
     async def _dispatch_batch(self, batch: list[Any], caller: Caller | None) -> bytes | None:
         if not batch:
+            self.stats.refused(None, "InvalidRequest")
             return orjson.dumps(error_response(
                 errors.INVALID_REQUEST, "Invalid request", "an empty batch is not a request"))
         if len(batch) > self.max_batch:
+            self.stats.refused(None, errors.LimitExceeded.name)
             return orjson.dumps(error_answer(errors.refused_request(errors.LimitExceeded(
                 f"a batch may hold at most {self.max_batch} members", limit="max_batch",
                 max=self.max_batch))))
         limiter = self.limiter
         if caller is None or limiter is None:
-            answers = await asyncio.gather(*(self.dispatch_one(member) for member in batch))
+            answers = await asyncio.gather(*(self._timed_one(member) for member in batch))
         else:
             # Slots for the whole batch at once, in member order: the members
             # beyond the free slots are refused, predictably (security/limits.py).
@@ -208,12 +220,21 @@ class Dispatcher:
         replies = [answer for answer in answers if answer is not None]
         return orjson.dumps(replies) if replies else None
 
+    async def _timed_one(self, member: Any, caller: Caller | None = None
+                         ) -> dict[str, Any] | None:
+        started = perf_counter()
+        answer = await self.dispatch_one(member, caller)
+        self.stats.record(member, answer, perf_counter() - started)
+        return answer
+
     def _over_limit(self, member: Any, caller: Caller, limiter: Limiter,
                     long_poll: bool = False) -> dict[str, Any] | None:
         """The answer to a member that got no in-flight slot (it is not run)."""
         problem = _envelope_problem(member)
         if problem is not None:
+            self.stats.refused(member, "InvalidRequest")
             return error_response(errors.INVALID_REQUEST, "Invalid request", problem)
+        self.stats.refused(member, errors.LimitExceeded.name)
         error = limiter.refusal(caller, long_poll).to_error()
         route = self._routes.get(member["method"])
         if route is not None and route.audited:  # a caller exists here
@@ -244,6 +265,8 @@ class Dispatcher:
 
     async def dispatch_one(self, member: Any, caller: Caller | None = None
                            ) -> dict[str, Any] | None:
+        """Answer one request object (None for a notification). Its callers count
+        and time it (``stats``): ``dispatch`` inline, the others by ``_timed_one``."""
         problem = _envelope_problem(member)
         if problem is not None:
             return error_response(errors.INVALID_REQUEST, "Invalid request", problem)

@@ -339,7 +339,9 @@ class TaskManager:
     def _emit(self, previous: State | None, record: TaskRecord) -> None:
         event = {"taskID": record.id, "kind": record.kind,
                  "from": str(previous) if previous else None, "to": str(record.state),
-                 "at": clock.rfc3339(clock.now()), "progress": dict(record.progress)}
+                 "at": clock.rfc3339(clock.now()), "progress": dict(record.progress),
+                 # Wall-clock seconds, for the task duration metric (metrics/agent.py).
+                 "startedAt": record.started_at, "endedAt": record.ended_at}
         for listener in self._listeners:
             try:
                 listener(event)

@@ -25,6 +25,7 @@ from vdsm_agent.engine.store.steps import (
     recompute_jobs,
     replace_task_locks,
 )
+from vdsm_agent.metrics.counters import RESOURCE_LOCK_CHANGES as LOCK_CHANGES
 
 
 def _task_fields(doc: Mapping[str, Any], now: float) -> dict[str, Any]:
@@ -51,8 +52,8 @@ def _on_task_state(host: str, task_id: str, state: str, now: float, jobs: set[st
     """Side effects of what a host says of a task: locks, steps bound to it."""
     final = state in TASK_FINAL
     if final:
-        ResourceLockRow.delete().where((ResourceLockRow.host == host)
-                                       & (ResourceLockRow.task_id == task_id)).execute()
+        LOCK_CHANGES["released"] += ResourceLockRow.delete().where(
+            (ResourceLockRow.host == host) & (ResourceLockRow.task_id == task_id)).execute()
     steps = StepRow.select().where((StepRow.host == host) & (StepRow.task_id == task_id)
                                    & StepRow.state.in_(ACTIVE_STEP_STATES))
     for step in steps:
@@ -71,8 +72,8 @@ def _on_task_state(host: str, task_id: str, state: str, now: float, jobs: set[st
 
 
 def _on_task_gone(host: str, task_id: str, now: float, jobs: set[str]) -> None:
-    ResourceLockRow.delete().where((ResourceLockRow.host == host)
-                                   & (ResourceLockRow.task_id == task_id)).execute()
+    LOCK_CHANGES["released"] += ResourceLockRow.delete().where(
+        (ResourceLockRow.host == host) & (ResourceLockRow.task_id == task_id)).execute()
     steps = StepRow.select().where((StepRow.host == host) & (StepRow.task_id == task_id)
                                    & (StepRow.state == StepState.RUNNING.value))
     for step in steps:
@@ -159,8 +160,9 @@ def apply_task_snapshot(host: str, docs: Sequence[Mapping[str, Any]], started_at
             HostTaskRow.insert_many(rows).execute()
         outcome.inserted = len(fresh)
         for task_ids in peewee.chunked(ended, BATCH):
-            ResourceLockRow.delete().where((ResourceLockRow.host == host)
-                                           & ResourceLockRow.task_id.in_(task_ids)).execute()
+            LOCK_CHANGES["released"] += ResourceLockRow.delete().where(
+                (ResourceLockRow.host == host)
+                & ResourceLockRow.task_id.in_(task_ids)).execute()
         gone = [task_id for task_id, row in existing.items()
                 if task_id not in seen and row.updated_at <= started_at]
         for task_ids in peewee.chunked(gone, BATCH):

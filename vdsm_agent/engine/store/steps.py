@@ -27,6 +27,7 @@ from vdsm_agent.engine.states import (
 from vdsm_agent.engine.store.hosts import get_host
 from vdsm_agent.engine.store.models import HostTaskRow, JobRow, ResourceLockRow, StepRow
 from vdsm_agent.engine.store.rows import BATCH, atomic, dumps, loads
+from vdsm_agent.metrics.counters import RESOURCE_LOCK_CHANGES as LOCK_CHANGES
 
 ACTIVE_STEP_STATES = (StepState.PENDING.value, StepState.RUNNING.value)
 
@@ -86,6 +87,7 @@ def create_job(job_id: str, action: str, params: dict[str, Any], steps: Sequence
                 {"host": spec.host, "resource": resource, "task_id": spec.task_id,
                  "job_id": job_id, "created_at": now} for resource in sorted(set(resources))
             ]).execute()
+            LOCK_CHANGES["taken"] += len(set(resources))
         JobRow.create(id=job_id, action=action, state="pending", params=dumps(params),
                       created_at=now, updated_at=now)
         for position, (step_id, spec) in enumerate(zip(step_ids, steps, strict=True)):
@@ -100,8 +102,8 @@ def replace_task_locks(host: str, task_id: str, resources: Sequence[str], now: f
     step = engine_step(host, task_id)
     if step is None:
         return  # not ours: the host's own checks keep it exclusive
-    ResourceLockRow.delete().where((ResourceLockRow.host == host)
-                                   & (ResourceLockRow.task_id == task_id)).execute()
+    LOCK_CHANGES["released"] += ResourceLockRow.delete().where(
+        (ResourceLockRow.host == host) & (ResourceLockRow.task_id == task_id)).execute()
     wanted = sorted(set(resources))
     if not wanted:
         return
@@ -111,6 +113,7 @@ def replace_task_locks(host: str, task_id: str, resources: Sequence[str], now: f
              "created_at": now} for resource in wanted if resource not in taken]
     if rows:
         ResourceLockRow.insert_many(rows).execute()
+        LOCK_CHANGES["taken"] += len(rows)
 
 
 def locks_of(host: str | None = None) -> list[ResourceLockRow]:
@@ -141,8 +144,9 @@ def move_step(step: StepRow, state: StepState, now: float, *,
     if final and step.action == "startTask" and step.task_id is not None \
             and state != StepState.DONE:
         # A task that never ran (or ended) holds nothing any more.
-        ResourceLockRow.delete().where((ResourceLockRow.host == step.host)
-                                       & (ResourceLockRow.task_id == step.task_id)).execute()
+        LOCK_CHANGES["released"] += ResourceLockRow.delete().where(
+            (ResourceLockRow.host == step.host)
+            & (ResourceLockRow.task_id == step.task_id)).execute()
 
 
 def recompute_jobs(job_ids: Iterable[str], now: float) -> None:

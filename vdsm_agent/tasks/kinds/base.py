@@ -134,6 +134,9 @@ class TaskKind(abc.ABC):
     params_schema: ClassVar[dict[str, Any]]
     result_schema: ClassVar[dict[str, Any]]
     destructive: ClassVar[bool] = False
+    # What progress's done/total count: "bytes" (the bytes-processed metric adds
+    # them up, docs/metrics.md), else "percent" or the kind's own unit.
+    progress_unit: ClassVar[str] = "percent"
     # Test-only kinds are registered only when the enable_test_kinds setting is on.
     test_only: ClassVar[bool] = False
     # Whether validate()/resources() look at the filesystem or devices: the agent

@@ -113,6 +113,7 @@ def check_policy(params: dict[str, Any], target: paths.Target, offset: int,
 
 class Checksum(TaskKind):
     name = "checksum"
+    progress_unit = "bytes"
     description = ("Digest of an image file under the allowed roots or of a block device "
                    "under /dev, optionally of a byte range; progress in bytes.")
     params_schema: ClassVar[dict[str, Any]] = {

@@ -139,6 +139,7 @@ class Plan:
 
 class Copy(TaskKind):
     name = "copy"
+    progress_unit = "bytes"
     description = ("Copy or convert an image file or block device to an image file or block "
                    "device with qemu-img convert (raw, qcow2); progress in bytes.")
     destructive = True

@@ -18,6 +18,7 @@ _FILLER = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-=+*/.
 
 class Sleep(TaskKind):
     name = "test.sleep"
+    progress_unit = "milliseconds"
     description = "Test kind: sleeps, prints, fails or crashes on request."
     test_only = True
     checks_filesystem = False  # its checks and resources come from its params alone

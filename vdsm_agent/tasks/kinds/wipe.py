@@ -64,6 +64,7 @@ def check_range(params: dict[str, Any], size: int) -> tuple[int, int]:
 
 class Wipe(DeviceKind):
     name = "wipe"
+    progress_unit = "bytes"
     description = ("Zero (direct I/O) or discard a block device or a byte range of it; "
                    "refuses a device in use; progress in bytes.")
     destructive = True
