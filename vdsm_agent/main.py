@@ -30,12 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(config: settings.Config) -> None:
     app = make_app(config)
     runner, urls = await listeners.start(app, config)
-    await serve_until_signalled(runner, log, "vdsm-agent", urls, _how_to_reach(urls))
+    await serve_until_signalled(runner, log, "vdsm-agent", urls,
+                                _how_to_reach(urls, config.allowed_roots))
 
 
-def _how_to_reach(urls: list[str]) -> str:
+def _how_to_reach(urls: list[str], roots: tuple[str, ...] = ()) -> str:
     ping = "'{\"jsonrpc\":\"2.0\",\"method\":\"ping\",\"id\":1}'"
-    lines = ["vdsm-agent is ready. Try:"]
+    lines = [f"Image files for tasks: beneath {', '.join(roots)} (allowed_roots)" if roots
+             else "No allowed root: tasks may use block devices only (add --allowed-root DIR)",
+             "vdsm-agent is ready. Try:"]
     for url in urls:
         if url.startswith("unix:"):
             lines.append(f"  curl --unix-socket {url[5:]} -d {ping} http://localhost/jsonrpc")

@@ -8,7 +8,8 @@ later:
 * ``POST /jsonrpc``: passed on; the dispatcher checks each verb's role and
   takes the in-flight slots (it knows the batch size);
 * ``GET /health``: public (load balancers, systemd checks; it tells the
-  version and uptime only);
+  version and uptime only), and ``GET /``, a constant page saying how to call
+  the agent (``GET /jsonrpc``, its 405 hint, is on the dispatched path);
 * anything else (``GET /tasks/{id}/output``, an events stream, ...): the caller
   needs at least ``read`` (HTTP 403 otherwise, logged in the audit log) and a
   long-poll slot of the in-flight limits for as long as the response streams
@@ -34,7 +35,7 @@ from vdsm_agent.security.roles import Role
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DISPATCHED = frozenset({"/jsonrpc"})
-PUBLIC = frozenset({"/health"})
+PUBLIC = frozenset({"/health", "/"})  # "/": a constant page saying how to call (home.py)
 
 
 def error_response(status: int, error: errors.RpcError) -> web.Response:

@@ -22,6 +22,7 @@ from vdsm_agent.security import audit, gate
 from vdsm_agent.security.identity import Authenticator
 from vdsm_agent.security.limits import Limiter
 from vdsm_agent.security.roles import RolePolicy
+from vdsm_agent.server import home
 from vdsm_agent.server.http import json_response, jsonrpc_response
 from vdsm_agent.server.jsonrpc import Dispatcher
 from vdsm_agent.settings import Config
@@ -139,4 +140,5 @@ def make_app(config: Config) -> web.Application:
                                                              app[LIMITER]))
     app.router.add_post("/jsonrpc", handle_jsonrpc)
     app.router.add_get("/health", handle_health)
+    home.install_agent(app, config)  # GET / and GET /jsonrpc (405): what to do instead
     return app

@@ -218,17 +218,14 @@ def _outside_roots(path: str, names: list[str], roots: tuple[str, ...],
                    found: tuple[str, list[str]] | None, field: str) -> errors.PathNotAllowed:
     """Why a caller's file path is beneath no allowed root, and where roots are set."""
     shown = [os.path.realpath(root) for root in roots]
-    if found is not None:  # the root itself: a directory, not a file in it
-        reason = f"{path} is the allowed root {found[0]} itself; give a file beneath it"
-    elif names[:1] == ["dev"]:
-        reason = f"{path} is a device; {field} takes an image file beneath an allowed root"
-    else:
-        reason = f"{path} is not beneath an allowed root"
     roots_now = f"allowed roots: {', '.join(shown)}" if shown else "no allowed root is set"
-    return errors.PathNotAllowed(
-        f"{reason} ({roots_now}; add one with --allowed-root DIR or setting allowed_roots)",
-        field=field, path=path, rule="allowedRoots", allowedRoots=shown,
-        setting="allowed_roots")
+    reason = (f"{path} is a device; {field} takes an image file beneath an allowed root"
+              if names[:1] == ["dev"] else f"{path} is not beneath an allowed root")
+    detail = f"{reason} ({roots_now}; add one with --allowed-root DIR or setting allowed_roots)"
+    if found is not None:  # the root itself: a directory, not a file in it
+        detail = f"{path} is the allowed root {found[0]} itself; give a file beneath it"
+    return errors.PathNotAllowed(detail, field=field, path=path, rule="allowedRoots",
+                                 allowedRoots=shown, setting="allowed_roots")
 
 
 def _split(path: str, roots: Iterable[str], field: str) -> tuple[str, list[str]]:
