@@ -1,14 +1,23 @@
-"""Logging set-up: one line per record on stderr (the journal under systemd)."""
+"""Logging set-up: one line per record on stderr, or the journal with fields.
+
+Under systemd, when stderr is the service's journal stream, records go to the
+journal by its native protocol instead, with TASK_ID and CONNECTION_ID fields
+(``system/journal.py``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import time
 from typing import Any
 
+from vdsm_agent.system.journal import JournalHandler, stderr_is_journal
+
 FORMAT = "%(asctime)s %(levelname)s [%(name)s] %(message)s"
+JOURNAL_FORMAT = "[%(name)s] %(message)s"
 STORM_INTERVAL = 10.0  # seconds between the lines of one storm (StormLog)
 
 
@@ -30,12 +39,24 @@ class Formatter(logging.Formatter):
 
 
 def configure(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(Formatter(FORMAT))
+    handler: logging.Handler
+    if stderr_is_journal():
+        # journald stamps each entry and knows the level (PRIORITY).
+        handler = JournalHandler(identifier=_program())
+        handler.setFormatter(logging.Formatter(JOURNAL_FORMAT))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(Formatter(FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     skip_unused_record_fields()
+
+
+def _program() -> str:
+    """The journal's SYSLOG_IDENTIFIER: the command's name (vdsm-agent, vdsm-engine)."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name and not name.endswith(".py") else "vdsm-agent"
 
 
 def skip_unused_record_fields() -> None:

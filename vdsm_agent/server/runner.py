@@ -1,8 +1,15 @@
-"""Running a daemon (the agent's or the engine's) until SIGTERM/SIGINT."""
+"""Running a daemon (the agent's or the engine's) until SIGTERM/SIGINT.
+
+Under systemd (``Type=notify``, docs/packaging.md) the daemon says READY once
+its listeners are up (and, for the agent, its tasks re-attached: that is part
+of starting the application), STOPPING when it is asked to stop, and feeds
+the watchdog from its event loop (``system/sdnotify.py``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import gc
 import logging
 import signal
@@ -15,6 +22,11 @@ from aiohttp import web
 from vdsm_agent import __version__
 from vdsm_agent.logs import StormLog
 from vdsm_agent.server.listeners import ListenError
+from vdsm_agent.system.sdnotify import Notifier
+
+# systemd's notification socket and watchdog, taken out of the environment by
+# run_daemon before anything starts a process (one per daemon process).
+_notifier = Notifier(None)
 
 
 async def serve_until_signalled(runner: web.AppRunner, log: logging.Logger, prog: str,
@@ -29,11 +41,18 @@ async def serve_until_signalled(runner: web.AppRunner, log: logging.Logger, prog
     settle_garbage_collector()
     log.info("%s %s serving on %s", prog, __version__, ", ".join(urls))
     print(how_to_reach, file=sys.stderr, flush=True)
+    notifier = _notifier
+    notifier.ready(f"serving on {', '.join(urls)}")
+    notifier.start_watchdog()
     try:
         await stop.wait()
     finally:
         log.info("shutting down")
-        await runner.cleanup()
+        notifier.stopping()
+        try:
+            await runner.cleanup()
+        finally:
+            notifier.close()
 
 
 # What asyncio's own accept loop reports, with a traceback, for every failed
@@ -81,6 +100,10 @@ def run_daemon(prog: str, serve: Coroutine[Any, Any, None],
                failure_log: logging.Logger | None = None) -> int:
     """Run ``serve`` to its end: 0, or 1 when it cannot listen (and, with
     ``failure_log``, when anything else stops it from starting)."""
+    global _notifier
+    _notifier = Notifier.from_environment()
+    # A watchdog timeout is SIGABRT: say where every thread was (the journal).
+    faulthandler.enable()
     try:
         asyncio.run(serve)
     except ListenError as exc:

@@ -32,6 +32,7 @@ from typing import Any
 from vdsm_agent import errors
 from vdsm_agent.common import clock
 from vdsm_agent.errors import Failure
+from vdsm_agent.system import inhibit
 from vdsm_agent.system.space import is_no_space
 from vdsm_agent.tasks import files, output
 from vdsm_agent.tasks.kinds import KINDS, priority
@@ -78,6 +79,8 @@ class ChildContext:
         self._throttle_start = time.monotonic()
         self._throttled_bytes = 0
         self._pid = os.getpid()
+        # The logind inhibitor lock's descriptor, open until the process exits.
+        self.inhibitor: int | None = None
         self._create_time = start_time(self._pid)
 
     # -- signals and cancel -----------------------------------------------------
@@ -223,6 +226,8 @@ def run(ctx: ChildContext, spec: dict[str, Any]) -> dict[str, Any]:
     kind: TaskKind | None = None
     try:
         kind = _prepare(kind_cls, ctx, spec)
+        if kind.destructive:
+            _hold_inhibitor(ctx, kind)
         # Inside the try with ``kind`` set: a pre() that fails half-way (after
         # creating a file, opening a device) is cleaned up like any failure.
         kind.pre()
@@ -242,6 +247,33 @@ def run(ctx: ChildContext, spec: dict[str, Any]) -> dict[str, Any]:
         return {"state": "failed", "error": error}
     ctx.print("done")
     return {"state": "done", "result": result}
+
+
+def _hold_inhibitor(ctx: ChildContext, kind: TaskKind) -> None:
+    """A logind lock that makes a reboot wait (or say why it cannot) while this
+    process lives: its descriptor stays open until the process exits
+    (system/inhibit.py). Without logind (no systemd, a container) the work goes on."""
+    why = f"task {ctx.task_id}: {kind.name} {_target(kind.params)}".strip()
+    try:
+        ctx.inhibitor = inhibit.take(why)
+    except inhibit.InhibitError as exc:
+        ctx.print(f"no shutdown inhibitor lock: {exc}")
+        return
+    ctx.print(f"holding a shutdown inhibitor lock ({inhibit.WHAT}, {inhibit.MODE}) until "
+              "the task ends")
+
+
+def _target(params: Any) -> str:
+    """What a task works on, for the lock's reason: its device or destination."""
+    if not isinstance(params, dict):
+        return ""
+    for key in ("device", "destination", "path"):
+        value = params.get(key)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, dict) and isinstance(value.get("path"), str):
+            return str(value["path"])
+    return ""
 
 
 def _cleanup(kind: TaskKind | None, ctx: ChildContext) -> None:
