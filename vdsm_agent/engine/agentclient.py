@@ -12,8 +12,12 @@ host can only hold its own connections; every call has its own timeout
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import os
 import ssl
+import urllib.parse
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -44,6 +48,40 @@ class AgentError(Exception):
 METHOD_NOT_FOUND = -32601
 
 
+def _strerror(error: OSError | None) -> str:
+    """An OS error in words, lower case: "connection refused"."""
+    if error is None:
+        return "no reason given"
+    if isinstance(error, ssl.SSLError):  # its errno is the TLS library's, not the OS's
+        return str(error.reason or error).lower().replace("_", " ")
+    text = os.strerror(error.errno) if error.errno and error.errno > 0 else (
+        error.strerror or str(error))
+    return text[:1].lower() + text[1:]
+
+
+def describe(exc: BaseException) -> str:
+    """Why a call reached no agent, in words: aiohttp's own text carries its
+    internals ("Cannot connect to host h:p ssl:default [Connect call failed ...]",
+    ssl:default even on plain HTTP), which say nothing to a person."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        reason = getattr(exc.certificate_error, "verify_message", None)
+        return (f"the TLS certificate of {exc.host}:{exc.port} was not accepted: "
+                f"{reason or exc.certificate_error}")
+    if isinstance(exc, aiohttp.ClientConnectorSSLError):
+        return f"TLS handshake with {exc.host}:{exc.port} failed: {_strerror(exc.os_error)}"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return f"cannot resolve {exc.host}: {_strerror(exc.os_error)}"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect to {exc.host}:{exc.port}: {_strerror(exc.os_error)}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the agent closed the connection before answering"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the answer was cut short"
+    if isinstance(exc, OSError):  # aiohttp.ClientOSError too: reset, broken pipe
+        return _strerror(exc)
+    return str(exc) or type(exc).__name__
+
+
 def ssl_context(ca_file: str | None, cert_file: str | None,
                 key_file: str | None) -> ssl.SSLContext:
     """Verify the agent with ``ca_file`` (else the system CAs); present a client cert."""
@@ -61,8 +99,9 @@ class AgentClient:
         self.url = url
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
+        self._ssl: ssl.SSLContext | bool = ssl_context or True
         self._ids = itertools.count(1)
-        connector = aiohttp.TCPConnector(limit=pool_size, ssl=ssl_context or True,
+        connector = aiohttp.TCPConnector(limit=pool_size, ssl=self._ssl,
                                          enable_cleanup_closed=True)
         self._session = aiohttp.ClientSession(
             connector=connector, json_serialize=lambda obj: orjson.dumps(obj).decode())
@@ -83,10 +122,8 @@ class AgentClient:
                 status = response.status
         except TimeoutError:
             raise AgentUnreachable(f"{method}: no answer within {total:g} s") from None
-        except aiohttp.ClientError as exc:
-            raise AgentUnreachable(f"{method}: {type(exc).__name__}: {exc}") from None
-        except OSError as exc:
-            raise AgentUnreachable(f"{method}: {exc.strerror or exc}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise AgentUnreachable(f"{method}: {describe(exc)}") from None
         try:
             answer = orjson.loads(payload)
         except orjson.JSONDecodeError:
@@ -99,6 +136,30 @@ class AgentClient:
         if "result" not in answer:
             raise AgentUnreachable(f"{method}: a JSON-RPC answer without a result")
         return answer["result"]
+
+    @contextlib.asynccontextmanager
+    async def stream(self, path: str, query: Mapping[str, str],
+                     silence: float) -> AsyncIterator[aiohttp.ClientResponse]:
+        """``GET path`` of the agent (a task's output stream), as an open response.
+
+        On a session of its own: a stream may last as long as its task, and must
+        not hold one of the pool's connections that the host's polling needs.
+        ``silence``: seconds without a byte (not even a keep-alive) that end it.
+        AgentUnreachable when the agent cannot be reached."""
+        parts = urllib.parse.urlsplit(self.url)
+        url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout,
+                                        sock_read=silence)
+        async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=1, ssl=self._ssl)) as session:
+            try:
+                response = await session.get(url, params=query, timeout=timeout)
+            except TimeoutError:
+                raise AgentUnreachable(f"GET {path}: no answer within {silence:g} s") from None
+            except (aiohttp.ClientError, OSError) as exc:
+                raise AgentUnreachable(f"GET {path}: {describe(exc)}") from None
+            async with response:
+                yield response
 
     async def close(self) -> None:
         await self._session.close()

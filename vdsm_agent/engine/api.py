@@ -16,7 +16,7 @@ from typing import Any
 
 from rpc_schema import openrpc
 from vdsm_agent import __version__, errors
-from vdsm_agent.engine import views
+from vdsm_agent.engine import output, views
 from vdsm_agent.engine.agentclient import ssl_context
 from vdsm_agent.engine.engine import Engine
 from vdsm_agent.engine.store import repository
@@ -124,6 +124,11 @@ async def get_task(engine: Engine, host: str, taskID: str,
     return await views.get_task(engine, host, taskID.lower(), refresh)
 
 
+async def get_task_output(engine: Engine, host: str, taskID: str, offset: int = 0,
+                          maxBytes: int = 65536, encoding: str = "utf-8") -> dict[str, Any]:
+    return await output.read(engine, host, taskID.lower(), offset, maxBytes, encoding)
+
+
 async def get_connection_health(engine: Engine,
                                 connectionID: str | None = None) -> dict[str, Any]:
     return await views.connection_health(engine, connectionID)
@@ -189,6 +194,7 @@ def methods_table() -> dict[str, Handler]:
         "setHostMaintenance": set_host_maintenance,
         "listTasks": list_tasks,
         "getTask": get_task,
+        "getTaskOutput": get_task_output,
         "getConnectionHealth": get_connection_health,
         "startTask": start_task,
         "manageStorageConnection": manage_storage_connection,

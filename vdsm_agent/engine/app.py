@@ -1,4 +1,4 @@
-"""The engine's aiohttp application: POST /jsonrpc, GET /health, and its life cycle."""
+"""The engine's aiohttp application: POST /jsonrpc, GET /health, GET / and its life cycle."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ from aiohttp import web
 
 import rpc_schema
 from vdsm_agent import __version__
+from vdsm_agent.engine import output
 from vdsm_agent.engine.api import methods_table
 from vdsm_agent.engine.engine import Engine
 from vdsm_agent.engine.settings import EngineConfig, redact_url
 from vdsm_agent.engine.store import EngineStore
 from vdsm_agent.metrics import engine as engine_metrics
 from vdsm_agent.metrics import web as metrics_web
+from vdsm_agent.server import home
 from vdsm_agent.server.http import json_response, jsonrpc_response
 from vdsm_agent.server.jsonrpc import Dispatcher
 
@@ -65,4 +67,6 @@ def make_app(config: EngineConfig) -> web.Application:
     app.router.add_get("/health", handle_health)
     # GET /metrics (docs/metrics.md): on the engine's loopback listener, like its API.
     metrics_web.install(app, lambda app: engine_metrics.setup(app[ENGINE], app[DISPATCHER]))
+    output.install(app, lambda request: request.app[ENGINE])  # GET /hosts/H/tasks/T/output
+    home.install(app, *home.engine_page(home.jsonrpc_url(config.listen)))  # GET /, GET /jsonrpc
     return app

@@ -1,10 +1,10 @@
 """Aggregated views across hosts, served from the engine's store.
 
 Views never wait for a host: they read what the engine has learned, and say
-which hosts they could not see (``unreachableHosts``) instead of failing. A
-task or connection of a host whose state is not current (non-responsive,
-not yet reached, in maintenance) is shown as ``unknown``, with its last known
-state beside it.
+which hosts they could not see (``unreachableHosts``) instead of failing. An
+unfinished task or a connection of a host whose state is not current
+(non-responsive, not yet reached, in maintenance) is shown as ``unknown``,
+with its last known state beside it; a finished task keeps its final state.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from vdsm_agent.common.clock import rfc3339
 from vdsm_agent.engine.agentclient import AgentError, AgentUnreachable
 from vdsm_agent.engine.engine import Engine
 from vdsm_agent.engine.poller import HostWorker
-from vdsm_agent.engine.states import UNKNOWN, HostStatus
+from vdsm_agent.engine.states import TASK_FINAL, UNKNOWN, HostStatus
 from vdsm_agent.engine.store import repository
 from vdsm_agent.engine.store.models import HostRow, HostTaskRow
 
@@ -64,11 +64,13 @@ async def get_host(engine: Engine, name: str) -> dict[str, Any]:
 
 
 def task_item(row: HostTaskRow, current: bool, host_status: str) -> dict[str, Any]:
+    # A host the engine cannot see makes its unfinished tasks unknown; a finished
+    # task keeps its final state (nothing on the host can change it any more).
     return {
         "host": row.host,
         "id": row.task_id,
         "kind": row.kind,
-        "state": row.state if current else UNKNOWN,
+        "state": row.state if current or row.state in TASK_FINAL else UNKNOWN,
         "lastKnownState": row.state,
         "external": bool(row.external),
         "progress": repository.loads(row.progress),

@@ -260,7 +260,8 @@ class TaskQuery:
 
 def list_tasks_page(query: TaskQuery, not_current: Sequence[str],
                     after: tuple[float, str, str] | None, limit: int) -> list[HostTaskRow]:
-    """Tasks by (createdAt, host, ID); ``not_current`` hosts' tasks count as unknown."""
+    """Tasks by (createdAt, host, ID); ``not_current`` hosts' unfinished tasks count as
+    unknown (a finished task keeps its final state: nothing can change it any more)."""
     select = HostTaskRow.select()
     if query.hosts:
         select = select.where(HostTaskRow.host.in_(query.hosts))
@@ -273,13 +274,16 @@ def list_tasks_page(query: TaskQuery, not_current: Sequence[str],
     if query.states:
         known = [state for state in query.states if state != UNKNOWN]
         conditions = []
+        final = sorted(TASK_FINAL)
         if known:
             known_condition = HostTaskRow.state.in_(known)
             if not_current:
-                known_condition &= HostTaskRow.host.not_in(list(not_current))
+                known_condition &= (HostTaskRow.host.not_in(list(not_current))
+                                    | HostTaskRow.state.in_(final))
             conditions.append(known_condition)
         if UNKNOWN in query.states and not_current:
-            conditions.append(HostTaskRow.host.in_(list(not_current)))
+            conditions.append(HostTaskRow.host.in_(list(not_current))
+                              & HostTaskRow.state.not_in(final))
         if not conditions:
             return []
         condition = conditions[0]

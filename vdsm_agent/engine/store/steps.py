@@ -126,8 +126,8 @@ def locks_of(host: str | None = None) -> list[ResourceLockRow]:
 def move_step(step: StepRow, state: StepState, now: float, *,
               result: Any = None, error: Any = None) -> None:
     """The one function that changes a step's state (``STEP_TRANSITIONS``; staying
-    running is no move), with its result or error, saved. A startTask step that
-    ends other than done frees its task's locks."""
+    running is no move), with its result or error, saved (no error given: lastError
+    is cleared). A startTask step that ends other than done frees its task's locks."""
     current = StepState(step.state)
     if state is not current and state not in STEP_TRANSITIONS[current]:
         raise ValueError(f"step {step.id}: {current} -> {state} is not allowed")
@@ -138,8 +138,9 @@ def move_step(step: StepRow, state: StepState, now: float, *,
         step.ended_at = now
     if result is not None:
         step.result = dumps(result)
-    if error is not None:
-        step.last_error = dumps(error)
+    # A move says how the step stands now: an error from an earlier attempt (the host
+    # did not answer, then did) is not the step's error any more.
+    step.last_error = dumps(error) if error is not None else None
     step.save()
     if final and step.action == "startTask" and step.task_id is not None \
             and state != StepState.DONE:
