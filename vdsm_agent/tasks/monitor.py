@@ -1,6 +1,6 @@
 """The heartbeat monitor: what running tasks report, and their deadlines.
 
-Every round (half the heartbeat interval, between 0.05 and 0.5 s) reads the
+Every round (half the heartbeat interval, between 0.05 and 0.25 s) reads the
 status file and output extent of every watched task in one worker-thread
 call, then, on the loop: output growth wakes the output followers; a new
 heartbeat merges the reported progress (it never goes backwards) and moves
@@ -38,7 +38,9 @@ class Monitor:
         self.table = manager.table
 
     def interval(self) -> float:
-        return min(max(self.config.heartbeat_interval / 2, 0.05), 0.5)
+        # At most a quarter second: progress is written that often (child.PROGRESS_INTERVAL)
+        # and should reach getTask within half a second.
+        return min(max(self.config.heartbeat_interval / 2, 0.05), 0.25)
 
     async def loop(self) -> None:
         interval = self.interval()
