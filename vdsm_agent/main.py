@@ -11,6 +11,7 @@ from vdsm_agent import __version__, errors, logs, settings
 from vdsm_agent.server import listeners
 from vdsm_agent.server.app import make_app
 from vdsm_agent.server.runner import run_daemon, serve_until_signalled
+from vdsm_agent.store import migrations
 from vdsm_agent.system import statelock
 
 log = logging.getLogger("vdsm_agent")
@@ -74,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except errors.StorageFull as exc:  # not even room to open the store
         print(f"vdsm-agent: cannot start: {exc}", file=sys.stderr)
         return 1
+    except migrations.SchemaTooNew as exc:  # a downgrade: the store is left as it is
+        print(f"vdsm-agent: cannot start: the store {config.state_path / 'agent.db'}: {exc}",
+              file=sys.stderr)
+        return 2
     finally:
         lock.release()
 

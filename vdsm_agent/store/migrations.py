@@ -3,6 +3,10 @@
 Each migration is a function of the open database, registered in
 ``MIGRATIONS`` with the next version number. Never edit a released
 migration; add a new one.
+
+A store at a version newer than the code knows (a newer agent used it, and
+an older one was installed again) is refused: ``SchemaTooNew``, before
+anything reads or writes it (docs/packaging.md, "Upgrades and downgrades").
 """
 
 from __future__ import annotations
@@ -82,6 +86,10 @@ MIGRATIONS: list[tuple[int, str, Migration]] = [
 ]
 
 
+class SchemaTooNew(Exception):
+    """The store was migrated by newer code than this: refused, untouched."""
+
+
 def current_version(db: peewee.Database, version_model: Any = SchemaVersion,
                     create_table: Callable[[peewee.Database], None] | None = None) -> int:
     """The highest applied version (0: none), creating the version table if needed."""
@@ -100,6 +108,14 @@ def apply(db: peewee.Database, migrations: list[tuple[int, str, Migration]],
     ``version_model`` (a SchemaVersion-like model: version, description,
     applied_at; its table made by ``create_table``, else from the model);
     return their versions. Shared with the engine's store."""
+    found, known = current_version(db, version_model, create_table), migrations[-1][0]
+    if found > known:
+        newest = version_model.get(version_model.version == found)
+        raise SchemaTooNew(
+            f"its schema version is {found} ({newest.description!r}), newer than this "
+            f"program knows ({known}): a newer version used it. Install that version "
+            "again (downgrading is not supported), or move the state directory aside to "
+            "start with an empty one")
     applied = []
     for version, description, migration in migrations:
         if version <= current_version(db, version_model, create_table):
