@@ -1,4 +1,4 @@
-"""The store across versions: a newer one is refused.
+"""The store across versions: it migrates forward, and a newer one is refused.
 
 The upgrade of the real packages with a copy running, and the downgrade
 refused in a booted systemd, are in the packaging test (packaging/test,
@@ -25,6 +25,22 @@ def open_db(path: Path) -> peewee.SqliteDatabase:
     db = peewee.SqliteDatabase(str(path))
     db.connect()
     return db
+
+
+def test_a_store_of_the_previous_schema_migrates_forward(tmp_path):
+    db = open_db(tmp_path / "agent.db")
+    with db.bind_ctx(MODELS):
+        migrate_from_3(db)
+    db.close()
+
+
+def migrate_from_3(db: peewee.SqliteDatabase) -> None:
+    assert migrations.apply(db, migrations.MIGRATIONS[:3], SchemaVersion) == [1, 2, 3]
+    db.execute_sql("INSERT INTO task (id, kind, params, request_hash, state, created_at) "
+                   "VALUES ('t1', 'copy', '{}', 'h', 'running', 1.0)")
+    assert migrations.migrate(db) == [4]
+    assert migrations.current_version(db) == migrations.latest_version() == 4
+    assert db.execute_sql("SELECT id, launched_by FROM task").fetchall() == [("t1", None)]
 
 
 def test_an_agent_refuses_a_newer_store_and_leaves_it_alone(tmp_path):

@@ -79,10 +79,16 @@ def _storage_connections(db: peewee.Database) -> None:
         db.execute_sql(statement)  # type: ignore[no-untyped-call]
 
 
+def _task_launched_by(db: peewee.Database) -> None:
+    # NULL for the tasks of earlier agents: they predate the column.
+    db.execute_sql("ALTER TABLE task ADD COLUMN launched_by TEXT")  # type: ignore[no-untyped-call]
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "initial: meta", _initial),
     (2, "tasks", _tasks),
     (3, "storage connections", _storage_connections),
+    (4, "task: the agent version that launched its process", _task_launched_by),
 ]
 
 

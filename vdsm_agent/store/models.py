@@ -58,6 +58,7 @@ class TaskRow(BaseModel):
     pid_create_time = peewee.FloatField(null=True)
     stop = peewee.TextField(null=True)  # JSON: a pending cancel/deadline/reset request
     resets = peewee.TextField(default="[]")  # JSON list of resetTaskState records
+    launched_by = peewee.TextField(null=True)  # agent version that launched it (migration 4)
 
     class Meta:
         table_name = "task"

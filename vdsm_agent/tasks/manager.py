@@ -35,7 +35,7 @@ import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from vdsm_agent import errors
+from vdsm_agent import __version__, errors
 from vdsm_agent.common import clock
 from vdsm_agent.common.supervision import Background
 from vdsm_agent.settings import Config
@@ -295,7 +295,8 @@ class TaskManager:
         before that finds the process by its status file or command line; the
         state is unchanged, so this is no transition."""
         record = dataclasses.replace(active.record, pid=identity.pid,
-                                     pid_create_time=identity.create_time)
+                                     pid_create_time=identity.create_time,
+                                     launched_by=__version__)
         try:
             await self._commit(active, record)
         except errors.StorageFull:

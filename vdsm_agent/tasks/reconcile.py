@@ -59,7 +59,9 @@ async def _reattach(manager: TaskManager, active: Active) -> str:
         async with active.lock:
             await manager.record_identity(active, identity)
     supervisor.watch(active, pidfd, own_child=False)
-    log.info("task %s: re-attached to pid %s (%s)", record.id, active.record.pid, record.state)
+    log.info("task %s: re-attached to pid %s (%s; launched by %s)", record.id,
+             active.record.pid, record.state,
+             f"vdsm-agent {record.launched_by}" if record.launched_by else "an earlier agent")
     if active.record.stop is not None:
         supervisor.deliver_stop(active)
     return "re-attached"

@@ -43,6 +43,10 @@ class TaskRecord:
     pid_create_time: float | None = None
     stop: dict[str, Any] | None = None
     resets: tuple[dict[str, Any], ...] = ()
+    # The agent version that launched the task's process (None: an agent before
+    # 0.1.0's store migration 4). After an upgrade, a task launched by the
+    # previous version still runs its code: the re-attach line says so.
+    launched_by: str | None = None
 
     def to_api(self) -> dict[str, Any]:
         """The ``Task`` object of the API schema."""
