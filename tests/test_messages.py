@@ -385,3 +385,42 @@ def test_scripts_agent_works_for_image_tasks_without_flags(tmp_path):
     finally:
         agent.stop()
         kill_task_processes(state)
+
+
+# -- docs true to the program ------------------------------------------------------------------
+
+
+def test_wait_task_maximum_agrees_in_setting_schema_and_docs():
+    timeout = rpc_schema.load("agent").verbs["waitTask"].params["properties"]["timeout"]
+    assert timeout["maximum"] == settings.WAIT_TASK_MAXIMUM
+    assert timeout["default"] == settings.WAIT_TASK_DEFAULT
+    with pytest.raises(ValueError, match=r"between 30 seconds .* and 3600"):
+        settings.parse_task_max_wait("7200")
+    default = settings.defaults().task_max_wait
+    tasks_md = (ROOT / "docs" / "tasks.md").read_text()
+    assert f"`task_max_wait` ({default:g} s by default, at most 3600)" in tasks_md
+    assert "at most 3600) passes" not in tasks_md  # what it said before
+
+
+def test_docs_cite_no_file_outside_the_repository():
+    cited = []
+    for page in [*(ROOT / "docs").glob("*.md"), ROOT / "README.md"]:
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            if "../shared" in line or "shared/reference" in line or "shared/design" in line \
+                    or "/work/" in line:
+                cited.append(f"{page.name}:{number}: {line.strip()}")
+    assert cited == []
+
+
+def test_device_operation_examples_do_what_their_comments_say():
+    text = (ROOT / "docs" / "device-operations.md").read_text()
+    examples = text[text.index("## Examples (curl)"):text.index("## Design notes")]
+    commands = examples.split("\n# ")[1:]
+    assert commands
+    for command in commands:
+        comment, _, body = command.partition("\n")
+        if "force=true" in comment:
+            assert '"force":true' in body, command
+        if "curl" in body:  # privileged calls go through the Unix socket
+            assert "127.0.0.1" not in body, command
+    assert "127.0.0.1" not in examples

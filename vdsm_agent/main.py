@@ -35,7 +35,7 @@ async def serve(config: settings.Config) -> None:
                                 _how_to_reach(urls, config.allowed_roots))
 
 
-def _how_to_reach(urls: list[str], roots: tuple[str, ...] = ()) -> str:
+def _how_to_reach(urls: list[str], roots: Sequence[str] = ()) -> str:
     ping = "'{\"jsonrpc\":\"2.0\",\"method\":\"ping\",\"id\":1}'"
     lines = [f"Image files for tasks: beneath {', '.join(roots)} (allowed_roots)" if roots
              else "No allowed root: tasks may use block devices only (add --allowed-root DIR)",

@@ -60,13 +60,15 @@ def parse_output_cap(text: str) -> int:
 
 
 WAIT_TASK_DEFAULT = 30.0  # waitTask's default timeout (rpc_schema/agent.json)
+WAIT_TASK_MAXIMUM = 3600.0  # waitTask's timeout "maximum" in rpc_schema/agent.json
 
 
 def parse_task_max_wait(text: str) -> float:
     number = parse_seconds(text)
-    if number < WAIT_TASK_DEFAULT:
-        raise ValueError(f"must be at least {WAIT_TASK_DEFAULT:g} seconds (waitTask's default "
-                         f"timeout), got {number:g}")
+    if not WAIT_TASK_DEFAULT <= number <= WAIT_TASK_MAXIMUM:
+        raise ValueError(f"must be between {WAIT_TASK_DEFAULT:g} seconds (waitTask's default "
+                         f"timeout) and {WAIT_TASK_MAXIMUM:g} (its schema's maximum), "
+                         f"got {number:g}")
     return number
 
 
@@ -296,8 +298,8 @@ SETTINGS: tuple[Setting, ...] = (
             "JSON-RPC calls (a batch counts one per member) and streams in flight on one "
             "connection; beyond it calls answer LimitExceeded at once.", parse_positive_int),
     Setting("task_max_wait", "seconds", 600.0,
-            "Longest waitTask long-poll (its timeout; at least its default, 30); a larger "
-            "timeout is InvalidParams.", parse_task_max_wait),
+            "Longest waitTask long-poll (its timeout; between its default, 30, and 3600); "
+            "a larger timeout is InvalidParams.", parse_task_max_wait),
     Setting("max_long_polls", "integer", 64,
             "Long-polls (waitTask, getEvents) and streams (GET /events, GET "
             "/tasks/ID/output) served at once, whoever calls; each also holds one of "

@@ -148,13 +148,12 @@ class ConnectionManager:
     @property
     def schemes(self) -> list[str]:
         """The schemes this host serves (its tools and kernel: backends/needs.py)."""
-        return sorted(scheme for scheme, backend in self.backends.items()
-                      if backend.unserved() is None)
+        return sorted(set(self.backends) - set(self.unserved_schemes()))
 
     def unserved_schemes(self) -> dict[str, str]:
         """The schemes with a backend that this host cannot serve, and why."""
-        reasons = {scheme: backend.unserved() for scheme, backend in self.backends.items()}
-        return {scheme: reason for scheme, reason in sorted(reasons.items()) if reason}
+        return {scheme: reason for scheme in sorted(self.backends)
+                if (reason := self.backends[scheme].unserved())}
 
     @property
     def monitors(self) -> Mapping[str, TargetMonitor]:
@@ -203,15 +202,11 @@ class ConnectionManager:
     async def manage(self, connection_id: str, uri: str,
                      options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         endpoint = self.parse(uri)
-        backend = self.backends[endpoint.scheme]
-        existing = self._registrations.get(connection_id)
-        reason = backend.unserved()
-        if reason is not None and (existing is None or existing.endpoint.uri != endpoint.uri):
-            # A persisted connection of the scheme stays managed (and says why it
-            # fails to connect); a new one could only ever fail.
-            raise UnsupportedScheme(f"{endpoint.scheme}:// is not served on this host: "
-                                    f"{reason}", scheme=endpoint.scheme,
-                                    supported=self.schemes, reason=reason)
+        backend, known = self.backends[endpoint.scheme], self._registrations.get(connection_id)
+        reason = backend.unserved()  # a new one could only fail; a persisted one is kept
+        if reason and (known is None or known.endpoint.uri != endpoint.uri):
+            raise UnsupportedScheme(f"{endpoint.scheme}:// is not served on this host: {reason}",
+                                    scheme=endpoint.scheme, supported=self.schemes, reason=reason)
         backend.authorize(endpoint)
         async with self._lock:
             existing = self._registrations.get(connection_id)
