@@ -29,7 +29,9 @@ by a check against each handler's parameter names, computed once (``routes``); o
 when that check fails does the library's own binding run, so a params/handler
 mismatch still gets the library's -32602 answer. The call itself goes through
 ``jsonrpcserver.async_dispatcher.call``; success answers are built as a dict
-directly and error answers by the library's response functions.
+directly and error answers by the library's response functions. Each call is
+counted by method and outcome and timed (``metrics.counters.RpcStats``, for
+``GET /metrics``): two ``perf_counter`` calls and a few additions, no lock.
 """
 
 from __future__ import annotations
