@@ -3,8 +3,9 @@
 ``python -m benchmarks`` (or ``benchmarks/run``); ``--quick`` for a smoke run.
 Runs, in order: ``dispatch`` and ``http`` (ping), ``tasks``
 (``bench_tasks``), ``connections`` (``bench_connections``), and, when their
-modules exist, ``device_ops``, ``engine``, ``confine`` and ``hollow`` (``bench_device_ops``,
-``bench_engine``, ``bench_confine``, ``hollow.bench``: imported only then, each a
+modules exist, ``device_ops``, ``engine``, ``confine``, ``hollow`` and
+``metrics`` (``bench_device_ops``, ``bench_engine``, ``bench_confine``,
+``hollow.bench``, ``bench_metrics``: imported only then, each a
 ``main(argv) -> int``). One
 benchmark failing does not stop the others. Exit status: 0 done, 1 a
 benchmark failed, 2 a tool is missing (wrk, taskset, two CPUs; or a
@@ -35,7 +36,8 @@ from benchmarks import TARGET_RATIO, bench_dispatch, bench_http
 OPTIONAL_MAINS = {"device_ops": "benchmarks.bench_device_ops",
                   "engine": "benchmarks.bench_engine",
                   "confine": "benchmarks.bench_confine",
-                  "hollow": "benchmarks.hollow.bench"}
+                  "hollow": "benchmarks.hollow.bench",
+                  "metrics": "benchmarks.bench_metrics"}
 BENCHMARKS = ("dispatch", "http", "tasks", "connections", *OPTIONAL_MAINS)
 
 

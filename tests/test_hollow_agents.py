@@ -180,6 +180,11 @@ def test_every_served_verb_answers_as_the_schema_says(three: Hollow) -> None:
     assert [task["id"] for task in after] == [task["id"] for task in seen[3:]]
     assert host.error("listTasks", pageToken="not-a-token").name == "InvalidParams"
     assert host.call("getTask", taskID=seen[0]["id"]) == seen[0]
+    # A hollow task writes no output: an empty read, at its end once final.
+    assert host.call("getTaskOutput", taskID=seen[0]["id"]) == {
+        "data": "", "encoding": "utf-8", "offset": 0, "nextOffset": 0, "eof": True,
+        "truncatedBefore": 0, "size": 0}
+    assert host.error("getTaskOutput", taskID=str(uuid.uuid4())).name == "TaskNotFound"
 
     # startTask: accepted, idempotent for the same ID and request, a conflict otherwise.
     task_id = str(uuid.uuid4())

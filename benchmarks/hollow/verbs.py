@@ -149,6 +149,18 @@ async def get_task(host: HollowHost, params: dict[str, Any]) -> bytes:
     return host.task(_task_id(params)).encoded()
 
 
+async def get_task_output(host: HollowHost, params: dict[str, Any]) -> bytes:
+    """A hollow task writes no output (its ``outputSize`` is 0): an empty read, at its
+    end once the task is final, as a real agent answers for a silent task."""
+    task = host.task(_task_id(params))
+    encoding = _param(params, "encoding", str, "utf-8")
+    if encoding not in ("utf-8", "base64"):
+        raise errors.InvalidParams("params.encoding is utf-8 or base64",
+                                   field="params.encoding", rule="enum")
+    return orjson.dumps({"data": "", "encoding": encoding, "offset": 0, "nextOffset": 0,
+                         "eof": task.final, "truncatedBefore": 0, "size": 0})
+
+
 async def list_tasks(host: HollowHost, params: dict[str, Any]) -> bytes:
     # A future conditional resync reads its token here: ``host.version`` and each
     # task's ``version`` say what changed since (see state.HollowHost).
@@ -289,6 +301,7 @@ VERBS: dict[str, Verb] = {
     "rpc.discover": discover,
     "startTask": start_task,
     "getTask": get_task,
+    "getTaskOutput": get_task_output,
     "listTasks": list_tasks,
     "cancelTask": cancel_task,
     "deleteTask": delete_task,
