@@ -173,10 +173,9 @@ def _connection_families(agent: Agent) -> Iterator[Metric]:
     for (scheme, outcome), count in sorted(stats.reconnects.items()):
         reconnects.add_metric([scheme, outcome], count)
     yield reconnects
-    busy = GaugeMetricFamily(f"{PREFIX}_connection_probe_threads_busy",
-                             "Probe threads inside a probe now (hung ones included).")
-    busy.add_metric([], manager.pool.busy)
-    yield busy
+    yield GaugeMetricFamily(f"{PREFIX}_connection_probe_threads_busy",
+                            "Probe threads inside a probe now (hung ones included).",
+                            value=manager.pool.busy)
 
 
 def _feed_families(agent: Agent) -> Iterator[Metric]:
@@ -197,18 +196,15 @@ def _feed_families(agent: Agent) -> Iterator[Metric]:
     subscribers.add_metric(["stream"], len(stats.streams))
     yield subscribers
     last = feed.last_seq
-    lag = GaugeMetricFamily(f"{PREFIX}_events_lag_events",
+    # Unlabelled families take their one sample as ``value=``.
+    yield GaugeMetricFamily(f"{PREFIX}_events_lag_events",
                             "Events published that the furthest-behind GET /events stream "
-                            "has not taken yet (0 without streams).")
-    lag.add_metric([], max((last - position[0] for position in stats.streams.values()),
-                           default=0))
-    yield lag
-    gaps = CounterMetricFamily(f"{PREFIX}_events_gaps_total",
-                               "Reads of the feed that got gap=true (the reader missed "
-                               "events: behind the kept ones, or another epoch).")
-    gaps.add_metric([], stats.gaps)
-    yield gaps
-    retained = GaugeMetricFamily(f"{PREFIX}_events_retained",
-                                 "Events kept in memory (at most events_max).")
-    retained.add_metric([], last - feed.oldest_seq + 1)
-    yield retained
+                            "has not taken yet (0 without streams).",
+                            value=max((last - position[0] for position in stats.streams.values()),
+                                      default=0))
+    yield CounterMetricFamily(f"{PREFIX}_events_gaps_total",
+                              "Reads of the feed that got gap=true (the reader missed "
+                              "events: behind the kept ones, or another epoch).", value=stats.gaps)
+    yield GaugeMetricFamily(f"{PREFIX}_events_retained",
+                            "Events kept in memory (at most events_max).",
+                            value=last - feed.oldest_seq + 1)

@@ -42,16 +42,13 @@ def engine_families(engine: Engine, dispatcher: Dispatcher) -> Iterator[Metric]:
                            "Full resynchronisations of a host (every listTasks page and "
                            "the connection list, into the store) that succeeded.", [],
                            [([], stats.resyncs)])
-    failures = CounterMetricFamily(f"{PREFIX}_resync_failures_total",
-                                   "Resynchronisations that failed (the host did not answer, "
-                                   "or refused).")
-    failures.add_metric([], stats.resync_failures)
-    yield failures
-    retries = CounterMetricFamily(f"{PREFIX}_step_retries_total",
-                                  "Job step attempts that got no answer from their host "
-                                  "(the step stays pending and is tried again).")
-    retries.add_metric([], stats.step_retries)
-    yield retries
+    yield CounterMetricFamily(f"{PREFIX}_resync_failures_total",
+                              "Resynchronisations that failed (the host did not answer, "
+                              "or refused).", value=stats.resync_failures)
+    yield CounterMetricFamily(f"{PREFIX}_step_retries_total",
+                              "Job step attempts that got no answer from their host "
+                              "(the step stays pending and is tried again).",
+                              value=stats.step_retries)
     locks = CounterMetricFamily(f"{PREFIX}_resource_lock_changes_total",
                                 "Resource locks (leases on a host's resources for "
                                 "engine-started tasks) taken and released.",
