@@ -285,6 +285,41 @@ def test_a_verb_it_does_not_serve_and_bad_requests(three: Hollow) -> None:
         three.ctl("freeze", hosts=["nobody"])
 
 
+def test_change_tokens_as_a_real_agent_answers_them(three: Hollow) -> None:
+    """listTasks and getStorageConnectionList with changedSince (results checked against
+    the schema by ``Caller.call``): not modified while nothing changed, the list
+    after a change of it, and after a restart (another epoch) whatever the token."""
+    host = Caller(three.url(2))
+    name = three.hosts[2]["name"]
+    tasks = host.call("listTasks", pageSize=1000)
+    connections = host.call("getStorageConnectionList", changedSince="")
+    assert tasks["notModified"] is False
+    assert connections["notModified"] is False
+    assert sorted(connections["connections"]) == ["sd-1", "sd-2"]
+    tasks_token, connections_token = tasks["changeToken"], connections["changeToken"]
+    assert host.call("listTasks", changedSince=tasks_token) == {
+        "tasks": [], "nextPageToken": None, "changeToken": tasks_token, "notModified": True}
+    assert host.call("getStorageConnectionList", changedSince=connections_token) == {
+        "connections": None, "changeToken": connections_token, "notModified": True}
+    # A connection flip changes the connection list only.
+    three.ctl("tick", hosts=[2], kind="connection")
+    assert host.call("listTasks", changedSince=tasks_token)["notModified"] is True
+    flipped = host.call("getStorageConnectionList", changedSince=connections_token)
+    assert flipped["notModified"] is False
+    assert sorted(flipped["connections"]) == ["sd-1", "sd-2"]
+    # A task transition changes the task list.
+    event = three.ctl("tick", hosts=[2], kind="task")[name]
+    moved = host.call("listTasks", changedSince=tasks_token, pageSize=1000)
+    assert moved["notModified"] is False
+    assert event["taskID"] in {task["id"] for task in moved["tasks"]}
+    # A restart keeps the lists but not the tokens.
+    tokens = moved["changeToken"], flipped["changeToken"]
+    three.ctl("restart", hosts=[2])
+    assert host.call("listTasks", changedSince=tokens[0])["notModified"] is False
+    assert host.call("getStorageConnectionList", changedSince=tokens[1])["notModified"] is False
+    assert host.error("listTasks", changedSince="").name == "InvalidParams"
+
+
 def _module_strings(tree: ast.Module) -> dict[str, str]:
     """Module-level NAME = "string" constants."""
     found = {}

@@ -10,10 +10,12 @@ listener calls a real agent makes (``on_task_transition``,
 ``on_task_progress``, ``on_connection``).
 
 ``HollowHost.version`` grows at every change of what the lists show (tasks,
-connections; a deleted task too, which has no event): it is the place where a
-``changedSince`` token on the list verbs will be answered (a token older than
-the version: the list, or what changed after it; the same: "not modified").
-Each task and target remembers the version of its last change for that.
+connections; a deleted task too, which has no event), and ``task_version`` and
+``connection_version`` at every change of each list: the change tokens of
+the list verbs (``changedSince``, as ``vdsm_agent/common/changes.py`` on a
+real agent) are ``EPOCH.VERSION`` with the feed's epoch (a restart: another
+epoch, so an old token gets the full answer). Each task and target
+remembers the version of its last change.
 """
 
 from __future__ import annotations
@@ -223,6 +225,8 @@ class HollowHost:
         self.connection_ids: dict[str, Target] = {}
         self.targets: dict[str, Target] = {}
         self.version = 0
+        self.task_version = 0  # listTasks' change token
+        self.connection_version = 0  # getStorageConnectionList's
         self.generated_task: str | None = None  # the task the generator moves on
         self._drivers: dict[str, asyncio.Task[None]] = {}  # started tasks that run
         self._connections_blob: tuple[tuple[int, float], bytes] | None = None
@@ -281,9 +285,17 @@ class HollowHost:
             self.targets.clear()
             self.generated_task = None
             self.changed()
+            self.task_version += 1
+            self.connection_version += 1
 
     def changed(self) -> None:
         self.version += 1
+
+    def tasks_token(self) -> str:
+        return f"{self.feed.epoch}.{self.task_version}"
+
+    def connections_token(self) -> str:
+        return f"{self.feed.epoch}.{self.connection_version}"
 
     def close(self) -> None:
         for driver in self._drivers.values():
@@ -326,6 +338,7 @@ class HollowHost:
 
     def _touch(self, task: HollowTask) -> None:
         self.changed()
+        self.task_version += 1
         task.version = self.version
         task.updated = time.time()
         task.blob = None
@@ -366,6 +379,7 @@ class HollowHost:
         with contextlib.suppress(ValueError):
             self._finished.remove(task.id)
         self.changed()
+        self.task_version += 1
 
     def _apply_retention(self) -> None:
         while len(self._finished) > self.options.retention:
@@ -523,6 +537,7 @@ class HollowHost:
 
     def _connection_changed(self, target: Target) -> None:
         self.changed()
+        self.connection_version += 1
         target.version = self.version
         self._connections_blob = None
 

@@ -162,8 +162,14 @@ async def get_task_output(host: HollowHost, params: dict[str, Any]) -> bytes:
 
 
 async def list_tasks(host: HollowHost, params: dict[str, Any]) -> bytes:
-    # A future conditional resync reads its token here: ``host.version`` and each
-    # task's ``version`` say what changed since (see state.HollowHost).
+    current = host.tasks_token()
+    since = _param(params, "changedSince", str, None)
+    if since is not None and not 1 <= len(since) <= 128:
+        raise errors.InvalidParams("params.changedSince must be 1..128 characters",
+                                   field="params.changedSince", rule="maxLength")
+    if since == current:
+        return b"".join((b'{"tasks":[],"nextPageToken":null,"changeToken":',
+                         orjson.dumps(current), b',"notModified":true}'))
     where = _param(params, "filter", dict, {})
     page_size = _param(params, "pageSize", int, 100)
     if not 1 <= page_size <= MAX_PAGE_SIZE:
@@ -172,7 +178,8 @@ async def list_tasks(host: HollowHost, params: dict[str, Any]) -> bytes:
     token = _param(params, "pageToken", str, None)
     page, next_token = host.list_tasks(where, page_size, token)
     return b"".join((b'{"tasks":[', b",".join(task.encoded() for task in page),
-                     b'],"nextPageToken":', orjson.dumps(next_token), b"}"))
+                     b'],"nextPageToken":', orjson.dumps(next_token), b',"changeToken":',
+                     orjson.dumps(current), b',"notModified":false}'))
 
 
 async def cancel_task(host: HollowHost, params: dict[str, Any]) -> bytes:
@@ -241,8 +248,17 @@ def _connection_id(params: dict[str, Any]) -> str:
 
 
 async def get_connection_list(host: HollowHost, params: dict[str, Any]) -> bytes:
-    # The place for a future changedSince token too (each Target has a version).
-    return host.connection_list()
+    since = _param(params, "changedSince", str, None)
+    if since is None:
+        return host.connection_list()
+    if len(since) > 128:
+        raise errors.InvalidParams("params.changedSince must be at most 128 characters",
+                                   field="params.changedSince", rule="maxLength")
+    current = orjson.dumps(host.connections_token())
+    if since == host.connections_token():
+        return b'{"connections":null,"changeToken":' + current + b',"notModified":true}'
+    return b"".join((b'{"connections":', host.connection_list(), b',"changeToken":', current,
+                     b',"notModified":false}'))
 
 
 async def get_connection(host: HollowHost, params: dict[str, Any]) -> bytes:

@@ -24,8 +24,13 @@ async def unmanage_storage_connection(agent: Agent,
     return await _manager(agent).unmanage(connectionID)
 
 
-async def get_storage_connection_list(agent: Agent) -> dict[str, Any]:
-    return await _manager(agent).connection_list()
+async def get_storage_connection_list(agent: Agent,
+                                      changedSince: str | None = None) -> dict[str, Any]:
+    manager = _manager(agent)
+    if changedSince is None:
+        return await manager.connection_list()
+    # The conditional form: an envelope (the plain answer is the mapping itself).
+    return await manager.conditional_list(changedSince)
 
 
 async def get_storage_connection(agent: Agent, connectionID: str) -> dict[str, Any]:

@@ -25,8 +25,9 @@ async def get_task(agent: Agent, taskID: str) -> dict[str, Any]:
 
 
 async def list_tasks(agent: Agent, filter: dict[str, Any] | None = None, pageSize: int = 100,
-                     pageToken: str | None = None) -> dict[str, Any]:
-    return await _tasks(agent).list_tasks(filter, pageSize, pageToken)
+                     pageToken: str | None = None,
+                     changedSince: str | None = None) -> dict[str, Any]:
+    return await _tasks(agent).list_tasks(filter, pageSize, pageToken, changedSince)
 
 
 async def get_task_output(agent: Agent, taskID: str, offset: int = 0, maxBytes: int = 65536,

@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+from vdsm_agent.common import changes
 from vdsm_agent.common.backoff import Backoff
 from vdsm_agent.connections import registry, status
 from vdsm_agent.connections import uri as uris
@@ -144,6 +145,7 @@ class ConnectionManager:
         self._disconnecting: dict[str, asyncio.Task[ErrorInfo | None]] = {}
         self._leftovers: dict[str, ErrorInfo] = {}  # identity or URI -> disconnect failure
         self._lock = asyncio.Lock()
+        self._change_epoch = changes.new_epoch()
 
     @property
     def schemes(self) -> list[str]:
@@ -286,6 +288,32 @@ class ConnectionManager:
             result[f"{UNMANAGED_PREFIX}{number}"] = self._unmanaged_status(scheme, found)
         self._forget_cleared_leftovers(discovered)
         return result
+
+    def change_token(self) -> str:
+        """getStorageConnectionList's change token: a digest of what each managed ID
+        shows that is not probe telemetry (uri, connected, state, lastError, the IDs
+        it shares its target with, options). lastCheck, latencyMs, attempts,
+        nextRetryAt, the connectionInfo of probes and the unmanaged entries found on
+        the host are not covered: they are not compared, to keep the check free of
+        I/O (the full answer, without changedSince, has them)."""
+        summary = []
+        for connection_id in sorted(self._registrations):
+            registration = self._registrations[connection_id]
+            monitor = self._monitors[registration.endpoint.key]
+            error = monitor.health.last_error
+            summary.append([connection_id, registration.endpoint.uri, monitor.attached,
+                            monitor.health.state.value, error.to_json() if error else None,
+                            sorted(monitor.ids), registration.options])
+        return changes.digest_token(self._change_epoch, summary)
+
+    async def conditional_list(self, changed_since: str) -> dict[str, Any]:
+        """getStorageConnectionList with ``changedSince``: ``{connections, changeToken,
+        notModified}``; connections null when nothing covered changed since the token."""
+        current = self.change_token()
+        if changes.not_modified(changed_since, current):
+            return {"connections": None, "changeToken": current, "notModified": True}
+        return {"connections": await self.connection_list(), "changeToken": current,
+                "notModified": False}
 
     # -- internals ------------------------------------------------------------------------
 

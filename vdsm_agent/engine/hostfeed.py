@@ -8,6 +8,12 @@ came before is in it. Task and connection events are applied to the store
 as they come; a task new to the engine, or one that ended, is fetched whole
 (``getTask``). An agent without the feed (``MethodNotFound``) is polled
 instead, and asked again after a while.
+
+Applying events keeps the resync's change tokens good (``HostWorker.fed``):
+the feed carries every change of what it reports, in order, so an event
+older than a listing is followed by the events up to it, and the store ends
+where the host is; a change with no event (a task deleted, retention) moves
+the host's token, so the next resync has the list.
 """
 
 from __future__ import annotations
@@ -90,6 +96,7 @@ class HostFeed:
         if gap:
             log.info("host %s: gap in its events feed; resynchronising", worker.name)
             worker.need_version = True
+            worker.conditional = None  # perhaps another version of the agent
             worker.request_resync()
         for event in answer.get("events") or ():
             try:
@@ -101,7 +108,7 @@ class HostFeed:
     async def _apply(self, event: Mapping[str, Any]) -> None:
         worker = self.worker
         store = worker.engine.store
-        worker.changed()
+        worker.fed()
         kind = event.get("type")
         if kind == "task" and event.get("taskID"):
             task_id = str(event["taskID"])

@@ -9,9 +9,14 @@ and its own timeouts, so a slow, frozen or dead host never delays another:
   it takes the feed's position and asks for a full resynchronisation
   (``hostfeed.HostFeed``);
 * the **sync loop** does the full resynchronisation (every page of
-  ``listTasks`` and ``getStorageConnectionList``) every ``resync_interval``,
-  at once when asked, and every ``poll_interval`` for an agent without an
-  events feed;
+  ``listTasks`` and ``getStorageConnectionList``) every ``resync_interval``
+  (each time drawn within ±25% of it, so that the hosts of an engine that
+  started them together drift apart and do not resync in one burst), at
+  once when asked, and every ``poll_interval`` for an agent without an
+  events feed. A resync is *conditional*: each list verb is passed the
+  ``changeToken`` of its last answer as ``changedSince``, and a host where
+  nothing changed answers "not modified" for almost nothing (an agent that
+  does not know the parameter is asked without it from then on);
 * the **steps loop** runs the host's pending job steps (``jobs.StepRunner``)
   when kicked (a new job, the host came back) and after a retry delay while
   any is left.
@@ -35,6 +40,7 @@ import logging
 import random
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -59,6 +65,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LIST_PAGE_SIZE = 1000
+INVALID_PARAMS = -32602
+RESYNC_SPREAD = 0.25  # each resync interval is drawn within ±25% of resync_interval
 PERSIST_EVERY = 30.0  # seconds between writes of a host's lastSeen/syncedAt at resync
 
 
@@ -92,6 +100,13 @@ class HostWorker:
         self._persisted_at: float | None = None
         self._snapshot_digest: bytes | None = None
         self._changes = 0
+        self._fed = 0  # events applied (they keep the change tokens, not the digest)
+        # The change tokens of the last applied listings (None: ask for the whole list);
+        # conditional: whether the agent takes changedSince (None: not known yet).
+        self._tasks_token: str | None = None
+        self._connections_token: str | None = None
+        self.conditional: bool | None = None
+        self.not_modified = 0  # resyncs that read nothing (tests and benchmarks)
         self._running = False
         # Set after every completed resynchronisation (tests and benchmarks wait on it).
         self.synced = asyncio.Event()
@@ -107,6 +122,7 @@ class HostWorker:
         self.failures = 0
         self.feed.epoch = None
         self.need_version = True
+        self._forget_tokens()
         for name, loop in (("events loop", self.feed.loop), ("sync loop", self._sync_loop),
                            ("steps loop", self._steps_loop)):
             self._loops.loop(loop, name, restart_delay=self.config.retry_interval)
@@ -228,37 +244,57 @@ class HostWorker:
     # -- full resynchronisation ------------------------------------------------------------
 
     def changed(self) -> None:
-        """Something other than a resync wrote what the engine knows of this host."""
+        """Something other than a resync or the events feed wrote what the engine knows
+        of this host (a job's step, a refresh): the next resync reads everything."""
         self._changes += 1
         self._snapshot_digest = None
+        self._forget_tokens()
+
+    def fed(self) -> None:
+        """An event of the host's feed was applied. The change tokens stay good: the
+        feed brings the changes in order, each one after the listing it follows or
+        before one that has it, so what a token's listing and the events after it
+        wrote is the host's state (``HostFeed``)."""
+        self._fed += 1
+        self._snapshot_digest = None
+
+    def _forget_tokens(self) -> None:
+        self._tasks_token = self._connections_token = None
 
     async def resync(self) -> None:
         """Every task (all pages) and every connection of the host, into the store.
 
-        A listing identical to the last one applied, with no other change since,
-        is already in the store: it costs no database work."""
+        Each list is asked with its last change token: a list that did not change
+        is not read again (``notModified``). A listing identical to the last one
+        applied, with no other change since, is already in the store: it costs no
+        database work either."""
         started = now()
-        changes = self._changes
+        changes, fed = self._changes, self._fed
         if self.need_version:
             ping = await self.call("ping")
             self.agent_version = str(ping.get("version")) if isinstance(ping, dict) else None
             self.need_version = False
         # Both at once; both always end (their own timeouts) before either's error counts.
-        answers = await asyncio.gather(self._all_tasks(), self.call("getStorageConnectionList"),
+        answers = await asyncio.gather(self._all_tasks(), self._connections(),
                                        return_exceptions=True)
         for answer in answers:
             if isinstance(answer, BaseException):
                 raise answer
-        tasks_result, connections = answers
-        digest = hashlib.blake2b(
-            orjson.dumps([tasks_result, connections], option=orjson.OPT_SORT_KEYS),
-            digest_size=16).digest()
+        (tasks_result, tasks_token), (connections, connections_token) = answers
         synced = now()
-        if digest == self._snapshot_digest and changes == self._changes:
-            self.synced_at = synced
-            self.sync_count += 1
-            self.synced.set()
+        if tasks_result is None and connections is None:
+            self.not_modified += 1
+            self._synced(synced, changes, tasks_token, connections_token)
             return
+        digest = None
+        if tasks_result is not None and connections is not None:
+            digest = hashlib.blake2b(
+                orjson.dumps([tasks_result, connections], option=orjson.OPT_SORT_KEYS),
+                digest_size=16).digest()
+            if digest == self._snapshot_digest and (changes, fed) == (self._changes,
+                                                                       self._fed):
+                self._synced(synced, changes, tasks_token, connections_token)
+                return
         host_fields: dict[str, Any] = {}
         # The in-memory values serve the views; the row keeps them for a restarted
         # engine, written when they change meaning (not at every resync).
@@ -266,35 +302,84 @@ class HostWorker:
                 or synced - (self._persisted_at or 0) >= PERSIST_EVERY):
             host_fields = {"synced_at": synced, "last_seen": self.last_seen,
                            "agent_version": self.agent_version}
-        outcome = await self.engine.store.run(
-            repository.apply_resync, self.name, tasks_result, connections, started, synced,
-            host_fields)
+        try:
+            outcome = await self.engine.store.run(
+                repository.apply_resync, self.name, tasks_result, connections, started,
+                synced, host_fields)
+        except BaseException:
+            self._forget_tokens()  # not applied: read everything next time
+            raise
         if host_fields:
             self._persisted_version = self.agent_version
             self._persisted_at = synced
-        self.synced_at = synced
-        if changes == self._changes:
+        if digest is not None and (changes, fed) == (self._changes, self._fed):
             self._snapshot_digest = digest
         self.engine.jobs_changed(outcome.jobs)
-        self.sync_count += 1
-        self.synced.set()
+        self._synced(synced, changes, tasks_token, connections_token)
         if outcome.inserted or outcome.updated or outcome.deleted or outcome.connections:
             log.debug("host %s resynchronised: %d new, %d changed, %d gone tasks; "
                       "%d connections changed", self.name, outcome.inserted, outcome.updated,
                       outcome.deleted, outcome.connections)
 
-    async def _all_tasks(self) -> list[dict[str, Any]]:
+    def _synced(self, synced: float, changes: int, tasks_token: str | None,
+                connections_token: str | None) -> None:
+        """A resync is done: keep its tokens unless something other than the feed
+        wrote the host's state meanwhile (then the next one reads everything)."""
+        if changes == self._changes:
+            self._tasks_token, self._connections_token = tasks_token, connections_token
+        else:
+            self._forget_tokens()
+        self.synced_at = synced
+        self.sync_count += 1
+        self.synced.set()
+
+    async def _conditional_call(self, send: Callable[[dict[str, Any]], Awaitable[Any]],
+                                params: dict[str, Any], since: str | None) -> dict[str, Any]:
+        """``send(params)`` with ``changedSince`` when the agent takes it (an older agent
+        refuses the parameter: asked without it from then on)."""
+        if self.conditional is not False and since is not None:
+            try:
+                answer: dict[str, Any] = await send({**params, "changedSince": since})
+            except AgentError as exc:
+                if exc.code != INVALID_PARAMS or self.conditional:
+                    raise
+                log.info("host %s does not take changedSince: full resyncs", self.name)
+                self.conditional = False
+            else:
+                self.conditional = True
+                return answer
+        plain: dict[str, Any] = await send(params)
+        return plain
+
+    async def _all_tasks(self) -> tuple[list[dict[str, Any]] | None, str | None]:
+        """(every task, or None when the list did not change since our token; the
+        list's new token: the first page's, taken before anything was read)."""
         tasks: list[dict[str, Any]] = []
         token: str | None = None
+        page = await self._conditional_call(lambda params: self.call("listTasks", params),
+                                            {"pageSize": LIST_PAGE_SIZE}, self._tasks_token)
+        change_token = page.get("changeToken")
+        if page.get("notModified"):
+            return None, change_token
         while True:
-            params: dict[str, Any] = {"pageSize": LIST_PAGE_SIZE}
-            if token:
-                params["pageToken"] = token
-            page = await self.call("listTasks", params)
             tasks += page["tasks"]
             token = page.get("nextPageToken")
             if not token:
-                return tasks
+                return tasks, change_token
+            page = await self.call("listTasks", {"pageSize": LIST_PAGE_SIZE,
+                                                 "pageToken": token})
+
+    async def _connections(self) -> tuple[dict[str, Any] | None, str | None]:
+        """(the connection list, or None when it did not change; its new token)."""
+        answer = await self._conditional_call(
+            lambda params: self.call("getStorageConnectionList", params), {},
+            self._connections_token or "")
+        if "changeToken" in answer and "notModified" in answer \
+                and isinstance(answer.get("changeToken"), str):
+            if answer["notModified"]:
+                return None, answer["changeToken"]
+            return dict(answer.get("connections") or {}), answer["changeToken"]
+        return answer, None  # the plain mapping (an agent without changedSince)
 
     async def _sync_loop(self) -> None:
         while True:
@@ -304,8 +389,9 @@ class HostWorker:
             try:
                 await self.resync()
                 stats.resyncs.observe(time.monotonic() - began)
-                delay = (self.config.resync_interval if self.feed.supported is not False
-                         else min(self.config.poll_interval, self.config.resync_interval))
+                interval = (self.config.resync_interval if self.feed.supported is not False
+                            else min(self.config.poll_interval, self.config.resync_interval))
+                delay = interval * (1 + RESYNC_SPREAD * (2 * self._rng.random() - 1))
             except AgentUnreachable:
                 stats.resync_failures += 1
                 delay = self.retry_delay()

@@ -114,7 +114,9 @@ class Admission:
     # -- the group commit ------------------------------------------------------------------
 
     async def _insert_batch(self, records: list[TaskRecord]) -> dict[str, TaskRecord]:
-        return await self.manager.store.run(repository.insert_new, records)
+        stored = await self.manager.store.run(repository.insert_new, records)
+        self.manager.changes.bump()  # the new rows are in listTasks' listing
+        return stored
 
     def _on_written(self, record: TaskRecord, stored: TaskRecord | None) -> dict[str, Any]:
         """A reserved new task's batch is committed: adopt and schedule it (its answer)."""

@@ -3,6 +3,10 @@
 Tasks are listed in (createdAt, ID) order, straight from the store (a page
 shows an unfinished task's in-memory record: its progress is fresher), a
 page at a time with keyset page tokens (``common.paging``).
+
+Every answer carries the task list's ``changeToken`` (``common.changes``),
+taken before the store is read; with ``changedSince`` equal to the current
+token the answer is ``notModified`` with no tasks, at once: no store read.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from vdsm_agent.common import clock, paging
+from vdsm_agent.common import changes, clock, paging
 from vdsm_agent.store import Store
 from vdsm_agent.tasks import repository
 from vdsm_agent.tasks.runtime import Active
@@ -38,8 +42,13 @@ def fingerprint(query: repository.ListFilter) -> str:
 
 
 async def list_page(store: Store, active: dict[str, Active], where: dict[str, Any] | None,
-                    page_size: int, page_token: str | None) -> dict[str, Any]:
+                    page_size: int, page_token: str | None, counter: changes.ChangeCounter,
+                    changed_since: str | None = None) -> dict[str, Any]:
     """One page of ``listTasks``."""
+    current = counter.token()
+    if changes.not_modified(changed_since, current):
+        return {"tasks": [], "nextPageToken": None, "changeToken": current,
+                "notModified": True}
     query = parse_filter(where or {})
     digest = fingerprint(query)
     after = None
@@ -52,4 +61,5 @@ async def list_page(store: Store, active: dict[str, Active], where: dict[str, An
     if len(rows) > page_size:
         last = page[-1]
         token = paging.encode_token([last.created_at, last.id], digest)
-    return {"tasks": [task.to_api() for task in tasks], "nextPageToken": token}
+    return {"tasks": [task.to_api() for task in tasks], "nextPageToken": token,
+            "changeToken": current, "notModified": False}

@@ -37,6 +37,7 @@ from typing import Any
 
 from vdsm_agent import __version__, errors
 from vdsm_agent.common import clock
+from vdsm_agent.common.changes import ChangeCounter
 from vdsm_agent.common.supervision import Background
 from vdsm_agent.settings import Config
 from vdsm_agent.store import Store
@@ -85,6 +86,9 @@ class TaskManager:
         self.resource_resolver: ResourceResolver | None = None
         self._listeners: list[Listener] = []
         self._progress_listeners: list[Listener] = []
+        # listTasks' change token: bumped after every change a listing shows (the
+        # store's rows, and the in-memory records of unfinished tasks).
+        self.changes = ChangeCounter()
         self.admission = Admission(self)
         self.supervisor = Supervisor(self)
         self.monitor = Monitor(self)
@@ -157,9 +161,10 @@ class TaskManager:
         return (await self.record(_canonical_id(task_id))).to_api()
 
     async def list_tasks(self, where: dict[str, Any] | None, page_size: int,
-                         page_token: str | None) -> dict[str, Any]:
+                         page_token: str | None,
+                         changed_since: str | None = None) -> dict[str, Any]:
         return await listing.list_page(self.store, self.table.active, where, page_size,
-                                       page_token)
+                                       page_token, self.changes, changed_since)
 
     async def read_output(self, task_id: str, offset: int, max_bytes: int,
                           encoding: str) -> dict[str, Any]:
@@ -208,6 +213,7 @@ class TaskManager:
                                     taskID=task_id, state=str(active.record.state))
         if not await self.store.run(repository.delete, task_id):
             raise errors.TaskNotFound(f"no task {task_id}", taskID=task_id)
+        self.changes.bump()
         await asyncio.to_thread(shutil.rmtree, self.task_files(task_id).dir, True)
         log.info("task %s: deleted", task_id)
         return {"taskID": task_id, "deleted": True}
@@ -251,6 +257,7 @@ class TaskManager:
         if not await self.store.run(repository.update, old.id, old.state, record, durable):
             raise RuntimeError(f"task {old.id}: stored state is no longer {old.state}")
         active.record = record
+        self.changes.bump()
         if record.state is not old.state:
             self.table.moved(old.state, record.state)
             log.info("task %s: %s -> %s", old.id, old.state, record.state)
@@ -303,6 +310,7 @@ class TaskManager:
             log.warning("task %s: cannot store its pid %s yet: the state directory is full",
                         active.id, identity.pid)
             active.record = record
+            self.changes.bump()
 
     async def record_end(self, active: Active, record: TaskRecord) -> bool:
         """Store a task's final record and let it go; False if the state
@@ -324,6 +332,7 @@ class TaskManager:
     def accepted(self, record: TaskRecord) -> None:
         """A new task is committed and adopted: tell the listeners, and the scheduler
         when a slot is free (else the next free slot wakes it: _retire)."""
+        self.changes.bump()
         self._emit(None, record)
         if self.table.slots_used() < self.config.max_running_tasks:
             self.supervisor.wake.set()

@@ -61,6 +61,7 @@ class Monitor:
         extent = snapshot.extent
         if (extent.end, extent.start) != (record.output_size, record.output_start):
             record.output_size, record.output_start = extent.end, extent.start
+            self.manager.changes.bump()  # listTasks shows the record
             active.output_pulse.fire()
         status = snapshot.status
         beat = False
@@ -73,6 +74,7 @@ class Monitor:
                 active.last_seq = seq
                 active.last_beat = time.monotonic()
                 record.heartbeat_at = status.get("heartbeatAt")
+                self.manager.changes.bump()
                 progress = merge_progress(record.progress, status.get("progress"))
                 if progress != record.progress:
                     record.progress = progress

@@ -60,6 +60,7 @@ class Retention:
         if not doomed:
             return 0
         count = await store.run(repository.delete_many, doomed)
+        self.manager.changes.bump()
         await asyncio.to_thread(self._remove_dirs, doomed)
         log.info("tasks: retention removed %d finished tasks", count)
         return count

@@ -104,12 +104,18 @@ def remove_host(name: str, now: float) -> set[str]:
         return jobs
 
 
-def apply_resync(host: str, tasks: Sequence[Mapping[str, Any]],
-                 connections: Mapping[str, Mapping[str, Any]], started_at: float, now: float,
-                 host_fields: Mapping[str, Any]) -> SyncResult:
-    """A whole resynchronisation of one host in one transaction (one DB hop, one commit)."""
+def apply_resync(host: str, tasks: Sequence[Mapping[str, Any]] | None,
+                 connections: Mapping[str, Mapping[str, Any]] | None, started_at: float,
+                 now: float, host_fields: Mapping[str, Any]) -> SyncResult:
+    """A whole resynchronisation of one host in one transaction (one DB hop, one commit).
+
+    None for a list the host answered "not modified" (conditional resync): what
+    the store has of it stays as it is."""
     with atomic():
-        outcome = apply_task_snapshot(host, tasks, started_at, now)
-        outcome.connections = apply_connection_snapshot(host, connections, now)
-        update_host(host, **host_fields)
+        outcome = (apply_task_snapshot(host, tasks, started_at, now) if tasks is not None
+                   else SyncResult())
+        if connections is not None:
+            outcome.connections = apply_connection_snapshot(host, connections, now)
+        if host_fields:
+            update_host(host, **host_fields)
     return outcome
