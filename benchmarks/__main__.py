@@ -37,7 +37,8 @@ OPTIONAL_MAINS = {"device_ops": "benchmarks.bench_device_ops",
                   "engine": "benchmarks.bench_engine",
                   "confine": "benchmarks.bench_confine",
                   "hollow": "benchmarks.hollow.bench",
-                  "metrics": "benchmarks.bench_metrics"}
+                  "metrics": "benchmarks.bench_metrics",
+                  "resync": "benchmarks.bench_resync"}
 BENCHMARKS = ("dispatch", "http", "tasks", "connections", *OPTIONAL_MAINS)
 
 

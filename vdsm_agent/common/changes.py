@@ -24,7 +24,7 @@ import orjson
 
 
 def new_epoch() -> str:
-    return uuid.uuid4().hex[:16]
+    return uuid.uuid4().hex[:12]  # 48 random bits: no two runs of an agent share one
 
 
 class ChangeCounter:
@@ -48,7 +48,7 @@ class ChangeCounter:
 def digest_token(epoch: str, value: Any) -> str:
     """A token that names ``value`` itself (any JSON value): equal values, equal tokens."""
     digest = hashlib.blake2b(orjson.dumps(value, option=orjson.OPT_SORT_KEYS),
-                             digest_size=12).hexdigest()
+                             digest_size=8).hexdigest()
     return f"{epoch}.{digest}"
 
 

@@ -103,8 +103,11 @@ class AgentClient:
         self._ids = itertools.count(1)
         connector = aiohttp.TCPConnector(limit=pool_size, ssl=self._ssl,
                                          enable_cleanup_closed=True)
+        # No User-Agent, Accept or Accept-Encoding (the agent uses none of them):
+        # ~90 bytes less of every call, a third of a resync of an unchanged host.
         self._session = aiohttp.ClientSession(
-            connector=connector, json_serialize=lambda obj: orjson.dumps(obj).decode())
+            connector=connector, json_serialize=lambda obj: orjson.dumps(obj).decode(),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"))
 
     async def call(self, method: str, params: dict[str, Any] | None = None,
                    timeout: float | None = None) -> Any:
