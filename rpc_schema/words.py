@@ -34,6 +34,13 @@ PATTERNS: dict[str, str] = {
                                          "e.g. data-1",
     "^[A-Za-z0-9._:-]{1,64}$": "must be 1-64 letters, digits, '.', '_', ':' or '-', "
                                "e.g. disk:a",
+    # Gluster volumes and bricks (vdsm_agent/system/gluster.py)
+    "^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$": "must be a Gluster volume name: 1-64 letters, "
+                                        "digits, '_' or '-' (a letter or digit first), "
+                                        "e.g. data-vol1",
+    "^[A-Za-z0-9][A-Za-z0-9.-]{0,252}:/[A-Za-z0-9._+@%=,/-]{1,4000}$":
+        "must be a brick HOST:/PATH (a host name or address, an absolute path), "
+        "e.g. host1:/bricks/b1",
 }
 
 FORMATS: dict[str, str] = {

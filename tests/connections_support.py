@@ -285,6 +285,7 @@ def gluster_server_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator
     with hostname_resolving_locally() as host:
         running = gluster("volume", "list", check=False, timeout=10).returncode == 0
         proc = None
+        server: GlusterServer | None = None
         if not running:
             log = open(base / "glusterd.log", "wb")  # noqa: SIM115 - closed at teardown
             proc = subprocess.Popen(["glusterd", "-N", f"--log-file={base / 'glusterd.log'}"],
@@ -301,7 +302,9 @@ def gluster_server_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator
             wait_for(lambda: server.brick_status()[0], 20, interval=0.2, what="brick online")
             yield server
         finally:
-            _stop_gluster(volume, proc)
+            # A test that killed glusterd started another in its place (server.glusterd,
+            # tests/gluster_support.py): that one is stopped.
+            _stop_gluster(volume, server.glusterd if server is not None else proc)
             if proc is not None:
                 log.close()
 

@@ -68,7 +68,9 @@ async def agent(agents: Any) -> Agent:
 
 async def test_capabilities_and_kinds_list_registered_kinds(agent: Agent) -> None:
     caps = await agent.call("getCapabilities")
-    assert caps["taskKinds"] == ["checksum", "copy", "format", "fsck", "test.sleep", "wipe"]
+    assert caps["taskKinds"] == ["checksum", "copy", "format", "fsck", "gluster.rebalance",
+                                 "gluster.remove-brick", "gluster.remove-brick-commit",
+                                 "test.sleep", "wipe"]
     kinds = {k["name"]: k for k in (await agent.call("getTaskKinds"))["kinds"]}
     assert kinds["checksum"]["paramsSchema"]["properties"]["algorithm"]["enum"] == [
         "sha256", "sha1", "md5", "blake2b"]
@@ -78,7 +80,8 @@ async def test_capabilities_and_kinds_list_registered_kinds(agent: Agent) -> Non
 async def test_test_kinds_are_off_by_default(agents: Any) -> None:
     agent = await agents(enable_test_kinds=False)
     assert (await agent.call("getCapabilities"))["taskKinds"] == [
-        "checksum", "copy", "format", "fsck", "wipe"]
+        "checksum", "copy", "format", "fsck", "gluster.rebalance", "gluster.remove-brick",
+        "gluster.remove-brick-commit", "wipe"]
     failure = await agent.fails("startTask", kind="test.sleep", params={})
     assert failure.name == "UnknownTaskKind"
     assert failure.code == 207
@@ -284,13 +287,16 @@ async def test_resource_busy_names_the_holder(agent: Agent) -> None:
     assert (await agent.finish(other))["state"] == "done"
 
 
-async def test_two_checksums_of_one_file_conflict(agent: Agent) -> None:
+async def test_two_checksums_of_one_file_share_it(agent: Agent) -> None:
+    # A checksum holds its file shared (issue 22): a second one of the same file,
+    # however spelt, runs beside it (exclusive holders: tests/test_shared_locks.py).
     image = make_image(agent.images / "disk.img", 1024)
     first = await agent.call("startTask", kind="checksum", params={"path": str(image)})
-    failure = await agent.fails("startTask", kind="checksum",
-                                params={"path": str(agent.images / "." / "disk.img")})
-    assert failure.name == "ResourceBusy"
-    assert failure.data["holder"] == first["taskID"]
+    second = await agent.call("startTask", kind="checksum",
+                              params={"path": str(agent.images / "." / "disk.img")})
+    tasks = [await agent.finish(answer["taskID"]) for answer in (first, second)]
+    assert tasks[0]["resources"] == tasks[1]["resources"] == [f"file:{image}"]
+    assert tasks[0]["result"]["checksum"] == tasks[1]["result"]["checksum"]
 
 
 async def test_running_cap_queues_fifo_and_queue_cap_is_queue_full(agents: Any) -> None:

@@ -164,9 +164,10 @@ def test_timestamps_round_trip_through_rfc3339() -> None:
 
 
 def test_test_kinds_only_when_enabled() -> None:
-    assert set(enabled(False)) == {"checksum", "copy", "format", "fsck", "wipe"}
-    assert set(enabled(True)) == set(KINDS) == {"checksum", "copy", "format", "fsck",
-                                                "test.sleep", "wipe"}
+    production = {"checksum", "copy", "format", "fsck", "gluster.rebalance",
+                  "gluster.remove-brick", "gluster.remove-brick-commit", "wipe"}
+    assert set(enabled(False)) == production
+    assert set(enabled(True)) == set(KINDS) == production | {"test.sleep"}
 
 
 def test_path_confinement_refuses_links_and_dotdot(tmp_path: Path) -> None:

@@ -202,6 +202,21 @@ class PreconditionFailed(AgentError):
     message = "The target changed since the caller last saw it"
 
 
+class GlusterCommandFailed(AgentError):
+    """The gluster CLI refused the operation (data.opErrstr) or glusterd does not
+    answer (data.reason "unavailable"): vdsm_agent/system/gluster.py."""
+
+    code = 310
+    name = "GlusterCommandFailed"
+    message = "The gluster command failed"
+
+
+class GlusterTaskNotComplete(AgentError):
+    code = 311
+    name = "GlusterTaskNotComplete"
+    message = "The Gluster task has not completed"
+
+
 # -- limits (4xx) ---------------------------------------------------------------------
 
 
@@ -286,6 +301,8 @@ class Failure(enum.StrEnum):
     SHORT_READ = "ShortRead"
     DESTINATION_REPLACED = "DestinationReplaced"
     TEST_FAILURE = "TestFailure"
+    GLUSTER_TASK_FAILED = "GlusterTaskFailed"
+    GLUSTER_TASK_LOST = "GlusterTaskLost"
     # the engine: a job step's lastError (vdsm_agent/engine)
     HOST_REMOVED = "HostRemoved"
     TASK_GONE = "TaskGone"

@@ -95,7 +95,7 @@ class Admission:
             # process creates tasks, so memory is enough to see a concurrent twin.
             if self.table.known(task_id):
                 return await self._twin(task_id, digest)
-            self.table.check_free(resources)
+            self.table.check_free(resources, shared=kind.shares_resources)
             self._check_queue()
         except errors.RpcError:
             known = await self._existing(task_id, digest)

@@ -15,6 +15,7 @@ import collections
 from pathlib import Path
 
 from vdsm_agent import errors
+from vdsm_agent.tasks.kinds import KINDS
 from vdsm_agent.tasks.record import TaskRecord
 from vdsm_agent.tasks.runtime import Active
 from vdsm_agent.tasks.states import RUNNING_SLOT, State
@@ -30,7 +31,12 @@ class TaskTable:
         self.launched: dict[str, Active] = {}
         self.with_deadline: dict[str, Active] = {}
         self.queue: collections.deque[str] = collections.deque()  # accepted, FIFO
-        self.holders: dict[str, str] = {}  # resource -> unfinished task holding it
+        # resource -> the unfinished tasks holding it, each True when it holds it
+        # shared (its kind's ``shares_resources``): several shared holders, or one
+        # exclusive holder (docs/tasks.md, "Resources").
+        self.locks: dict[str, dict[str, bool]] = {}
+        # resource -> one of its holders (the first): what holder_of answers.
+        self.holders: dict[str, str] = {}
         self.counts: collections.Counter[State] = collections.Counter()  # of ``active``
         # Submits accepted in memory whose row is being committed (group commit):
         # the record, and an event set once the commit is over.
@@ -48,15 +54,26 @@ class TaskTable:
         """Tasks waiting in state accepted (reserved ones included)."""
         return self.counts[State.ACCEPTED]
 
-    def check_free(self, resources: list[str]) -> None:
-        """ResourceBusy naming the holder of the first resource that is held."""
+    def check_free(self, resources: list[str], shared: bool = False) -> None:
+        """ResourceBusy naming every holder of the first resource that conflicts: any
+        holder for an exclusive request, an exclusive holder for a shared one."""
         for resource in resources:
-            holder = self.holders.get(resource)
-            if holder is not None:
-                holding = self.active.get(holder)
-                state = holding.record.state if holding else State.ACCEPTED
-                raise errors.ResourceBusy(f"{resource} is held by task {holder} ({state})",
-                                          resource=resource, holder=holder, holderState=str(state))
+            holding = self.locks.get(resource)
+            if not holding or (shared and all(holding.values())):
+                continue
+            holders = [self._holder_info(task_id, holding[task_id]) for task_id in holding]
+            first = holders[0]
+            named = ", ".join(f"{h['taskID']} ({h['state']}, "
+                              f"{'shared' if h['shared'] else 'exclusive'})" for h in holders)
+            raise errors.ResourceBusy(
+                f"{resource} is held by task{'s' if len(holders) > 1 else ''} {named}",
+                resource=resource, holder=first["taskID"], holderState=first["state"],
+                holders=holders)
+
+    def _holder_info(self, task_id: str, shared: bool) -> dict[str, object]:
+        active = self.active.get(task_id)
+        state = active.record.state if active else State.ACCEPTED
+        return {"taskID": task_id, "state": str(state), "shared": shared}
 
     # -- changes ---------------------------------------------------------------------------
 
@@ -108,10 +125,24 @@ class TaskTable:
         self._free(active.record)
 
     def _hold(self, record: TaskRecord) -> None:
+        shared = shares(record.kind)
         for resource in record.resources:
-            self.holders[resource] = record.id
+            self.locks.setdefault(resource, {})[record.id] = shared
+            self.holders.setdefault(resource, record.id)
 
     def _free(self, record: TaskRecord) -> None:
         for resource in record.resources:
-            if self.holders.get(resource) == record.id:
-                del self.holders[resource]
+            holding = self.locks.get(resource)
+            if holding is None or holding.pop(record.id, None) is None:
+                continue
+            if not holding:
+                del self.locks[resource]
+                self.holders.pop(resource, None)
+            elif self.holders.get(resource) == record.id:
+                self.holders[resource] = next(iter(holding))
+
+
+def shares(kind_name: str) -> bool:
+    """Whether tasks of this kind hold their resources shared (an unknown kind: no)."""
+    kind = KINDS.get(kind_name)
+    return bool(kind and kind.shares_resources)

@@ -12,11 +12,15 @@ from vdsm_agent.tasks.kinds.checksum import Checksum
 from vdsm_agent.tasks.kinds.copy import Copy
 from vdsm_agent.tasks.kinds.format import Format
 from vdsm_agent.tasks.kinds.fsck import Fsck
+from vdsm_agent.tasks.kinds.gluster_rebalance import GlusterRebalance
+from vdsm_agent.tasks.kinds.gluster_remove_brick import GlusterRemoveBrick, GlusterRemoveBrickCommit
 from vdsm_agent.tasks.kinds.sleep import Sleep
 from vdsm_agent.tasks.kinds.wipe import Wipe
 
 KINDS: dict[str, type[TaskKind]] = {
-    kind.name: kind for kind in (Checksum, Copy, Format, Fsck, Sleep, Wipe)}
+    kind.name: kind for kind in (Checksum, Copy, Format, Fsck, Sleep, Wipe,
+                                 GlusterRebalance, GlusterRemoveBrick,
+                                 GlusterRemoveBrickCommit)}
 
 
 def enabled(enable_test_kinds: bool) -> dict[str, type[TaskKind]]:

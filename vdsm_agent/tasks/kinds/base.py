@@ -143,6 +143,10 @@ class TaskKind(abc.ABC):
     # then runs them on a worker thread, since a stat can hang (NFS). A kind that
     # only inspects its params sets False and is checked on the event loop.
     checks_filesystem: ClassVar[bool] = True
+    # Whether the task only reads what it locks (checksum): its resources are then
+    # held shared, so tasks that share run together while an exclusive holder (a
+    # wipe, a copy onto it) conflicts with them (tasks/table.py).
+    shares_resources: ClassVar[bool] = False
 
     # -- agent side (classmethods: no instance, no process) ------------------------
 
@@ -165,7 +169,8 @@ class TaskKind(abc.ABC):
 
     @classmethod
     def resources(cls, params: dict[str, Any], env: KindEnv) -> list[str]:
-        """Names of what the task locks exclusively while unfinished (sorted)."""
+        """Names of what the task locks while unfinished (exclusively, or shared when
+        ``shares_resources``)."""
         return []
 
     @classmethod

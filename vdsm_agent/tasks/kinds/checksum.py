@@ -114,6 +114,9 @@ def check_policy(params: dict[str, Any], target: paths.Target, offset: int,
 class Checksum(TaskKind):
     name = "checksum"
     progress_unit = "bytes"
+    # A digest only reads: two checksums of one image run together; a wipe or a
+    # copy onto it still waits for them (ResourceBusy).
+    shares_resources = True
     description = ("Digest of an image file under the allowed roots or of a block device "
                    "under /dev, optionally of a byte range; progress in bytes.")
     params_schema: ClassVar[dict[str, Any]] = {

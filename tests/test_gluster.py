@@ -1,0 +1,218 @@
+"""Gluster rebalance and remove-brick as agent tasks, against real GlusterFS (issue 22).
+
+glusterd on this host (the session's, tests/connections_support.py), a
+distributed volume of 2-3 bricks under tmp per test, files written through a
+FUSE mount and their sha256 read back through it; a real agent process runs
+the tasks (tests/tasks_support.py ``agent_runner``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.connections_support import GlusterServer, gluster, gluster_server_fixture
+from tests.gluster_support import Volume, gluster_volume, kill_glusterd, restart_glusterd
+from tests.support import RpcFailure, until
+from tests.tasks_support import AgentRunner, agent_runner
+from vdsm_agent.system import gluster as cli
+
+gluster_server = gluster_server_fixture
+__all__ = ["gluster_server"]  # a fixture, used by name
+
+pytestmark = [pytest.mark.root, pytest.mark.tool("glusterd"), pytest.mark.tool("gluster")]
+
+FILES = 300
+SIZE = 16 * 1024
+
+
+@pytest.fixture
+def runner(tmp_path: Path) -> Iterator[AgentRunner]:
+    # cancel_grace above the ~5 s a Gluster start takes: the cancel then runs "stop".
+    with agent_runner(tmp_path, cancel_grace=20) as started:
+        started.start()
+        yield started
+
+
+@pytest.fixture
+def volume(gluster_server: GlusterServer, tmp_path: Path) -> Iterator[Volume]:
+    with gluster_volume(gluster_server, tmp_path / "gluster", bricks=2) as made:
+        made.write_files(FILES, SIZE)
+        yield made
+
+
+def wait(runner: AgentRunner, task_id: str, timeout: float = 60) -> dict[str, Any]:
+    """The task once final (waitTask in steps: the test client's HTTP timeout is 30 s)."""
+    def final() -> dict[str, Any] | None:
+        task: dict[str, Any] = runner.agent.call("waitTask", taskID=task_id, timeout=10)
+        return task if task["state"] in ("done", "failed", "canceled", "interrupted") else None
+    return dict(until(final, timeout=timeout, interval=0))
+
+
+def output(runner: AgentRunner, task_id: str) -> str:
+    answer = runner.agent.call("getTaskOutput", taskID=task_id, offset=0, maxBytes=1 << 20)
+    return str(answer["data"])
+
+
+def refused(call: Any) -> RpcFailure:
+    with pytest.raises(RpcFailure) as info:
+        call()
+    return info.value
+
+
+def test_rebalance_after_add_brick_runs_to_done_with_real_counts(
+        runner: AgentRunner, volume: Volume) -> None:
+    before = volume.checksums()
+    assert len(before) == FILES
+    new_brick = volume.add_brick()
+    assert volume.files_on(new_brick) == []
+    call = runner.agent.call
+    task_id = call("startTask", kind="gluster.rebalance",
+                   params={"volume": volume.name})["taskID"]
+    # The volume is locked while the rebalance is in flight: a second one, or a
+    # remove-brick, is ResourceBusy naming the holder.
+    busy = refused(lambda: call("startTask", kind="gluster.rebalance",
+                                params={"volume": volume.name}))
+    assert busy.name == "ResourceBusy"
+    assert busy.data["holder"] == task_id
+    assert busy.data["resource"] == f"gluster-volume:{volume.name}"
+    assert [h["taskID"] for h in busy.data["holders"]] == [task_id]
+    busy = refused(lambda: call("startTask", kind="gluster.remove-brick", params={
+        "volume": volume.name, "bricks": [volume.brick(new_brick)]}))
+    assert busy.name == "ResourceBusy", busy.data
+    assert busy.data["holder"] == task_id
+
+    task = wait(runner, task_id)
+    assert task["state"] == "done", task
+    result = task["result"]
+    moved = len(volume.files_on(new_brick))
+    assert moved > 0
+    assert result["glusterTaskID"] == volume.rebalance_task_id()
+    assert result["status"] == "completed"
+    assert result["files"] >= moved  # Gluster's count of what it moved
+    assert result["bytes"] == result["files"] * SIZE
+    assert result["scanned"] >= FILES
+    assert result["failures"] == 0
+    assert task["progress"]["done"] >= FILES  # files scanned
+    assert task["resources"] == [f"gluster-volume:{volume.name}"]
+    assert f"Gluster task {result['glusterTaskID']}" in output(runner, task_id)
+    assert volume.checksums() == before
+    # The lock went with the task.
+    again = call("startTask", kind="gluster.rebalance", params={"volume": volume.name})
+    assert wait(runner, again["taskID"])["state"] == "done"
+
+
+def test_remove_brick_migrates_commit_refused_before_completion_no_file_lost(
+        runner: AgentRunner, gluster_server: GlusterServer, tmp_path: Path) -> None:
+    with gluster_volume(gluster_server, tmp_path / "gluster", bricks=3) as volume:
+        volume.write_files(FILES, SIZE)
+        before = volume.checksums()
+        leaving = volume.bricks[2]
+        held = volume.files_on(leaving)
+        assert held, "the brick to remove holds no file: nothing to migrate"
+        brick = volume.brick(leaving)
+        params = {"volume": volume.name, "bricks": [brick]}
+        call = runner.agent.call
+
+        # Nothing started yet: the commit is refused, named, and changes nothing.
+        early = refused(lambda: call("startTask", kind="gluster.remove-brick-commit",
+                                     params=params))
+        assert early.name == "GlusterTaskNotComplete", early.data
+        assert early.data["status"] == "not started"
+
+        # Started then canceled at once (during Gluster's ~5 s start): the cancel
+        # stops the migration, and a commit of a stopped remove-brick is refused.
+        first = call("startTask", kind="gluster.remove-brick", params=params)["taskID"]
+        until(lambda: call("getTask", taskID=first)["state"] == "running", timeout=20)
+        call("cancelTask", taskID=first)
+        task = wait(runner, first)
+        assert task["state"] == "canceled", task
+        assert "stopped the remove-brick" in output(runner, first)
+        # Gluster forgets a stopped remove-brick.
+        with pytest.raises(cli.GlusterError, match="not started"):
+            cli.remove_brick_status(volume.name, [brick])
+        not_complete = refused(lambda: call("startTask", kind="gluster.remove-brick-commit",
+                                            params=params))
+        assert not_complete.name == "GlusterTaskNotComplete"
+        assert not_complete.data["status"] == "not started"
+        assert brick in volume.brick_names()
+
+        # Run to completion: every file off the brick, then the commit works.
+        second = call("startTask", kind="gluster.remove-brick", params=params)["taskID"]
+        task = wait(runner, second)
+        assert task["state"] == "done", task
+        assert task["result"]["status"] == "completed"
+        assert task["result"]["bricks"] == [brick]
+        assert task["result"]["failures"] == 0
+        assert volume.files_on(leaving) == []
+        commit = call("startTask", kind="gluster.remove-brick-commit", params=params)["taskID"]
+        task = wait(runner, commit)
+        assert task["state"] == "done", task
+        assert task["result"]["committed"] is True
+        assert brick not in volume.brick_names()
+        assert len(volume.brick_names()) == 2
+        assert volume.checksums() == before  # no file lost, none changed
+
+
+def test_bad_names_are_refused_before_any_command(runner: AgentRunner) -> None:
+    call = runner.agent.call
+    for params in ({"volume": "-x"}, {"volume": "all"}, {"volume": "a b"},
+                   {"volume": "v;rm"}):
+        failure = refused(lambda p=params: call("startTask", kind="gluster.rebalance",
+                                                params=p))
+        assert failure.name == "InvalidParams", failure.data
+    for brick in ("host:relative", "-h:/x", "host:/a/../b", "host:/a//b", "h:/a\nb",
+                  "host:/x force"):
+        failure = refused(lambda b=brick: call("startTask", kind="gluster.remove-brick",
+                                               params={"volume": "v", "bricks": [b]}))
+        assert failure.name == "InvalidParams", (brick, failure.data)
+    with pytest.raises(ValueError):
+        cli.check_brick("host:/a/../b")
+    with pytest.raises(ValueError):
+        cli.check_volume("all")
+    assert cli.check_brick("vm:/tmp/b-1/x_y") == "vm:/tmp/b-1/x_y"
+
+
+def test_unknown_volume_is_a_named_error(runner: AgentRunner,
+                                         gluster_server: GlusterServer) -> None:
+    failure = refused(lambda: runner.agent.call("startTask", kind="gluster.rebalance",
+                                                params={"volume": "nosuchvolume"}))
+    assert failure.name == "GlusterCommandFailed"
+    assert "does not exist" in failure.data["opErrstr"]
+    assert failure.data["field"] == "params.params.volume"
+
+
+def test_glusterd_killed_mid_task_is_reported_and_the_task_found_again(
+        runner: AgentRunner, gluster_server: GlusterServer, tmp_path: Path) -> None:
+    if gluster_server.glusterd is None:
+        pytest.skip("glusterd was running before the session: not ours to kill")
+    with gluster_volume(gluster_server, tmp_path / "gluster", bricks=2) as volume:
+        volume.write_files(2 * FILES, SIZE)
+        before = volume.checksums()
+        volume.add_brick()
+        # Slow the migration down so that it outlives glusterd's absence: glusterd
+        # 10.3 learns a rebalance's end only from its process, so one that ends while
+        # glusterd is down is never reported (the task then ends GlusterTaskLost).
+        gluster("volume", "set", volume.name, "cluster.rebal-throttle", "lazy")
+        call = runner.agent.call
+        task_id = call("startTask", kind="gluster.rebalance",
+                       params={"volume": volume.name})["taskID"]
+        until(lambda: "Gluster task" in output(runner, task_id), timeout=30)
+        kill_glusterd(gluster_server)
+        try:
+            # No heartbeat while glusterd does not answer: stale (stale_after 1.5 s here).
+            until(lambda: call("getTask", taskID=task_id)["state"] == "stale", timeout=20,
+                  what="the task stale")
+        finally:
+            restart_glusterd(gluster_server)
+        task = wait(runner, task_id, timeout=60)
+        text = output(runner, task_id)
+        assert task["state"] == "done", (task, text)
+        assert "glusterd does not answer" in text
+        assert "glusterd answers again" in text
+        assert any("glusterd does not answer" in w for w in task["warnings"])
+        assert task["result"]["glusterTaskID"] == volume.rebalance_task_id()
+        assert volume.checksums() == before
