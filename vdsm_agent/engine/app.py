@@ -9,7 +9,7 @@ from aiohttp import web
 
 import rpc_schema
 from vdsm_agent import __version__
-from vdsm_agent.engine import output
+from vdsm_agent.engine import console, output
 from vdsm_agent.engine.api import methods_table
 from vdsm_agent.engine.engine import Engine
 from vdsm_agent.engine.settings import EngineConfig, redact_url
@@ -69,4 +69,5 @@ def make_app(config: EngineConfig) -> web.Application:
     metrics_web.install(app, lambda app: engine_metrics.setup(app[ENGINE], app[DISPATCHER]))
     output.install(app, lambda request: request.app[ENGINE])  # GET /hosts/H/tasks/T/output
     home.install(app, *home.engine_page(home.jsonrpc_url(config.listen)))  # GET /, GET /jsonrpc
+    console.install(app, ENGINE, DISPATCHER, CONFIG)  # the web console: /console/, docs/console.md
     return app

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from rpc_schema import ApiSchema
 from vdsm_agent.common import clock
@@ -20,6 +20,10 @@ from vdsm_agent.engine.store.models import HostRow
 from vdsm_agent.metrics.counters import EngineStats
 
 log = logging.getLogger(__name__)
+
+# A change the views show: (kind, host, key), e.g. ("task", "host1", taskID),
+# ("host", "host1", None), ("job", "", jobID). The console's live updates listen.
+ChangeListener = Callable[[str, str, str | None], None]
 
 # Retention sweeps run at least this often (and at most every half retention).
 SWEEP_INTERVAL = 60.0
@@ -39,6 +43,7 @@ class Engine:
         self._jobs_event = asyncio.Event()
         self._background = Background("engine", log)
         self.stats = EngineStats()  # resyncs, step retries (GET /metrics, docs/metrics.md)
+        self.listeners: list[ChangeListener] = []  # notify(): the console's live updates
 
     @property
     def uptime(self) -> float:
@@ -84,12 +89,20 @@ class Engine:
         return sorted(name for name, worker in self.workers.items()
                       if worker.status in (HostStatus.CONNECTING, HostStatus.NON_RESPONSIVE))
 
-    # -- job change notifications (waitJob) ----------------------------------------------
+    # -- change notifications (waitJob, the console) ---------------------------------------
+
+    def notify(self, kind: str, host: str, key: str | None = None) -> None:
+        """Tell the listeners that something the views show changed (never blocks:
+        a listener only takes note)."""
+        for listener in self.listeners:
+            listener(kind, host, key)
 
     def jobs_changed(self, job_ids: Iterable[str]) -> None:
         if job_ids:
             event, self._jobs_event = self._jobs_event, asyncio.Event()
             event.set()
+            for job_id in job_ids:
+                self.notify("job", "", job_id)
 
     def jobs_event(self) -> asyncio.Event:
         """Set at the next change of any job (take it before reading the job)."""

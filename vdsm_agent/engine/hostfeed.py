@@ -127,9 +127,12 @@ class HostFeed:
                 jobs = await store.run(repository.apply_task_event, worker.name, event, None,
                                        now())
             worker.engine.jobs_changed(jobs)
+            worker.engine.notify("task", worker.name, task_id)
         elif kind == "connection":
             unknown = await store.run(repository.apply_connection_event, worker.name, event,
                                       now())
+            for connection_id in event.get("connectionIDs") or ():
+                worker.engine.notify("connection", worker.name, str(connection_id))
             if unknown:
                 worker.request_resync()
 
