@@ -306,8 +306,14 @@ def fleet(root: Path, count: int, **flags: Any) -> Iterator[Fleet]:
 
 
 def engine_config(tmp_path: Path, database: str = "", **overrides: Any) -> EngineConfig:
+    """An in-process engine's config. Its test calls come over plain loopback HTTP,
+    where a caller is anonymous (docs/engine.md, "Security"): they are granted admin
+    explicitly (loopback_role), as the agent's tests are; the engines the tests
+    start as processes get --loopback-role admin. tests/test_engine_security.py
+    tests the roles themselves."""
     values: dict[str, Any] = {"state_dir": str(tmp_path / "engine-state"),
-                              "listen": ("127.0.0.1", 0), "database": database, **FAST_ENGINE}
+                              "listen": ("127.0.0.1", 0), "database": database,
+                              "loopback_role": "admin", **FAST_ENGINE}
     values.update(overrides)
     return EngineConfig.defaults().replace(**values)
 

@@ -302,7 +302,7 @@ def test_engine_call_watches_a_checksum_through_the_engine(tmp_path, terminals):
         engine = subprocess.Popen(
             [ENGINE, "serve", "--state-dir", str(tmp_path / "engine"), "--listen",
              f"127.0.0.1:{port}", "--database", f"sqlite:///{tmp_path / 'engine.db'}",
-             "--retry-interval", "0.2", "--poll-interval", "0.5"],
+             "--retry-interval", "0.2", "--poll-interval", "0.5", "--loopback-role", "admin"],
             stdout=log, stderr=subprocess.STDOUT)
         try:
             until(lambda: engine_healthy(port) or engine.poll() is not None, timeout=30)

@@ -52,7 +52,8 @@ def test_daemon_on_postgresql_with_the_cli(tmp_path, postgres_server):  # noqa: 
     log_path = tmp_path / "engine.log"
     argv = [*engine_command(), "serve", "--state-dir", str(tmp_path / "engine"),
             "--listen", f"127.0.0.1:{port}", "--database", postgres_server.url(database),
-            "--request-timeout", "2", "--retry-interval", "0.2", "--log-level", "debug"]
+            "--request-timeout", "2", "--retry-interval", "0.2", "--log-level", "debug",
+            "--loopback-role", "admin"]
     with fleet(tmp_path / "agents", 1) as agents, open(log_path, "wb") as log_file:
         engine = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
         try:

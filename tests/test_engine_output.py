@@ -46,7 +46,8 @@ class EngineProcess:
                 [ENGINE, "serve", "--state-dir", str(root / "engine"), "--listen",
                  f"127.0.0.1:{self.port}", "--retry-interval", "0.2", "--retry-max", "1",
                  "--poll-interval", "0.5", "--request-timeout", "2", "--connect-timeout",
-                 "0.5", "--unresponsive-after", "2", "--resync-interval", "5"],
+                 "0.5", "--unresponsive-after", "2", "--resync-interval", "5",
+                 "--loopback-role", "admin"],
                 stdout=out, stderr=subprocess.STDOUT)
         until(lambda: self.get("/health")[0] == 200 if self.proc.poll() is None else True,
               timeout=30, what="the engine answers")

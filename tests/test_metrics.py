@@ -65,7 +65,8 @@ class Engine:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "vdsm_agent.engine.main", "serve", "--state-dir",
                  str(root / "engine"), "--listen", f"127.0.0.1:{self.port}",
-                 "--resync-interval", "2", "--retry-interval", "0.2", "--retry-max", "1"],
+                 "--resync-interval", "2", "--retry-interval", "0.2", "--retry-max", "1",
+                 "--loopback-role", "admin"],
                 stdout=out, stderr=subprocess.STDOUT)
         until(lambda: self.proc.poll() is not None or self._health(), timeout=30,
               what="the engine answers")

@@ -53,10 +53,26 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser,
 
 
 def check_listen_address(config: settings.EngineConfig) -> None:
-    """Plain HTTP only on loopback: the agent's listeners check, for the engine's address."""
+    """The agent's listener checks, for the engine: plain HTTP on loopback only, the
+    TLS files usable (a ListenError says which is wrong)."""
     from vdsm_agent.server import listeners
 
-    listeners.check_plain_http(config.listen[0])
+    listeners.check_config(config)
+
+
+def how_to_reach(urls: list[str]) -> str:
+    """What the daemon prints once ready: how to call it on each of its listeners."""
+    call = "'{\"jsonrpc\":\"2.0\",\"method\":\"listHosts\",\"id\":1}'"
+    lines = [f"{PROG} is ready. Try:"]
+    for url in urls:
+        if url.startswith("unix:"):
+            lines.append(f"  curl --unix-socket {url[5:]} -d {call} http://localhost/jsonrpc")
+        elif url.startswith("https:"):
+            lines.append(f"  {PROG} call --url {url} --cacert CA --cert CERT --key KEY "
+                         "listHosts")
+        else:
+            lines.append(f"  {PROG} call --url {url} listHosts")
+    return "\n".join(lines)
 
 
 async def serve(config: settings.EngineConfig) -> None:
@@ -65,11 +81,8 @@ async def serve(config: settings.EngineConfig) -> None:
     from vdsm_agent.server.runner import serve_until_signalled
 
     app = make_app(config)
-    runner, url = await listeners.start_tcp(app, config.listen,
-                                            log if config.access_log else None)
-    await serve_until_signalled(runner, log, PROG, [url],
-                                f"{PROG} is ready on {url}. Try:\n"
-                                f"  {PROG} call --url {url} listHosts")
+    runner, urls = await listeners.start(app, config)
+    await serve_until_signalled(runner, log, PROG, urls, how_to_reach(urls))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

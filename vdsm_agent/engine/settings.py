@@ -10,6 +10,7 @@ is stale.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import urllib.parse
 from pathlib import Path
@@ -28,6 +29,7 @@ from vdsm_agent.common.settings import (
     parse_seconds,
 )
 from vdsm_agent.engine.settings_fields import EngineFields
+from vdsm_agent.settings import BY_NAME as AGENT_SETTINGS
 
 SECTION = "engine"
 DEFAULT_PORT = 54322
@@ -56,13 +58,26 @@ def parse_events_timeout(text: str) -> float:
     return number
 
 
+def _agents(name: str, help: str = "", default: object = None) -> Setting:
+    """The agent's row ``name`` (its parser, its flag), with the engine's words and
+    default where they differ: the engine is secured by the agent's own code
+    (security/, server/listeners.py), so it takes the same settings."""
+    row = AGENT_SETTINGS[name]
+    return dataclasses.replace(row, help=help or row.help,
+                               default=row.default if default is None else default)
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("state_dir", "path", "./vdsm-engine-state",
             "Directory for the engine's state: its sqlite database unless --database "
             "says otherwise (created if missing).", parse_path),
     Setting("listen", "HOST:PORT", f"127.0.0.1:{DEFAULT_PORT}",
             "TCP address for the engine's own HTTP API. Plain HTTP is refused on any "
-            "non-loopback address.", parse_host_port),
+            "non-loopback address; its callers are anonymous (loopback_role).",
+            parse_host_port),
+    _agents("unix_socket", "Unix socket for HTTP (mode 0660): its callers are known by "
+            "SO_PEERCRED (root and the engine's own user are admin). Empty: none.",
+            default=""),
     Setting("database", "URL", "",
             "Database URL: sqlite:////abs/path/engine.db or "
             "postgresql://user:password@host:port/name. Empty: sqlite in STATE_DIR "
@@ -75,6 +90,34 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest accepted HTTP request body, in bytes.", parse_positive_int),
     Setting("max_batch", "integer", 100,
             "Largest accepted JSON-RPC batch (number of members).", parse_positive_int),
+    # -- security and limits (the agent's: vdsm_agent/security, docs/security.md) --
+    _agents("tls_listen"),
+    _agents("tls_cert"),
+    _agents("tls_key"),
+    _agents("tls_ca"),
+    _agents("roles"),
+    _agents("default_role", "Role of a caller that [roles] does not list: a certificate "
+            "from the CA, a local user other than root and the engine's own user on the "
+            "Unix socket. none: every call is Forbidden."),
+    _agents("loopback_role"),
+    _agents("loopback_metrics"),
+    _agents("audit_log", "File that also receives the audit log of the engine's mutating "
+            "calls and refusals (one JSON object per line; reopened after logrotate moves "
+            "it). Empty: the audit lines go to the engine's log only (logger "
+            "vdsm_agent.audit)."),
+    _agents("max_concurrent_requests"),
+    _agents("max_requests_per_connection"),
+    _agents("max_long_polls", "Long-polls (waitJob) and streams (GET "
+            "/hosts/H/tasks/T/output) served at once, whoever calls; each also holds one "
+            "of max_concurrent_requests. Beyond it they answer LimitExceeded at once."),
+    _agents("reserved_requests"),
+    _agents("max_connections", "Open connections on each TCP listener (plain and TLS); "
+            "a connection beyond it is closed at once, unread."),
+    _agents("unix_max_connections", "Open connections on the Unix socket (its own cap "
+            "and descriptors, apart from TCP); the last 8 are kept for root and the "
+            "engine's own user."),
+    _agents("header_timeout"),
+    _agents("keepalive_timeout"),
     # -- talking to agents (vdsm_agent/engine/agentclient.py, poller.py) --
     Setting("connect_timeout", "seconds", 5.0,
             "Timeout for opening a connection to an agent.", parse_seconds),
@@ -118,6 +161,12 @@ class EngineConfig(EngineFields, BaseConfig):
     @property
     def state_path(self) -> Path:
         return Path(self.state_dir).resolve()
+
+    @property
+    def unix_socket_path(self) -> Path | None:
+        """The Unix socket, when one is configured (the engine has none by default)."""
+        configured = self.unix_socket
+        return Path(configured) if configured and configured.lower() != "none" else None
 
     @property
     def database_url(self) -> str:

@@ -14,11 +14,29 @@ import dataclasses
 class EngineFields:
     state_dir: str
     listen: tuple[str, int]
+    unix_socket: str
     database: str
     log_level: str
     access_log: bool
     max_body_size: int
     max_batch: int
+    tls_listen: tuple[str, int] | None
+    tls_cert: str
+    tls_key: str
+    tls_ca: str
+    roles: list[tuple[str, str]]
+    default_role: str
+    loopback_role: str
+    loopback_metrics: bool
+    audit_log: str
+    max_concurrent_requests: int
+    max_requests_per_connection: int
+    max_long_polls: int
+    reserved_requests: int
+    max_connections: int
+    unix_max_connections: int
+    header_timeout: float
+    keepalive_timeout: float
     connect_timeout: float
     request_timeout: float
     events_timeout: float

@@ -17,11 +17,18 @@ later:
   ``{"error": {"code", "message", "name", ...}}``. ``GET /metrics`` is one of
   these, but an anonymous loopback TCP caller may read it with
   ``loopback_metrics`` on (the default: a Prometheus on the host).
+
+The agent and the engine build theirs alike (``access_control``: one role
+policy, authenticator, limiter and middleware from the same settings). A
+handler asks who calls with ``caller_of(request)``: identity, transport and
+role, as the gate found them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable, Collection
+from typing import Protocol
 
 import orjson
 from aiohttp import web
@@ -29,13 +36,31 @@ from aiohttp.typedefs import Middleware
 
 from vdsm_agent import errors
 from vdsm_agent.security import audit
-from vdsm_agent.security.identity import CURRENT_CALLER, Authenticator
-from vdsm_agent.security.limits import Limiter
-from vdsm_agent.security.roles import Role
+from vdsm_agent.security.identity import CURRENT_CALLER, Authenticator, Caller
+from vdsm_agent.security.limits import LONG_POLL_VERBS, LONG_POLLS_SAID, Limiter
+from vdsm_agent.security.roles import Role, RolePolicy
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DISPATCHED = frozenset({"/jsonrpc"})
 PUBLIC = frozenset({"/health", "/"})  # "/": a constant page saying how to call (home.py)
+CALLER = web.RequestKey("vdsm_caller", Caller)
+
+
+def caller_of(request: web.Request) -> Caller:
+    """Who sent ``request``, as the gate identified its connection:
+
+    * ``caller.identity``: a verified certificate's first name (subject CN, then
+      subjectAltNames), ``uid:N`` for a Unix socket peer (``SO_PEERCRED``), or
+      ``anonymous`` for a loopback TCP caller (nothing attests who that is);
+    * ``caller.transport``: ``tls``, ``unix`` or ``tcp``;
+    * ``caller.role``: a ``roles.Role`` (none < read < operate < admin), compare
+      with ``caller.role >= Role.OPERATE``.
+
+    Every request that reached a handler passed the gate, which set it; a
+    request made without the gate (an application built without it) is
+    ``unknown`` with role none."""
+    caller = request.get(CALLER)
+    return caller if caller is not None else Caller("unknown", "unknown", Role.NONE)
 
 
 def error_response(status: int, error: errors.RpcError) -> web.Response:
@@ -57,6 +82,7 @@ def middleware(authenticator: Authenticator, limiter: Limiter,
         if caller is None:
             caller = await authenticator.caller(transport)
         CURRENT_CALLER.set(caller)
+        request[CALLER] = caller
         path = request.path
         if path in DISPATCHED or path in PUBLIC:
             return await handler(request)
@@ -77,3 +103,46 @@ def middleware(authenticator: Authenticator, limiter: Limiter,
             limiter.release_long_poll(caller)
 
     return security_gate
+
+
+class AccessSettings(Protocol):
+    """What ``access_control`` reads of a program's config (the agent's and the
+    engine's tables have these rows)."""
+
+    @property
+    def roles(self) -> list[tuple[str, str]]: ...
+    @property
+    def default_role(self) -> str: ...
+    @property
+    def loopback_role(self) -> str: ...
+    @property
+    def max_concurrent_requests(self) -> int: ...
+    @property
+    def max_requests_per_connection(self) -> int: ...
+    @property
+    def max_long_polls(self) -> int: ...
+    @property
+    def reserved_requests(self) -> int: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class AccessControl:
+    """One program's gate: who is who (``authenticator``), its in-flight slots
+    (``limiter``, also the dispatcher's) and the middleware to install."""
+
+    authenticator: Authenticator
+    limiter: Limiter
+    middleware: Middleware
+
+
+def access_control(config: AccessSettings, *, loopback: Collection[str] = (),
+                   program: str = "agent", long_poll_verbs: frozenset[str] = LONG_POLL_VERBS,
+                   long_polls_said: str = LONG_POLLS_SAID) -> AccessControl:
+    """The gate for a program's application (``loopback``: as for ``middleware``)."""
+    policy = RolePolicy.build(config.roles, config.default_role, config.loopback_role)
+    authenticator = Authenticator(policy)
+    limiter = Limiter(config.max_concurrent_requests, config.max_requests_per_connection,
+                      max_long_polls=config.max_long_polls, reserved=config.reserved_requests,
+                      program=program, long_poll_verbs=long_poll_verbs,
+                      long_polls_said=long_polls_said)
+    return AccessControl(authenticator, limiter, middleware(authenticator, limiter, loopback))

@@ -30,9 +30,11 @@ from vdsm_agent import errors
 from vdsm_agent.security.identity import Caller
 from vdsm_agent.security.roles import Role
 
-# The verbs that wait for something to happen (their timeout is bounded by
-# task_max_wait and events_max_wait): each call holds a long-poll slot.
+# The agent's verbs that wait for something to happen (their timeout is bounded
+# by task_max_wait and events_max_wait): each call holds a long-poll slot. A
+# program with other ones (the engine: waitJob) gives its own to the Limiter.
 LONG_POLL_VERBS = frozenset({"waitTask", "getEvents"})
+LONG_POLLS_SAID = "waitTask, getEvents, GET /events, GET /tasks/{id}/output"
 
 
 def effective_reserve(max_total: int, reserved: int) -> int:
@@ -42,11 +44,22 @@ def effective_reserve(max_total: int, reserved: int) -> int:
 
 
 class Limiter:
-    __slots__ = ("in_flight", "long_polls", "max_long_polls", "max_ordinary",
-                 "max_per_connection", "max_total", "reserved")
+    """One program's in-flight slots. ``program`` names it in refusals ("agent",
+    "engine"); ``long_poll_verbs`` are its JSON-RPC long-polls (the dispatcher
+    gives each a long-poll slot) and ``long_polls_said`` lists them, with its
+    streams, in the refusal's message."""
+
+    __slots__ = ("in_flight", "long_poll_verbs", "long_polls", "long_polls_said",
+                 "max_long_polls", "max_ordinary", "max_per_connection", "max_total",
+                 "program", "reserved")
 
     def __init__(self, max_total: int, max_per_connection: int,
-                 max_long_polls: int | None = None, reserved: int = 0) -> None:
+                 max_long_polls: int | None = None, reserved: int = 0, *,
+                 program: str = "agent", long_poll_verbs: frozenset[str] = LONG_POLL_VERBS,
+                 long_polls_said: str = LONG_POLLS_SAID) -> None:
+        self.program = program
+        self.long_poll_verbs = long_poll_verbs
+        self.long_polls_said = long_polls_said
         self.max_total = max_total
         self.max_per_connection = max_per_connection
         self.reserved = effective_reserve(max_total, reserved)
@@ -93,14 +106,15 @@ class Limiter:
                 limit="max_requests_per_connection", max=self.max_per_connection)
         if long_poll and self.long_polls >= self.max_long_polls:
             return errors.LimitExceeded(
-                f"the agent is serving its limit of {self.max_long_polls} long-polls and "
-                "streams (waitTask, getEvents, GET /events, GET /tasks/{id}/output) at "
-                "once; retry later", limit="max_long_polls", max=self.max_long_polls)
+                f"the {self.program} is serving its limit of {self.max_long_polls} "
+                f"long-polls and streams ({self.long_polls_said}) at once; retry later",
+                limit="max_long_polls", max=self.max_long_polls)
         if self.in_flight < self.max_total:
             return errors.LimitExceeded(
-                f"the agent is serving {self.in_flight} calls at once; its other "
+                f"the {self.program} is serving {self.in_flight} calls at once; its other "
                 f"{self.max_total - self.in_flight} slots are kept for admin callers; "
                 "retry later", limit="max_concurrent_requests", max=self.max_ordinary)
         return errors.LimitExceeded(
-            f"the agent is serving its limit of {self.max_total} calls at once; retry later",
+            f"the {self.program} is serving its limit of {self.max_total} calls at once; "
+            "retry later",
             limit="max_concurrent_requests", max=self.max_total)

@@ -65,8 +65,8 @@ ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
 @dataclasses.dataclass(frozen=True)
 class ConnectionLimits:
-    """The accept-side settings (the agent's come from its config; the engine's
-    are these defaults)."""
+    """The accept-side settings (the agent's and the engine's come from their
+    configs: ``listeners.connection_limits``)."""
 
     max_connections: int = 1000
     unix_max_connections: int = 64

@@ -21,7 +21,6 @@ from vdsm_agent.metrics import web as metrics_web
 from vdsm_agent.security import audit, gate
 from vdsm_agent.security.identity import Authenticator
 from vdsm_agent.security.limits import Limiter
-from vdsm_agent.security.roles import RolePolicy
 from vdsm_agent.server import home
 from vdsm_agent.server.http import json_response, jsonrpc_response
 from vdsm_agent.server.jsonrpc import Dispatcher
@@ -115,20 +114,16 @@ async def _events_context(app: web.Application) -> AsyncIterator[None]:
 def make_app(config: Config) -> web.Application:
     # Who may do what (docs/security.md): every request passes the gate, which
     # identifies the connection's caller; the dispatcher checks each verb's role.
-    policy = RolePolicy.build(config.roles, config.default_role, config.loopback_role)
+    access = gate.access_control(
+        config, loopback=metrics_web.LOOPBACK if config.loopback_metrics else ())
     # peewee's debug lines carry SQL parameters, i.e. task params as stored (secrets
     # included, security/redact.py): never log them, even at log level debug.
     logging.getLogger("peewee").setLevel(logging.INFO)
-    authenticator = Authenticator(policy)
-    limiter = Limiter(config.max_concurrent_requests, config.max_requests_per_connection,
-                      max_long_polls=config.max_long_polls, reserved=config.reserved_requests)
     app = web.Application(client_max_size=config.max_body_size,
-                          middlewares=[gate.middleware(
-                              authenticator, limiter,
-                              loopback=metrics_web.LOOPBACK if config.loopback_metrics else ())])
+                          middlewares=[access.middleware])
     app[CONFIG] = config
-    app[AUTHENTICATOR] = authenticator
-    app[LIMITER] = limiter
+    app[AUTHENTICATOR] = access.authenticator
+    app[LIMITER] = access.limiter
     app.cleanup_ctx.append(_agent_context)
     tasks_web.install(app, AGENT)  # after _agent_context: needs the agent and its store
     app.cleanup_ctx.append(_events_context)  # after the tasks context: subscribes to it

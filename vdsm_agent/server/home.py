@@ -150,7 +150,11 @@ def engine_page(listen: str) -> tuple[Page, str]:
                 "and jobs",
         paragraphs=["Call it with JSON-RPC 2.0 by POST to /jsonrpc, or with vdsm-engine "
                     "call. A task's output: getTaskOutput(host, taskID), or GET "
-                    "/hosts/HOST/tasks/TASK_ID/output?follow=1."],
+                    "/hosts/HOST/tasks/TASK_ID/output?follow=1.",
+                    "A loopback TCP caller is anonymous (loopback_role, else "
+                    "default_role): callers with rights come over TLS with a client "
+                    "certificate or over the engine's Unix socket, as docs/engine.md "
+                    "(Security) says."],
         examples=examples,
         documents=[("/health", "status, version and hosts by status (JSON)"),
                    ("rpc.discover", "every verb (OpenRPC; POST it like any verb)"),

@@ -138,6 +138,9 @@ class Dispatcher:
         self.context = context
         self.max_batch = max_batch
         self.limiter = limiter
+        # The verbs that hold a long-poll slot (the limiter's: the agent's waitTask
+        # and getEvents, the engine's waitJob).
+        self._long_polls = limiter.long_poll_verbs if limiter is not None else LONG_POLL_VERBS
         self._routes = {name: Route.of(schema.verbs[name], method)
                         for name, method in self.methods.items()}
         # Calls by method and outcome, durations (GET /metrics; docs/metrics.md).
@@ -158,7 +161,7 @@ class Dispatcher:
             started = perf_counter()
             answer = await self.dispatch_one(payload)
             self.stats.record(payload, answer, perf_counter() - started)
-        elif _is_long_poll(payload):
+        elif _is_long_poll(payload, self._long_polls):
             answer = await self._long_poll(payload, caller, limiter)
         elif (limiter.in_flight < (limiter.max_total if caller.role is _ADMIN
                                    else limiter.max_ordinary)
@@ -213,7 +216,7 @@ class Dispatcher:
             admitted: list[Awaitable[Any]] = []
             refused: list[dict[str, Any] | None] = []
             for member in batch:
-                long_poll = _is_long_poll(member)
+                long_poll = _is_long_poll(member, self._long_polls)
                 if limiter.admit_long_poll(caller) if long_poll else limiter.admit(caller, 1):
                     admitted.append(self._run_admitted(member, caller, limiter, long_poll))
                 else:
@@ -321,11 +324,11 @@ class Dispatcher:
         return {"jsonrpc": "2.0", "result": result._value.result, "id": ident}
 
 
-def _is_long_poll(member: Any) -> bool:
-    """Whether ``member`` calls a long-poll verb (security/limits.py), on the hot path:
-    a subscript and a set lookup; anything malformed is not one."""
+def _is_long_poll(member: Any, verbs: frozenset[str]) -> bool:
+    """Whether ``member`` calls one of the long-poll ``verbs`` (security/limits.py), on
+    the hot path: a subscript and a set lookup; anything malformed is not one."""
     try:
-        return member["method"] in LONG_POLL_VERBS
+        return member["method"] in verbs
     except (KeyError, TypeError, IndexError):
         return False
 

@@ -5,6 +5,10 @@ listener (``tls_listen``), which requires client certificates
 (``vdsm_agent.security.tls``). Every configuration problem is a
 ``ListenError`` with a message, checked before anything starts.
 
+The agent and the engine are served alike: ``start`` and ``check_config``
+take any config with the listener settings (``ServedConfig``: both
+programs' tables have these rows).
+
 Each listener is an aiohttp site served by its own accept loop
 (``server.accept``): a cap on open connections, a deadline for request heads,
 file descriptors kept for the Unix socket, and storms logged once per
@@ -23,7 +27,7 @@ import ssl
 import stat
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -38,11 +42,38 @@ from vdsm_agent.server.accept import (
     raise_fd_limit,
     tcp_fd_ceiling,
 )
-from vdsm_agent.settings import Config
 
 log = logging.getLogger(__name__)
 
 BACKLOG = 128  # listen(2) backlog of every listening socket
+
+
+class ServedConfig(Protocol):
+    """What the listeners read of a program's config (the agent's ``Config``, the
+    engine's ``EngineConfig``): read-only attributes of the same names."""
+
+    @property
+    def listen(self) -> tuple[str, int]: ...
+    @property
+    def unix_socket_path(self) -> Path | None: ...
+    @property
+    def tls_listen(self) -> tuple[str, int] | None: ...
+    @property
+    def tls_cert(self) -> str: ...
+    @property
+    def tls_key(self) -> str: ...
+    @property
+    def tls_ca(self) -> str: ...
+    @property
+    def access_log(self) -> bool: ...
+    @property
+    def max_connections(self) -> int: ...
+    @property
+    def unix_max_connections(self) -> int: ...
+    @property
+    def header_timeout(self) -> float: ...
+    @property
+    def keepalive_timeout(self) -> float: ...
 
 
 class ListenError(RuntimeError):
@@ -66,11 +97,11 @@ def check_plain_http(host: str) -> None:
             "(127.0.0.0/8, ::1, localhost) may be used without TLS")
 
 
-def check_listen_address(config: Config) -> None:
+def check_listen_address(config: ServedConfig) -> None:
     check_plain_http(config.listen[0])
 
 
-def check_config(config: Config) -> ssl.SSLContext | None:
+def check_config(config: ServedConfig) -> ssl.SSLContext | None:
     """Check the listeners' settings; the TLS context when TLS is configured."""
     check_listen_address(config)
     try:
@@ -232,28 +263,15 @@ class Guard:
                 f"{limits.keepalive_timeout:g} s")
 
 
-def connection_limits(config: Config) -> ConnectionLimits:
+def connection_limits(config: ServedConfig) -> ConnectionLimits:
     return ConnectionLimits(max_connections=config.max_connections,
                             unix_max_connections=config.unix_max_connections,
                             header_timeout=config.header_timeout,
                             keepalive_timeout=config.keepalive_timeout)
 
 
-async def start_tcp(app: web.Application, listen: tuple[str, int],
-                    access_log: logging.Logger | None,
-                    limits: ConnectionLimits | None = None) -> tuple[web.AppRunner, str]:
-    """Serve ``app`` with plain HTTP on ``listen`` only; the runner and its URL."""
-    limits = limits or ConnectionLimits()
-    runner = await setup_runner(app, access_log, limits.keepalive_timeout)
-    guard = Guard(limits)
-    host, port = listen
-    async with cleaned_up_on_failure(runner):
-        await guard.tcp(runner, host, port).start()
-    log.info("%s", guard.describe())
-    return runner, f"http://{bound_address(runner)}/jsonrpc"
-
-
-async def start(app: web.Application, config: Config) -> tuple[web.AppRunner, list[str]]:
+async def start(app: web.Application, config: ServedConfig
+                ) -> tuple[web.AppRunner, list[str]]:
     """Start serving; return the runner and the URLs it answers on."""
     tls_context = check_config(config)
     limits = connection_limits(config)
