@@ -53,6 +53,10 @@ def link(path: str, query: Mapping[str, Any] | None = None) -> str:
     return path + ("?" + urllib.parse.urlencode(shown) if shown else "")
 
 
+def _many(number: int, thing: str) -> str:
+    return f"{number} {thing}" + ("" if number == 1 else "s")
+
+
 def age(stamp: str | None) -> str:
     return escape(stamp.replace("T", " ")[:19] + " UTC") if stamp else "never"
 
@@ -180,7 +184,7 @@ def hosts_body(paged: Paged, status: str, view: View) -> str:
 <label for="f-status">Status</label>
 <select id="f-status" name="status"><option value="">any</option>{options}</select>
 <button type="submit">Filter</button></form>
-<p>{paged.total} hosts.</p>
+<p>{_many(paged.total, 'host')}.</p>
 <table><caption>Hosts (page {paged.page} of {paged.pages})</caption>
 <thead><tr><th scope="col">Host</th><th scope="col">Status</th><th scope="col">Last seen</th>
 <th scope="col">Agent version</th><th scope="col">Tasks</th><th scope="col">Connections</th>
@@ -243,7 +247,7 @@ def tasks_body(paged: Paged, where: TaskFilter, view: View) -> str:
 <label for="f-external">Started</label>
 <select id="f-external" name="external">{externals}</select>
 <button type="submit">Filter</button></form>
-<p>{paged.total} tasks, newest first.</p>
+<p>{_many(paged.total, 'task')}, newest first.</p>
 <table><caption>Tasks (page {paged.page} of {paged.pages})</caption>
 <thead><tr><th scope="col">Task</th><th scope="col">Host</th><th scope="col">Kind</th>
 <th scope="col">State</th><th scope="col">External</th><th scope="col">Progress</th>
@@ -315,7 +319,7 @@ def job_block(job: Mapping[str, Any]) -> str:
 
 def jobs_body(paged: Paged) -> str:
     blocks = "".join(job_block(job) for job in paged.items)
-    return f"""<p>{paged.total} jobs, newest first; each with its steps, one per host.</p>
+    return f"""<p>{_many(paged.total, 'job')}, newest first; each with its steps, one per host.</p>
 <table id="jobs"><caption>Jobs (page {paged.page} of {paged.pages})</caption>
 <thead id="jobs-head"><tr><th scope="col">Job</th><th scope="col">Host</th>
 <th scope="col">Action</th><th scope="col">State</th><th scope="col">Target</th>
