@@ -8,6 +8,8 @@ the tasks (tests/tasks_support.py ``agent_runner``).
 
 from __future__ import annotations
 
+import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from tests.gluster_support import Volume, gluster_volume, kill_glusterd, restart
 from tests.support import RpcFailure, until
 from tests.tasks_support import AgentRunner, agent_runner
 from vdsm_agent.system import gluster as cli
+from vdsm_agent.tasks.gluster_discovery import task_id_for
 
 gluster_server = gluster_server_fixture
 __all__ = ["gluster_server"]  # a fixture, used by name
@@ -216,3 +219,60 @@ def test_glusterd_killed_mid_task_is_reported_and_the_task_found_again(
         assert any("glusterd does not answer" in w for w in task["warnings"])
         assert task["result"]["glusterTaskID"] == volume.rebalance_task_id()
         assert volume.checksums() == before
+
+
+DISCOVERY_INTERVAL = 1.0
+# A CLI-started task is in listTasks within one interval plus a round (the CLI,
+# the submit) and the getTask polls.
+DISCOVERY_BOUND = DISCOVERY_INTERVAL + 4.0
+
+
+def test_rebalance_started_with_the_cli_is_discovered_with_the_same_end(
+        gluster_server: GlusterServer, tmp_path: Path) -> None:
+    with agent_runner(tmp_path, cancel_grace=20,
+                      gluster_discovery_interval=DISCOVERY_INTERVAL) as runner, \
+            gluster_volume(gluster_server, tmp_path / "gluster", bricks=2) as volume:
+        runner.start()
+        volume.write_files(FILES, SIZE)
+        before = volume.checksums()
+        volume.add_brick()
+        call = runner.agent.call
+        # A rebalance the agent started is not taken for a discovered one.
+        own = call("startTask", kind="gluster.rebalance",
+                   params={"volume": volume.name})["taskID"]
+        own_task = wait(runner, own)
+        assert own_task["state"] == "done"
+        time.sleep(2 * DISCOVERY_INTERVAL)  # rounds that see it completed in Gluster
+
+        volume.add_brick()
+        answer = gluster("volume", "rebalance", volume.name, "start", "--xml").stdout
+        started = time.monotonic()
+        gluster_id = ET.fromstring(answer).findtext("volRebalance/task-id")
+        assert gluster_id
+
+        def found() -> dict[str, Any] | None:
+            try:
+                return dict(call("getTask", taskID=task_id_for(gluster_id)))
+            except RpcFailure as failure:
+                if failure.name != "TaskNotFound":
+                    raise
+                return None
+        task = until(found, timeout=DISCOVERY_BOUND, interval=0.1, what="the discovery")
+        elapsed = time.monotonic() - started
+        assert elapsed <= DISCOVERY_BOUND
+        assert task["kind"] == "gluster.rebalance"
+        assert task["params"] == {"volume": volume.name, "glusterTaskID": gluster_id}
+        assert task["resources"] == [f"gluster-volume:{volume.name}"]
+        final = wait(runner, task["id"])
+        assert final["state"] == "done", (final, output(runner, task["id"]))
+        status = cli.rebalance_status(volume.name)
+        assert status.task_id == gluster_id
+        assert final["result"]["glusterTaskID"] == gluster_id
+        assert final["result"]["status"] == status.status == "completed"
+        assert (final["result"]["files"], final["result"]["scanned"]) == (
+            status.files, status.lookups)
+        assert final["result"]["files"] > 0
+        assert volume.checksums() == before
+        listed = call("listTasks", filter={"kind": "gluster.rebalance"})["tasks"]
+        assert sorted(t["id"] for t in listed) == sorted([own, task["id"]])
+        print(f"discovered in {elapsed:.2f}s")

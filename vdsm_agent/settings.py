@@ -105,6 +105,13 @@ def parse_host_key_policy(text: str) -> str:
 IONICE_CLASSES = ("idle", "best-effort", "none")  # as vdsm_agent.tasks.kinds.priority
 
 
+def parse_non_negative_seconds(text: str) -> float:
+    number = float(text)
+    if number < 0:
+        raise ValueError(f"must be 0 or a positive number of seconds, got {number}")
+    return number
+
+
 def parse_nice(text: str) -> int:
     number = int(text)
     if not 0 <= number <= 19:
@@ -192,6 +199,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("enable_test_kinds", "boolean", False,
             "Offer the test-only task kinds (test.sleep); for the test suite, never "
             "in production.", parse_bool),
+    Setting("gluster_discovery_interval", "seconds", 10.0,
+            "How often the agent asks glusterd for rebalance and remove-brick tasks "
+            "started outside it (the gluster CLI) and follows each as a task of its own "
+            "(docs/gluster.md); 0: never. Off without the gluster CLI.",
+            parse_non_negative_seconds),
     # -- storage connections (vdsm_agent/connections, docs/connections.md) --
     Setting("mount_root", "path", "",
             "Directory under which storage is mounted, one sub-directory per URI scheme. "

@@ -35,6 +35,7 @@ class AgentFields:
     task_nice: int
     task_ionice_class: str
     enable_test_kinds: bool
+    gluster_discovery_interval: float
     mount_root: str
     probe_interval: float
     probe_failures: int

@@ -43,6 +43,7 @@ from vdsm_agent.settings import Config
 from vdsm_agent.store import Store
 from vdsm_agent.tasks import files, listing, process, reading, repository, states
 from vdsm_agent.tasks.admission import Admission
+from vdsm_agent.tasks.gluster_discovery import GlusterDiscovery
 from vdsm_agent.tasks.kinds import KindEnv, TaskKind, enabled
 from vdsm_agent.tasks.monitor import Monitor
 from vdsm_agent.tasks.reconcile import reconcile
@@ -113,6 +114,7 @@ class TaskManager:
         background.loop(supervisor.scheduler_loop, "scheduler", RESTART_DELAY)
         background.loop(manager.retention.loop, "retention", RESTART_DELAY)
         background.loop(supervisor.space_loop, "disk room", RESTART_DELAY)
+        background.loop(GlusterDiscovery(manager).loop, "gluster discovery", RESTART_DELAY)
         supervisor.wake.set()
         manager.retention.wake.set()
         return manager
