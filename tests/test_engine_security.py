@@ -280,6 +280,7 @@ def test_a_tasks_output_stream_needs_read(engine):
 
 def test_mutating_calls_and_refusals_are_audited_with_the_identity(engine):
     engine.call(ADMIN, "addHost", name="audited", url="http://127.0.0.1:7", maintenance=True)
+    job = engine.call(OPERATOR, "startTask", host="audited", kind="test.sleep", params={})
     engine.call(OPERATOR, "cancelTask", host="audited", taskID=NO_TASK)
     engine.call(READER, "removeHost", name="audited")
     engine.call(READER, "listHosts")
@@ -289,6 +290,10 @@ def test_mutating_calls_and_refusals_are_audited_with_the_identity(engine):
     assert len(added) == 1
     assert (added[0]["event"], added[0]["identity"], added[0]["transport"],
             added[0]["role"], added[0]["outcome"]) == ("call", ADMIN, "tls", "admin", "ok")
+    started = [line for line in lines if line["verb"] == "startTask"
+               and line["params"].get("host") == "audited"]
+    assert [(line["identity"], line["result"]) for line in started] == [
+        (OPERATOR, {"jobID": job["result"]["jobID"], "state": "pending"})]
     canceled = [line for line in lines if line["verb"] == "cancelTask"]
     assert (canceled[-1]["identity"], canceled[-1]["role"]) == (OPERATOR, "operate")
     assert canceled[-1]["params"] == {"host": "audited", "taskID": NO_TASK}

@@ -35,9 +35,10 @@ AUDIT = logging.getLogger("vdsm_agent.audit")
 MAX_STRING = 256
 MAX_ITEMS = 32
 MAX_PARAMS_JSON = 4096
-# Result members worth keeping: what the call created or touched.
+# Result members worth keeping: what the call created or touched (jobID: the
+# engine's jobs).
 RESULT_KEYS = ("taskID", "state", "connectionID", "disconnected", "deleted", "killed",
-               "killedPid", "sharedWith")
+               "killedPid", "sharedWith", "jobID")
 
 
 def _now() -> str:
