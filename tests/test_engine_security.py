@@ -246,6 +246,24 @@ def test_the_engines_own_user_is_admin_on_the_unix_socket(engine):
     assert "result" in engine.plain("removeHost", unix=True, name="u1")
 
 
+def test_the_command_line_client_calls_over_tls_with_a_certificate(engine):
+    """``vdsm-engine call --url https://... --cacert --cert`` (docs/engine.md)."""
+    def call(identity: str, *words: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "vdsm_agent.engine.main", "call", "--url",
+             f"https://127.0.0.1:{engine.tls_port}/jsonrpc", "--cacert",
+             str(engine.pki.ca_file), "--cert", str(engine.pki.clients[identity]),
+             "--compact", *words], capture_output=True, text=True, timeout=60, check=False)
+
+    listed = call(READER, "listHosts")
+    assert listed.returncode == 0, listed.stderr
+    assert "m" in [host["name"] for host in json.loads(listed.stdout)["hosts"]]
+    refused = call(READER, "addHost", "name=cli", "url=http://127.0.0.1:8")
+    assert refused.returncode == 1
+    assert "Forbidden" in refused.stderr
+    assert "needs admin" in refused.stderr
+
+
 # -- the HTTP routes: metrics and task output need read ------------------------------------
 
 
