@@ -16,7 +16,7 @@ from typing import Any
 
 from rpc_schema import openrpc
 from vdsm_agent import __version__, errors
-from vdsm_agent.engine import output, views
+from vdsm_agent.engine import gluster, output, views
 from vdsm_agent.engine.agentclient import ssl_context
 from vdsm_agent.engine.engine import Engine
 from vdsm_agent.engine.store import repository
@@ -203,4 +203,9 @@ def methods_table() -> dict[str, Handler]:
         "getJob": get_job,
         "listJobs": list_jobs,
         "waitJob": wait_job,
+        "startRebalance": gluster.start_rebalance,
+        "stopRebalance": gluster.stop_rebalance,
+        "removeBricks": gluster.remove_bricks,
+        "stopRemoveBricks": gluster.stop_remove_bricks,
+        "commitRemoveBricks": gluster.commit_remove_bricks,
     }
