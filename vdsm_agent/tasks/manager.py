@@ -26,6 +26,9 @@ Rules that hold everywhere:
 * a task becomes final only once its process is gone.
 """
 
+# Longer than 400 lines: the verbs' one front and the one place a task's state changes
+# (_commit and the moves that go through it); every part it fronts is its own module.
+
 from __future__ import annotations
 
 import asyncio
