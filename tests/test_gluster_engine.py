@@ -100,6 +100,11 @@ async def test_gluster_verbs_through_the_engine(aiohttp_client: Any, tmp_path: P
     volume.add_brick()
     job = await engine.call("startRebalance", host="h1", volume=volume.name)
     (step,) = job["steps"]
+    # The engine locks the volume from the job's creation: a second start is refused.
+    busy = await engine.error("startRebalance", host="h1", volume=volume.name)
+    assert busy.name == "ResourceBusy"
+    assert busy.data["resource"] == f"gluster-volume:{volume.name}"
+    assert busy.data["holder"] == step["taskID"]
     task = await wait_task(engine, "h1", step["taskID"])
     assert task["state"] == "done"
     assert task["external"] is False

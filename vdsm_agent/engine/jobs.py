@@ -46,11 +46,14 @@ CANCEL = "cancelTask"
 
 def guess_resources(kind: str, params: Mapping[str, Any]) -> list[str]:
     """What a task of ``kind`` will lock on its host, from its params (before the host
-    says): ``device:`` for devices, ``file:`` for image paths, ``test:`` for test.sleep."""
+    says): ``device:`` for devices, ``file:`` for image paths, ``test:`` for test.sleep,
+    ``gluster-volume:`` for the gluster kinds."""
     found: set[str] = set()
     if kind == "test.sleep":
         found.update(f"test:{name}" for name in params.get("resources") or ()
                      if isinstance(name, str))
+    if kind.startswith("gluster.") and isinstance(params.get("volume"), str):
+        found.add(f"gluster-volume:{params['volume']}")  # docs/gluster.md
     for key in ("device", "path", "source", "destination"):
         value = params.get(key)
         if isinstance(value, str) and value.startswith("/"):

@@ -94,12 +94,17 @@ class GlusterDiscovery:
         if not await self.enabled():
             log.debug("gluster task discovery is off (interval 0 or no gluster CLI)")
             return
-        while not self.manager.closing.is_set():
+        # The first look one interval after start, not at once: an agent that lives
+        # for less (a test's) never runs the CLI, and start-up is not slowed.
+        while not await self._closed_within(self.interval):
             await self.round()
-            try:
-                await asyncio.wait_for(self.manager.closing.wait(), self.interval)
-            except TimeoutError:
-                pass
+
+    async def _closed_within(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self.manager.closing.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
 
     async def round(self) -> list[str]:
         """One look: the IDs of the tasks it submitted (new or known)."""
