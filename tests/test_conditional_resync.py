@@ -49,6 +49,11 @@ def _connections(runner: AgentRunner, since: str = "") -> dict[str, Any]:
     return answer
 
 
+def _managed(connections: dict[str, Any]) -> dict[str, Any]:
+    """The managed IDs (mounts of other tests on this machine are listed as unmanaged)."""
+    return {key: value for key, value in connections.items() if value["managed"]}
+
+
 def _sleep_task(runner: AgentRunner, seconds: float) -> str:
     task = runner.agent.call("startTask", kind="test.sleep", params={"seconds": seconds})
     return str(task["taskID"])
@@ -71,7 +76,7 @@ def test_unchanged_host_is_not_modified_and_costs_no_listing(runner: AgentRunner
                      "notModified": True}
     connections = _connections(runner)
     assert connections["notModified"] is False
-    assert connections["connections"] == {}
+    assert _managed(connections["connections"]) == {}
     same = _connections(runner, connections["changeToken"])
     assert same == {"connections": None, "changeToken": connections["changeToken"],
                     "notModified": True}
@@ -136,7 +141,7 @@ def test_token_from_before_a_kill9_restart_gets_the_full_answer(runner: AgentRun
     assert answer["changeToken"] != tasks_token
     connections = _connections(runner, connections_token)
     assert connections["notModified"] is False
-    assert connections["connections"] == {}
+    assert _managed(connections["connections"]) == {}
 
 
 @pytest.fixture

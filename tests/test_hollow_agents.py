@@ -39,7 +39,6 @@ from tests.engine_support import EngineClient, async_until, engine_config
 from tests.support import SCHEMA, RpcFailure, check_result, until
 from vdsm_agent.engine.agentclient import AgentClient, AgentUnreachable
 from vdsm_agent.engine.app import make_app
-from vdsm_agent.engine.store import EngineStore, repository
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE_SOURCES = ROOT / "vdsm_agent" / "engine"
@@ -532,17 +531,13 @@ async def test_a_path_per_host_with_the_engines_client(make_engine: Any, tmp_pat
             for client in clients:
                 await client.close()
 
-        # addHost's schema takes no path but /jsonrpc (rpc_schema/engine.json): the host
-        # is written into the engine's database, as benchmarks/hollow/bench.py does.
-        config = engine_config(tmp_path)
-        config.state_path.mkdir(parents=True, exist_ok=True)
-        store = await EngineStore.open(config.database_url)
-        try:
-            await store.run(repository.add_host, "pathhost", urls[2], None, None, None, False,
-                            time.time())
-        finally:
-            await store.close()
+        # addHost takes a path prefix before /jsonrpc (rpc_schema/engine.json), not
+        # another path.
         engine = await make_engine()
+        refused = await engine.error("addHost", name="other", url=urls[2].replace(
+            "/jsonrpc", "/other"))
+        assert refused.data["field"] == "params.url"
+        await engine.call("addHost", name="pathhost", url=urls[2])
         await engine.wait_status("pathhost", "up", timeout=10)
         assert (await engine.host("pathhost"))["url"] == urls[2]
 

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import http.client
 import random
 import shutil
@@ -39,7 +40,7 @@ import orjson
 import psutil  # type: ignore[import-untyped]
 
 from benchmarks.agents import free_port
-from benchmarks.hollow import control
+from benchmarks.hollow import control, pages
 from benchmarks.hollow.server import raise_open_files
 from vdsm_agent.engine.settings import EngineConfig
 from vdsm_agent.engine.store import EngineStore, repository
@@ -55,7 +56,7 @@ class BenchError(Exception):
     pass
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Sample:
     hosts: int
     mode: str
@@ -72,6 +73,13 @@ class Sample:
     requests: dict[str, int]
     events: int  # events the hollow hosts published in the window
     latencies: list[float]  # a transition on a host -> shown by the engine's getTask
+    # --targets: the same with FROZEN hosts frozen (probes on the others only), and
+    # an engine restart: seconds to all up and listed again (None: timed out).
+    frozen_latencies: list[float] = dataclasses.field(default_factory=list)
+    frozen: int = 0
+    restart_s: float | None = None
+    restart_up: int = 0
+    restarted: bool = False
 
     @property
     def requests_per_s(self) -> float:
@@ -132,12 +140,19 @@ async def preload(state: Path, hosts: Sequence[dict[str, Any]]) -> None:
 
 
 @contextlib.contextmanager
-def engine_process(root: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def engine_process(root: Path, database: str = "") -> Iterator[tuple[subprocess.Popen[bytes],
+                                                                       str]]:
     port = free_port()
     state = root / "engine"
     argv = [sys.executable, "-m", "vdsm_agent.engine.main", "serve", "--state-dir", str(state),
             "--listen", f"127.0.0.1:{port}", "--log-level", "warning"]
-    with open(root / "engine.log", "wb") as log:
+    if database:
+        argv += ["--database", database]
+    if _engine_has_roles():
+        # The benchmark reads the engine's views over loopback HTTP, where a caller
+        # is anonymous: it gets what an operator's certificate would.
+        argv += ["--loopback-role", "operate"]
+    with open(root / "engine.log", "ab") as log:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}/jsonrpc"
@@ -150,6 +165,14 @@ def engine_process(root: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
         yield proc, url
     finally:
         _stop(proc)
+
+
+@functools.cache
+def _engine_has_roles() -> bool:
+    """Whether ``vdsm-engine serve`` takes --loopback-role (an engine with roles)."""
+    helped = subprocess.run([sys.executable, "-m", "vdsm_agent.engine.main", "serve", "--help"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    return "--loopback-role" in helped.stdout
 
 
 def _health(port: int) -> dict[str, Any] | None:
@@ -183,7 +206,7 @@ def _wait_all_listed(engine_port: int, control_url: str, hosts: int, began: floa
 
 def measure(root: Path, hosts: int, rate: float, settle: float, window: float,
             path_per_host: bool, with_engine: bool, via_api: bool = False,
-            probes: int = 20) -> Sample:
+            probes: int = 20, targets: bool = False) -> Sample:
     with hollow_process(root, hosts, rate, path_per_host) as (hollow, document):
         control_url = document["control"]
         hollow_ps = psutil.Process(hollow.pid)
@@ -192,12 +215,13 @@ def measure(root: Path, hosts: int, rate: float, settle: float, window: float,
         up = 0
         url = ""
         with contextlib.ExitStack() as stack:
+            engine_stack = stack.enter_context(contextlib.ExitStack())
             if with_engine:
                 if not via_api:
                     (root / "engine").mkdir()
                     asyncio.run(preload(root / "engine", document["hosts"]))
                 began = time.monotonic()
-                engine, url = stack.enter_context(engine_process(root))
+                engine, url = engine_stack.enter_context(engine_process(root))
                 engine_ps = psutil.Process(engine.pid)
                 if via_api:
                     began = time.monotonic()
@@ -223,7 +247,7 @@ def measure(root: Path, hosts: int, rate: float, settle: float, window: float,
             hollow_used = _cpu(hollow_ps) - hollow_before
             engine_used = _cpu(engine_ps) - engine_before if engine_ps else None
             status = control.call(control_url, "status")
-            return Sample(
+            sample = Sample(
                 hosts=hosts, mode=status["mode"], up_s=up_s, up=up, added_s=added_s,
                 window_s=elapsed, hollow_cpu=hollow_used / elapsed * 100,
                 hollow_rss=hollow_ps.memory_info().rss, hollow_fds=hollow_ps.num_fds(),
@@ -232,10 +256,47 @@ def measure(root: Path, hosts: int, rate: float, settle: float, window: float,
                 engine_fds=engine_ps.num_fds() if engine_ps else None,
                 requests=dict(status["requests"]), events=status["events"] - events_before,
                 latencies=latencies)
+            if targets and engine_ps is not None:
+                frozen_phase(sample, control_url, url, document["hosts"], probes)
+                engine_stack.close()  # SIGTERM, as an upgrade or a reboot does
+                _progress("engine stopped; starting it again")
+                control.call(control_url, "resetCounters")
+                began = time.monotonic()
+                _, url = engine_stack.enter_context(engine_process(root))
+                port = int(url.rsplit(":", 1)[1].split("/")[0])
+                sample.restart_s, sample.restart_up = _wait_all_listed(
+                    port, control_url, hosts, began, UP_TIMEOUT)
+                sample.restarted = True
+                _progress(f"restart: {sample.restart_up}/{hosts} up" + (
+                    f" and listed {sample.restart_s:.1f} s after the start"
+                    if sample.restart_s else " (timed out)"))
+            return sample
+
+
+FROZEN = 100  # hosts frozen at once (--targets)
+FROZEN_WINDOW = 40.0  # seconds of probes on the other hosts meanwhile
+
+
+def frozen_phase(sample: Sample, control_url: str, engine_url: str,
+                 hosts: Sequence[dict[str, Any]], probes: int) -> None:
+    """Freeze FROZEN hosts at once (like SIGSTOP: they accept connections and never
+    answer), time transitions on the others for FROZEN_WINDOW seconds, thaw."""
+    frozen = list(range(min(FROZEN, len(hosts) // 2)))
+    control.call(control_url, "freeze", hosts=frozen)
+    sample.frozen = len(frozen)
+    _progress(f"{len(frozen)} hosts frozen")
+    try:
+        others = range(len(frozen), len(hosts))
+        sample.frozen_latencies = _probe_latency(
+            control_url, engine_url, hosts, time.monotonic() + FROZEN_WINDOW,
+            max(probes, 20), others)
+    finally:
+        control.call(control_url, "thaw", hosts=frozen)
 
 
 def _probe_latency(control_url: str, engine_url: str, hosts: Sequence[dict[str, Any]],
-                   until: float, probes: int) -> list[float]:
+                   until: float, probes: int,
+                   choices: Sequence[int] | None = None) -> list[float]:
     """Seconds from a task transition made on a random hollow host (a control ``tick``)
     to the engine's ``getTask`` showing it, ``probes`` times spread until ``until``
     (each in its own slot of the window, at a random moment of it)."""
@@ -245,7 +306,7 @@ def _probe_latency(control_url: str, engine_url: str, hosts: Sequence[dict[str, 
     latencies = []
     for number in range(probes):
         time.sleep(max(start + slot * (number + rng.random() * 0.5) - time.monotonic(), 0))
-        host = rng.randrange(len(hosts))
+        host = rng.choice(choices) if choices else rng.randrange(len(hosts))
         name = hosts[host]["name"]
         event = control.call(control_url, "tick", hosts=[host], kind="task")[name]
         began = time.monotonic()
@@ -304,6 +365,69 @@ def print_samples(samples: Sequence[Sample], rate: float) -> None:
                   f"{UP_TIMEOUT:.0f} s")
 
 
+def _p99(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def _row(target: str, figure: str, met: bool | None) -> None:
+    verdict = "-" if met is None else "met" if met else "MISSED"
+    print(f"  {target:<72} {figure:>12}  {verdict}")
+
+
+def print_targets(sample: Sample, pages: dict[str, dict[str, tuple[float, float, int]]]) -> None:
+    """Each target of issue 18 (point 3) beside its figure."""
+    print(f"\nTargets at {sample.hosts} hosts (figure, then met or MISSED)")
+    if sample.engine_cpu is not None:
+        _row("steady state, 1 event/host/min: engine CPU <= 50% of a core",
+             f"{sample.engine_cpu:.1f}%", sample.engine_cpu <= 50)
+    if sample.latencies:
+        p99 = _p99(sample.latencies)
+        _row(f"event -> engine's views, p99 <= 1 s ({len(sample.latencies)} probes)",
+             f"{p99 * 1000:.0f} ms", p99 <= 1.0)
+    if sample.up_s is not None or sample.engine_cpu is not None:
+        _row("first start (hosts in its database): all up and listed",
+             _opt(sample.up_s, ".1f") + " s", None)
+    if sample.restarted:
+        _row("after an engine restart: all up and resynced <= 60 s",
+             (f"{sample.restart_s:.1f} s" if sample.restart_s is not None
+              else f"{sample.restart_up} up, timed out"),
+             sample.restart_s is not None and sample.restart_s <= 60)
+    if sample.frozen_latencies:
+        frozen = _p99(sample.frozen_latencies)
+        calm = _p99(sample.latencies) if sample.latencies else frozen
+        _row(f"{sample.frozen} hosts frozen: the others' p99 <= 1 s (unfrozen "
+             f"{calm * 1000:.0f} ms)",
+             f"{frozen * 1000:.0f} ms", frozen <= 1.0)
+    if sample.engine_rss is not None:
+        _row("engine RSS <= 1 GiB", f"{_mib(sample.engine_rss)} MiB",
+             sample.engine_rss <= 2**30)
+    for database, timings in pages.items():
+        for label, (p50, p99, count) in timings.items():
+            _row(f"{database}: {label} p99 <= 50 ms ({count} calls, p50 {p50:.1f} ms)",
+                 f"{p99:.1f} ms", p99 <= 50)
+
+
+def measure_pages(database: str, hosts: int, tasks: int,
+                  repeat: int) -> dict[str, tuple[float, float, int]]:
+    """listTasks/listHosts pages of an engine with ``tasks`` tasks in its store."""
+    root = Path(tempfile.mkdtemp(prefix=f"bench-pages-{database}-"))
+    try:
+        with contextlib.ExitStack() as stack:
+            url = ""
+            if database == "postgresql":
+                url = stack.enter_context(pages.postgres_database())
+            began = time.monotonic()
+            names = pages.fill_sync(url, root / "engine", hosts, tasks)
+            _progress(f"{database}: {tasks} tasks of {hosts} hosts written in "
+                      f"{time.monotonic() - began:.0f} s")
+            _, engine_url = stack.enter_context(engine_process(root, url))
+            port = int(engine_url.rsplit(":", 1)[1].split("/")[0])
+            return pages.summary(pages.time_pages(port, names, repeat))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.hollow.bench",
                                      description=__doc__.splitlines()[0])
@@ -324,6 +448,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the hollow process alone (no engine polls it)")
     parser.add_argument("--probes", type=int, default=20,
                         help="transitions timed to the engine's view per window (default 20)")
+    parser.add_argument("--targets", action="store_true",
+                        help="also: 100 hosts frozen, an engine restart, and the list pages "
+                             "with --page-tasks tasks in the store (sqlite, PostgreSQL); "
+                             "print each target beside its figure")
+    parser.add_argument("--page-tasks", type=int, default=500_000,
+                        help="tasks in the store for the page timings (default 500000)")
+    parser.add_argument("--page-repeat", type=int, default=40,
+                        help="rounds of page calls per database (default 40)")
+    parser.add_argument("--databases", default="sqlite,postgresql",
+                        help="databases for the page timings (default sqlite,postgresql)")
     parser.add_argument("--quick", action="store_true", help="100 hosts, 10 s + 20 s")
     return parser
 
@@ -338,19 +472,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise_open_files(max(sizes) * 5 + 1024)
     print(machine_line())
     samples = []
+    started = time.monotonic()
     for hosts in sizes:
         root = Path(tempfile.mkdtemp(prefix="bench-hollow-"))
         print(f"{hosts} hosts ...", file=sys.stderr, flush=True)
         try:
             samples.append(measure(root, hosts, args.rate, settle, window,
                                    args.path_per_host, not args.no_engine, args.via_api,
-                                   args.probes))
+                                   args.probes, args.targets))
         except (BenchError, control.ControlError) as exc:
             print(f"bench hollow: {hosts} hosts: {exc}", file=sys.stderr)
             return 1
         finally:
             shutil.rmtree(root, ignore_errors=True)
     print_samples(samples, args.rate)
+    if args.targets:
+        timings = {}
+        for database in filter(None, args.databases.split(",")):
+            try:
+                timings[database] = measure_pages(database, sizes[-1], args.page_tasks,
+                                                  args.page_repeat)
+            except (BenchError, RuntimeError, OSError, AssertionError) as exc:
+                print(f"bench hollow: pages on {database}: {exc}", file=sys.stderr)
+        print_targets(samples[-1], timings)
+    print(f"\n(the whole run took {(time.monotonic() - started) / 60:.1f} minutes)")
     return 0
 
 

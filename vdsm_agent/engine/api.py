@@ -45,7 +45,7 @@ def _normalise_url(url: str) -> str:
     except ValueError:
         port = None
     if not parts.hostname or port is None:
-        raise errors.InvalidParams("url must be http(s)://host:port[/jsonrpc]",
+        raise errors.InvalidParams("url must be http(s)://host:port[/prefix]/jsonrpc",
                                    field="params.url", rule="url")
     path = parts.path or DEFAULT_AGENT_PATH
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))

@@ -40,6 +40,7 @@ import logging
 import random
 import ssl
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +68,19 @@ log = logging.getLogger(__name__)
 LIST_PAGE_SIZE = 1000
 INVALID_PARAMS = -32602
 RESYNC_SPREAD = 0.25  # each resync interval is drawn within ±25% of resync_interval
+# Resyncs in flight at once, engine-wide: an engine that starts (or a network that
+# comes back) with thousands of hosts does not open two connections to each of
+# them at once and starve the events of the hosts already followed.
+RESYNC_CONCURRENCY = 128
+_RESYNC_SLOTS: weakref.WeakKeyDictionary[Any, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+
+
+def resync_slots(engine: Engine) -> asyncio.Semaphore:
+    """The engine's resync slots (``RESYNC_CONCURRENCY``), made on first use."""
+    slots = _RESYNC_SLOTS.get(engine)
+    if slots is None:
+        slots = _RESYNC_SLOTS[engine] = asyncio.Semaphore(RESYNC_CONCURRENCY)
+    return slots
 PERSIST_EVERY = 30.0  # seconds between writes of a host's lastSeen/syncedAt at resync
 
 
@@ -387,7 +401,9 @@ class HostWorker:
             stats = self.engine.stats
             began = time.monotonic()
             try:
-                await self.resync()
+                async with resync_slots(self.engine):
+                    began = time.monotonic()
+                    await self.resync()
                 stats.resyncs.observe(time.monotonic() - began)
                 interval = (self.config.resync_interval if self.feed.supported is not False
                             else min(self.config.poll_interval, self.config.resync_interval))
