@@ -294,8 +294,8 @@ def test_pages_render_with_hosts_tasks_jobs_and_the_matrix(world, browser, shots
         shots("jobs")
 
         browser.get(admin.base + "/console/connections")
-        until(lambda: len(browser.find_elements(By.CSS_SELECTOR, "td.cell.h-connected")) == 2
-              or browser.refresh(), timeout=15, interval=0.5, what="two connected cells")
+        until(lambda: len(browser.find_elements(By.CSS_SELECTOR, "td.cell.h-connected")) == 2,
+              timeout=15, interval=0.2, what="two connected cells, live")
         cell = browser.find_elements(By.CSS_SELECTOR, "td.cell.h-connected")[0]
         assert "share-1 on host" in cell.get_attribute("title")
         shots("connections")
@@ -367,6 +367,41 @@ def test_cancel_from_the_page_cancels_the_real_task(world, browser, shots):
     until(lambda: (row_of(browser, task_id) or {}).get("state") == "canceled", timeout=5)
 
 
+def test_maintenance_and_connections_from_the_page(world, browser, shots):
+    admin, agents = world["admin"], world["agents"]
+    browser.get(admin.base + "/console/")
+    click(browser, 'button[aria-label="Start maintenance of host host2"]')
+    until(lambda: heading(browser) == "Please confirm", timeout=5)
+    click(browser, "form.confirm button")
+    until(lambda: admin.call("getHost", "name=host2")["status"] == "maintenance", timeout=10)
+    until(lambda: browser.execute_script(
+        "const b = document.querySelector('button[aria-label=\"Stop maintenance of host host2\"]');"
+        "return b !== null"), timeout=5, what="the host's row in maintenance")
+    shots("maintenance")
+    click(browser, 'button[aria-label="Stop maintenance of host host2"]')  # not destructive
+    until(lambda: admin.call("getHost", "name=host2")["status"] == "up", timeout=15)
+
+    share = world["root"] / "web-share"
+    share.mkdir(exist_ok=True)
+    browser.get(admin.base + "/console/connections")
+    browser.find_element(By.ID, "m-id").send_keys("web-1")
+    browser.find_element(By.ID, "m-uri").send_keys(f"file://{share}")
+    browser.find_element(By.ID, "m-hosts").send_keys("host1,host2")
+    click(browser, "form.manage button")
+    for agent in agents.agents[:2]:
+        until(lambda agent=agent: "web-1" in agent.call("getStorageConnectionList"),
+              timeout=15, what="the connection managed on the host")
+    cell = 'td.cell[title^="web-1 on host1: connected"]'
+    until(lambda: browser.find_elements(By.CSS_SELECTOR, cell), timeout=10,
+          what="the new connection's cells in the open matrix")
+    click(browser, 'button[aria-label="Unmanage connection web-1 on its hosts"]')
+    until(lambda: heading(browser) == "Please confirm", timeout=5)
+    click(browser, "form.confirm button")
+    for agent in agents.agents[:2]:
+        until(lambda agent=agent: "web-1" not in agent.call("getStorageConnectionList"),
+              timeout=15, what="the connection unmanaged on the host")
+
+
 def test_a_killed_agent_turns_its_host_red_within_the_bound(world, browser, shots):
     admin, agent = world["admin"], world["agents"][2]
     browser.get(admin.base + "/console/")
@@ -405,8 +440,7 @@ def test_a_read_role_sees_no_actions_and_a_forged_action_is_refused(world, brows
             assert browser.find_elements(By.CSS_SELECTOR, "form[method=post]") == []
             assert browser.find_elements(By.CSS_SELECTOR, "button.action") == []
         browser.get(reader.base + "/console/tasks")
-        until(lambda: row_of(browser, task_id) is not None or browser.refresh(), timeout=10,
-              interval=0.5)
+        until(lambda: row_of(browser, task_id) is not None, timeout=10)
         shots("read-role")
         # A forged POST by the read user: refused by the server for the role.
         forged = {"action": "cancel", "host": "host1", "task": task_id, "confirm": "yes",

@@ -11,6 +11,7 @@ values, as the engine's own views show them (``engine/views.py``).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -236,6 +237,11 @@ class Matrix:
     pages: int
     host_page: int
     host_pages: int
+
+    def signature(self) -> str:
+        """Which rows and columns the matrix has (a page compares it with the stream's)."""
+        return hashlib.blake2s("\0".join([*self.ids, "", *self.hosts]).encode(),
+                               digest_size=8).hexdigest()
 
 
 def _connection_ids(page: int) -> tuple[list[str], int]:

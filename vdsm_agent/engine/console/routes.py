@@ -162,7 +162,7 @@ class Console:
         return self.page(request, "Connections", "connections",
                          render.matrix_body(matrix, self.view(request)),
                          {"view": "connections", "page": str(matrix.page),
-                          "hpage": str(matrix.host_page)})
+                          "hpage": str(matrix.host_page), "sig": matrix.signature()})
 
     # -- actions ---------------------------------------------------------------------------
 

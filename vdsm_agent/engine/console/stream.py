@@ -174,10 +174,13 @@ class JobsScope(Scope):
 
 
 class ConnectionsScope(Scope):
-    def __init__(self, engine: Engine, view: render.View, matrix: data.Matrix) -> None:
+    def __init__(self, engine: Engine, view: render.View, matrix: data.Matrix,
+                 signature: str) -> None:
         super().__init__(engine, view)
         self.ids = set(matrix.ids)
         self.hosts = set(matrix.hosts)
+        # Rows or columns came or went since the page was made: it fetches itself.
+        self.reload = signature != matrix.signature()
 
     def wants(self, key: Key) -> bool:
         kind, host, cid = key
@@ -206,6 +209,9 @@ class ConnectionsScope(Scope):
                  "html": render.matrix_cell(cid, host, matrix.cells[(cid, host)])}
                 for cid in matrix.ids for host in matrix.hosts]
 
+    async def initial(self) -> Rows:
+        return await self.rows([("host", host, None) for host in sorted(self.hosts)])
+
 
 async def scope_for(console: Console, request: web.Request) -> Scope:
     engine = console.engine_of(request.app)
@@ -230,7 +236,7 @@ async def scope_for(console: Console, request: web.Request) -> Scope:
         return JobsScope(engine, view, paged_jobs.items, paged_jobs.page == 1)
     if kind == "connections":
         matrix = await data.matrix(engine, page, _page_number(request, "hpage"))
-        return ConnectionsScope(engine, view, matrix)
+        return ConnectionsScope(engine, view, matrix, query.get("sig", ""))
     return Scope(engine, view)
 
 
@@ -261,7 +267,10 @@ def handler(console: Console, bus_of: Callable[[web.Application], ChangeBus]
             await response.prepare(request)
             await response.write(b"retry: 1000\n\n" + _event("hello", {"at": render.stamp()}))
             rows = await scope.initial()
-            if rows:
+            if scope.reload:
+                scope.reload = False
+                await response.write(_event("reload", {}))
+            elif rows:
                 await response.write(_event("patch", {"rows": rows}))
             while not bus.closed:
                 with contextlib.suppress(TimeoutError):

@@ -32,14 +32,22 @@
           const main = fresh.getElementById("main");
           const output = document.getElementById("output");
           if (main && !output) document.getElementById("main").replaceWith(main);
+          // The fresh page's stream knows its rows: follow that one from now on.
+          if (fresh.body.dataset.live && fresh.body.dataset.live !== document.body.dataset.live) {
+            document.body.dataset.live = fresh.body.dataset.live;
+            listen();
+          }
         })
         .catch(function () {});
     }, 500);
   }
 
-  const live = document.body.dataset.live;
-  if (live && window.EventSource) {
-    const source = new EventSource(live);
+  let source = null;
+  function listen() {
+    const live = document.body.dataset.live;
+    if (!live || !window.EventSource) return;
+    if (source) source.close();
+    source = new EventSource(live);
     source.addEventListener("hello", function () {
       document.body.dataset.connected = "yes";
       say("live");
@@ -54,6 +62,7 @@
       say("reconnecting…");
     };
   }
+  listen();
 
   // One task's output, followed while it runs (the engine relays the host's stream).
   const pre = document.getElementById("output");
