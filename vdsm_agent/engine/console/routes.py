@@ -20,8 +20,10 @@ from typing import Any
 
 from aiohttp import web
 
+from vdsm_agent import errors
 from vdsm_agent.engine.console import access, data, render
 from vdsm_agent.engine.engine import Engine
+from vdsm_agent.security import audit
 from vdsm_agent.security.identity import Caller
 from vdsm_agent.security.roles import Role
 from vdsm_agent.server.jsonrpc import Dispatcher
@@ -180,8 +182,12 @@ class Console:
         required = access.required_role(engine.schema, action.verb)
         back = _safe_next(str(form.get("next", "/console/")))
         if caller.role < required:
-            log.warning("console: %s (role %s) refused %s: needs %s", caller, caller.role,
-                        action.verb, required)
+            forbidden = errors.Forbidden(
+                f"{caller} has role {caller.role}; {action.verb} needs {required}",
+                identity=caller.identity, role=str(caller.role), required=str(required))
+            # Audited as the dispatcher audits a refusal (the verb, as the console's).
+            audit.record(caller, action.verb, _params(name, form), event="forbidden",
+                         required=str(required), error=forbidden.to_error())
             return self.refuse(request, 403, f"Refused: your role is {caller.role}; "
                                              f"{action.verb} needs {required}.")
         if not self.tokens.valid(caller, str(form.get("token", ""))):
