@@ -23,6 +23,7 @@ import functools
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -458,6 +459,26 @@ def test_a_read_role_sees_no_actions_and_a_forged_action_is_refused(world, brows
         assert agent_state(agent, task_id) == "running"
     finally:
         agent.call("cancelTask", taskID=task_id)
+
+
+@pytest.mark.parametrize(("fields", "status", "said"), [
+    ({"action": "cancel", "host": "host1", "task": "not-a-task"}, 400, "taskID"),
+    ({"action": "cancel", "host": "nohost", "task": "0" * 8 + "-0000-4000-8000-" + "0" * 12},
+     409, "nohost"),
+    ({"action": "maintenance-off", "host": ""}, 400, "params.name"),
+    ({"action": "manage", "connection": "x/y", "uri": "file:///nowhere", "hosts": "host1"},
+     400, "connectionID"),
+    ({"action": "launch-missiles"}, 400, "Unknown action"),
+])
+def test_bad_action_input_is_refused_in_words(world, fields, status, said):
+    """Each refusal is a page that says why (no traceback, no HTTP 500), and changes nothing."""
+    admin = world["admin"]
+    _, _, page = admin.get("/console/connections")
+    token = re.search(r'name="token" value="([0-9a-f]{64})"', page.decode()).group(1)
+    got, body = admin.post_form({**fields, "token": token, "confirm": "yes"})
+    assert got == status, body
+    assert said in body
+    assert "Traceback" not in body
 
 
 # -- accessibility -----------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def _params(action: str, form: Any) -> dict[str, Any]:
     return {"hosts": hosts, "connectionID": form.get("connection", "")}
 
 
-def _page_number(request: web.Request, key: str = "page") -> int:
+def page_number(request: web.Request, key: str = "page") -> int:
     text = request.query.get(key, "1")
     return int(text) if text.isdigit() and 0 < len(text) < 7 else 1
 
@@ -122,7 +122,7 @@ class Console:
         if not self.readable(request):
             return self.refuse(request, 403, "Reading the console needs the read role.")
         status = request.query.get("status", "")
-        paged = await data.hosts_page(self.engine_of(request.app), _page_number(request),
+        paged = await data.hosts_page(self.engine_of(request.app), page_number(request),
                                       status or None)
         body = render.hosts_body(paged, status, self.view(request))
         return self.page(request, "Hosts", "hosts", body,
@@ -133,7 +133,7 @@ class Console:
             return self.refuse(request, 403, "Reading the console needs the read role.")
         where = data.TaskFilter.from_query(request.query)
         paged = await data.tasks_page(self.engine_of(request.app), where,
-                                      _page_number(request))
+                                      page_number(request))
         body = render.tasks_body(paged, where, self.view(request))
         return self.page(request, "Tasks", "tasks", body,
                          {"view": "tasks", "page": str(paged.page), **where.query_string()})
@@ -152,15 +152,15 @@ class Console:
     async def jobs(self, request: web.Request) -> web.Response:
         if not self.readable(request):
             return self.refuse(request, 403, "Reading the console needs the read role.")
-        paged = await data.jobs_page(self.engine_of(request.app), _page_number(request))
+        paged = await data.jobs_page(self.engine_of(request.app), page_number(request))
         return self.page(request, "Jobs", "jobs", render.jobs_body(paged),
                          {"view": "jobs", "page": str(paged.page)})
 
     async def connections(self, request: web.Request) -> web.Response:
         if not self.readable(request):
             return self.refuse(request, 403, "Reading the console needs the read role.")
-        matrix = await data.matrix(self.engine_of(request.app), _page_number(request),
-                                   _page_number(request, "hpage"))
+        matrix = await data.matrix(self.engine_of(request.app), page_number(request),
+                                   page_number(request, "hpage"))
         return self.page(request, "Connections", "connections",
                          render.matrix_body(matrix, self.view(request)),
                          {"view": "connections", "page": str(matrix.page),
@@ -204,7 +204,10 @@ class Console:
         answer = await self.dispatcher_of(request.app).dispatch_one(member, caller) or {}
         if "error" in answer:
             error = answer["error"]
+            data = error.get("data") if isinstance(error.get("data"), dict) else {}
+            said = data.get("detail") or error.get("message")
             return self.refuse(request, 409 if error.get("code", 0) > 0 else 400,
-                               f"The engine refused {action.verb}: {error.get('message')}")
+                               f"The engine refused {action.verb} ({data.get('name', '')}): "
+                               f"{said}")
         log.info("console: %s called %s %s", caller, action.verb, member["params"])
         raise web.HTTPSeeOther(back)

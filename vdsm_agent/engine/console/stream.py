@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,7 +26,7 @@ from aiohttp import web
 
 from vdsm_agent.engine.console import data, render
 from vdsm_agent.engine.console.bus import RELOAD, ChangeBus, Key
-from vdsm_agent.engine.console.routes import Console, _page_number
+from vdsm_agent.engine.console.routes import Console, page_number
 from vdsm_agent.engine.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ class TaskScope(Scope):
         item = await data.task_detail(self.engine, self.host, self.task_id)
         if item is None:
             return []
-        back = f"/console/tasks/{self.host}/{self.task_id}"
+        back = f"/console/tasks/{urllib.parse.quote(self.host, safe='')}/{self.task_id}"
         return [{"id": render.dom_id("task", self.host, self.task_id),
                  "html": render.task_summary(item, self.view, back)}]
 
@@ -217,7 +218,7 @@ async def scope_for(console: Console, request: web.Request) -> Scope:
     engine = console.engine_of(request.app)
     view = console.view(request)
     query = request.query
-    page = _page_number(request)
+    page = page_number(request)
     kind = query.get("view", "")
     if kind == "hosts":
         status = query.get("status", "")
@@ -235,7 +236,7 @@ async def scope_for(console: Console, request: web.Request) -> Scope:
         paged_jobs = await data.jobs_page(engine, page)
         return JobsScope(engine, view, paged_jobs.items, paged_jobs.page == 1)
     if kind == "connections":
-        matrix = await data.matrix(engine, page, _page_number(request, "hpage"))
+        matrix = await data.matrix(engine, page, page_number(request, "hpage"))
         return ConnectionsScope(engine, view, matrix, query.get("sig", ""))
     return Scope(engine, view)
 
