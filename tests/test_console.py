@@ -483,7 +483,7 @@ def test_bad_action_input_is_refused_in_words(world, fields, status, said):
 
 # -- accessibility -----------------------------------------------------------------------------
 
-A11Y = """
+A11Y = r"""
 const problems = [];
 if (!document.documentElement.lang) problems.push('html has no lang');
 for (const el of document.querySelectorAll('input:not([type=hidden]), select, textarea')) {
@@ -499,6 +499,27 @@ for (const el of document.querySelectorAll('progress')) {
 }
 for (const t of document.querySelectorAll('table')) {
   if (!t.querySelector('caption')) problems.push('table without caption');
+}
+// Contrast of every element's own text against the first opaque background behind it.
+function rgb(text) { return text.match(/[\d.]+/g).map(Number); }
+function luminance(c) {
+  const [r, g, b] = c.slice(0, 3).map(v => { v /= 255;
+    return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); });
+  return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+}
+function background(el) {
+  for (; el; el = el.parentElement) {
+    const c = rgb(getComputedStyle(el).backgroundColor);
+    if (c.length < 4 || c[3] > 0) return c;
+  }
+  return [255, 255, 255];
+}
+for (const el of document.querySelectorAll('body *')) {
+  const own = [...el.childNodes].some(n => n.nodeType === 3 && n.textContent.trim());
+  if (!own || !el.offsetParent) continue;
+  const [a, b] = [luminance(rgb(getComputedStyle(el).color)), luminance(background(el))];
+  const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+  if (ratio < 4.5) problems.push('contrast ' + ratio.toFixed(2) + ' ' + el.outerHTML.slice(0, 80));
 }
 return problems;
 """
