@@ -339,6 +339,11 @@ def test_a_task_started_on_an_agent_appears_and_its_progress_moves(world, browse
         row = until(lambda: "/s" in (row_of(browser, task_id) or {}).get("pct", "")
                     and row_of(browser, task_id), timeout=5, what="its rate")
         assert "yes" in row["text"]  # external: started on the agent, not by the engine
+        # The count follows the rows added (the filter's tasks all fit on the page).
+        count, rows = browser.execute_script(
+            "return [document.getElementById('count').textContent,"
+            " document.querySelectorAll('#rows tr').length]")
+        assert count.startswith(f"{rows} task"), (count, rows)
         assert browser.execute_script("return window.notReloaded") is True
         assert int(browser.execute_script("return document.body.dataset.patches")) > 2
         shots("tasks-live")

@@ -151,6 +151,14 @@ def _tasks_page(where: TaskFilter, not_current: Sequence[str], page: int
     return rows, total
 
 
+def _count_tasks(where: TaskFilter, not_current: Sequence[str]) -> int:
+    return int(_task_select(where, not_current).count())
+
+
+async def count_tasks(engine: Engine, where: TaskFilter) -> int:
+    return int(await engine.store.run(_count_tasks, where, engine.not_current()))
+
+
 def task_document(engine: Engine, row: HostTaskRow) -> dict[str, Any]:
     worker = engine.workers.get(row.host)
     current, status = (worker.current, str(worker.status)) if worker else (False, UNKNOWN)

@@ -213,6 +213,10 @@ def progress(item: Mapping[str, Any]) -> str:
     return f'{bar}<span class="pct">{escape(text)}</span>'
 
 
+def task_count(total: int) -> str:
+    return f'<p id="count">{_many(total, "task")}, newest first.</p>'
+
+
 def task_row(item: Mapping[str, Any], view: View, back: str) -> str:
     host, task_id, state = item["host"], item["id"], item["state"]
     detail = link(f"/console/tasks/{urllib.parse.quote(host, safe='')}/{task_id}")
@@ -247,7 +251,7 @@ def tasks_body(paged: Paged, where: TaskFilter, view: View) -> str:
 <label for="f-external">Started</label>
 <select id="f-external" name="external">{externals}</select>
 <button type="submit">Filter</button></form>
-<p>{_many(paged.total, 'task')}, newest first.</p>
+{task_count(paged.total)}
 <table><caption>Tasks (page {paged.page} of {paged.pages})</caption>
 <thead><tr><th scope="col">Task</th><th scope="col">Host</th><th scope="col">Kind</th>
 <th scope="col">State</th><th scope="col">External</th><th scope="col">Progress</th>

@@ -115,6 +115,9 @@ class TasksScope(Scope):
                 self.shown.add(pair)
                 rows.append({"id": render.dom_id("task", *pair), "html": html,
                              "prepend": "rows"})
+        if any("prepend" in row for row in rows):
+            total = await data.count_tasks(self.engine, self.where)
+            rows.append({"id": "count", "html": render.task_count(total)})
         return rows
 
     async def initial(self) -> Rows:
