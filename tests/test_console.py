@@ -19,7 +19,6 @@ when a test fails.
 from __future__ import annotations
 
 import contextlib
-import functools
 import http.client
 import json
 import os
@@ -58,16 +57,8 @@ DOCS_IMAGE = ROOT / "docs" / "images" / "console-tasks.png"
 RED_WITHIN = 4.0
 
 
-@functools.cache
-def engine_takes_roles() -> bool:
-    """Whether this engine has role settings (the TLS/identity work) yet."""
-    done = subprocess.run([ENGINE, "serve", "--help"], capture_output=True, text=True,
-                          timeout=30, check=False)
-    return "--loopback-role" in done.stdout
-
-
 class EngineProcess:
-    """A real ``vdsm-engine serve`` whose anonymous loopback callers have ``role``."""
+    """A real ``vdsm-engine serve``; its anonymous loopback callers get ``role``."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -82,14 +73,11 @@ class EngineProcess:
         argv = [ENGINE, "serve", "--state-dir", str(self.root / "engine"), "--listen",
                 f"127.0.0.1:{self.port}", "--retry-interval", "0.2", "--retry-max", "1",
                 "--poll-interval", "0.5", "--request-timeout", "2", "--connect-timeout",
-                "0.5", "--unresponsive-after", "2", "--resync-interval", "5"]
-        env = dict(os.environ)
-        if engine_takes_roles():
-            argv += ["--loopback-role", role]
-        else:
-            env["VDSM_ENGINE_CONSOLE_ROLE"] = role  # console/access.py: until the engine has roles
+                "0.5", "--unresponsive-after", "2", "--resync-interval", "5",
+                # A loopback TCP caller is anonymous: the role is the engine's grant.
+                "--loopback-role", role]
         with open(self.root / f"engine{self.starts}.log", "wb") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
         until(lambda: self.get("/health")[0] == 200 if self.proc.poll() is None else True,
               timeout=30, what="the engine answers")
         assert self.proc.poll() is None, (self.root / f"engine{self.starts}.log").read_text()

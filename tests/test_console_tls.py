@@ -34,12 +34,6 @@ READER, OPERATOR, ADMIN, STRANGER = ("reader.example.com", "operator.example.com
 TOKEN = re.compile(r'name="token" value="([0-9a-f]{64})"')
 
 
-def engine_has_tls() -> bool:
-    done = subprocess.run([str(BIN / "vdsm-engine"), "serve", "--help"], capture_output=True,
-                          text=True, timeout=30, check=False)
-    return "--tls-listen" in done.stdout
-
-
 class TlsEngine:
     def __init__(self, process: AgentProcess, tls_port: int, pki: Pki, audit: Path) -> None:
         self.process = process
@@ -78,8 +72,6 @@ class TlsEngine:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsEngine]:
-    if not engine_has_tls():
-        pytest.skip("this engine has no TLS listener yet")
     tmp = tmp_path_factory.mktemp("console-tls")
     pki = make_pki(tmp / "pki")
     port, tls_port = free_port(), free_port()

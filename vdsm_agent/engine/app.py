@@ -103,5 +103,5 @@ def make_app(config: EngineConfig) -> web.Application:
     metrics_web.install(app, lambda app: engine_metrics.setup(app[ENGINE], app[DISPATCHER]))
     output.install(app, lambda request: request.app[ENGINE])  # GET /hosts/H/tasks/T/output
     home.install(app, *home.engine_page(home.jsonrpc_url(config.listen)))  # GET /, GET /jsonrpc
-    console.install(app, ENGINE, DISPATCHER, CONFIG)  # the web console: /console/, docs/console.md
+    console.install(app, ENGINE, DISPATCHER)  # the web console: /console/, docs/console.md
     return app

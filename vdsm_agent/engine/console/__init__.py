@@ -1,6 +1,6 @@
 """The engine's web console: hosts, tasks, jobs and connection health, live.
 
-``install(app, ENGINE, DISPATCHER, CONFIG)`` (from ``engine/app.py``) adds:
+``install(app, ENGINE, DISPATCHER)`` (from ``engine/app.py``) adds:
 
 * ``GET /console/`` (hosts), ``/console/tasks``, ``/console/tasks/{host}/{id}``
   (one task, its output followed live), ``/console/jobs``,
@@ -23,10 +23,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from vdsm_agent.engine.console import stream
 from vdsm_agent.engine.console.bus import ChangeBus
@@ -38,7 +37,7 @@ STATIC = Path(__file__).with_name("static")
 BUS = web.AppKey("console_bus", ChangeBus)
 
 
-def _root(console: Console) -> Any:
+def _root(console: Console) -> Middleware:
     @web.middleware
     async def console_root(request: web.Request, handler: Handler) -> web.StreamResponse:
         """A browser's ``GET /`` is the console (for a caller who may read it)."""
@@ -56,10 +55,10 @@ async def _to_console(request: web.Request) -> web.StreamResponse:
 
 
 def install(app: web.Application, engine_key: web.AppKey[Engine],
-            dispatcher_key: web.AppKey[Dispatcher], config_key: web.AppKey[Any]) -> None:
-    """Add the console's routes; after the engine's cleanup context (it needs the engine)."""
-    console = Console(lambda app: app[engine_key], lambda app: app[dispatcher_key],
-                      lambda app: app[config_key])
+                dispatcher_key: web.AppKey[Dispatcher]) -> None:
+    """Add the console's routes; after the engine's cleanup context (it needs the engine)
+    and after the gate (its middleware identifies the caller first)."""
+    console = Console(lambda app: app[engine_key], lambda app: app[dispatcher_key])
 
     async def bus_context(app: web.Application) -> AsyncIterator[None]:
         bus = ChangeBus(app[engine_key])

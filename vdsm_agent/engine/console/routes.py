@@ -80,17 +80,15 @@ def _safe_next(text: str) -> str:
 
 class Console:
     def __init__(self, engine_of: Callable[[web.Application], Engine],
-                 dispatcher_of: Callable[[web.Application], Dispatcher],
-                 config_of: Callable[[web.Application], Any]) -> None:
+                 dispatcher_of: Callable[[web.Application], Dispatcher]) -> None:
         self.engine_of = engine_of
         self.dispatcher_of = dispatcher_of
-        self.config_of = config_of
         self.tokens = access.Tokens()
 
     # -- who is asking -------------------------------------------------------------------
 
     def caller(self, request: web.Request) -> Caller:
-        return access.caller_of(request, self.config_of(request.app))
+        return access.caller_of(request)
 
     def view(self, request: web.Request) -> render.View:
         caller = self.caller(request)
