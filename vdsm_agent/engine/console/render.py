@@ -318,7 +318,7 @@ def job_block(job: Mapping[str, Any]) -> str:
             f'<tr><th scope="rowgroup"><code>{escape(job["jobID"][:8])}</code></th>'
             f'<td colspan="2">{escape(job["action"])}</td>'
             f'<td><span class="state j-{escape(job["state"])}">{escape(job["state"])}</span></td>'
-            f'<td colspan="3">{age(job["createdAt"])}</td></tr>{"".join(steps)}</tbody>')
+            f'<td colspan="3">created {age(job["createdAt"])}</td></tr>{"".join(steps)}</tbody>')
 
 
 def jobs_body(paged: Paged) -> str:
