@@ -398,6 +398,13 @@ def test_maintenance_and_connections_from_the_page(world, browser, shots):
 
 def test_a_killed_agent_turns_its_host_red_within_the_bound(world, browser, shots):
     admin, agent = world["admin"], world["agents"][2]
+    # A task running there, its row open in another tab: it must turn unknown.
+    task_id = start_sleep(agent, seconds=120)
+    browser.get(admin.base + "/console/tasks?host=host3")
+    until(lambda: (row_of(browser, task_id) or {}).get("state") == "running", timeout=10)
+    wait_live(browser)
+    tasks_tab = browser.current_window_handle
+    browser.switch_to.new_window("tab")
     browser.get(admin.base + "/console/")
     wait_live(browser)
     row = "#" + browser.execute_script("return document.querySelector('#rows tr:nth-child(3)').id")
@@ -419,6 +426,14 @@ def test_a_killed_agent_turns_its_host_red_within_the_bound(world, browser, shot
     assert colour in ("rgba(179, 0, 27, 1)", "rgb(179, 0, 27)"), colour
     assert browser.execute_script("return window.notReloaded") is True
     assert title  # the last error, on hover
+    hosts_tab = browser.current_window_handle
+    browser.switch_to.window(tasks_tab)
+    until(lambda: (row_of(browser, task_id) or {}).get("state") == "unknown", timeout=3,
+          what="the down host's task unknown in the open tasks page")
+    assert browser.execute_script("return window.notReloaded") is True
+    browser.switch_to.window(hosts_tab)
+    browser.close()
+    browser.switch_to.window(tasks_tab)
 
 
 # -- who may do what ---------------------------------------------------------------------------
