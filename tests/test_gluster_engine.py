@@ -19,14 +19,15 @@ from typing import Any
 
 import pytest
 
-from tests.connections_support import GlusterServer, gluster, gluster_server_fixture
+from tests.connections_support import GlusterServer, gluster
 from tests.engine_support import EngineClient, async_until, engine_config, fleet
 from tests.gluster_support import Volume, gluster_volume
 from vdsm_agent.engine.app import make_app
 from vdsm_agent.tasks.gluster_discovery import task_id_for
 
-gluster_server = gluster_server_fixture
-__all__ = ["gluster_server"]  # a fixture, used by name
+# The session's glusterd and its fixture (gluster_server), shared with the
+# connection tests: one glusterd per session, on its fixed port.
+pytest_plugins = ["tests.connections_support"]
 
 pytestmark = [pytest.mark.root, pytest.mark.tool("glusterd"), pytest.mark.tool("gluster")]
 

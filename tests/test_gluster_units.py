@@ -191,3 +191,23 @@ def test_a_cancel_stops_the_gluster_task() -> None:
         task.follow()
     task.cleanup()
     assert stops == ["stop"]
+
+
+def test_a_busy_glusterd_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = iter([gluster.GlusterError([], "Another transaction is in progress for gv. "
+                                             "Please try again after some time."),
+                    gluster.GlusterError([], "Another transaction is in progress"),
+                    gluster.parse([], STATUS)])
+
+    def once(args: list[str], timeout: float) -> Any:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+    monkeypatch.setattr(gluster, "_run_once", once)
+    monkeypatch.setattr(gluster, "BUSY_RETRY", 0.0)
+    assert gluster.rebalance_status("gv").status == "in progress"
+    monkeypatch.setattr(gluster, "_run_once", lambda args, timeout: (_ for _ in ()).throw(
+        gluster.GlusterError([], "Volume gv does not exist")))
+    with pytest.raises(gluster.GlusterError, match="does not exist"):
+        gluster.rebalance_status("gv")  # not retried

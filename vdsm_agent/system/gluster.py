@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 
@@ -28,6 +29,10 @@ GLUSTER = "gluster"
 # A rebalance or remove-brick start waits for its rebalance process (about 5 s
 # measured on GlusterFS 10.3); status and stop answer in a fraction of a second.
 TIMEOUT = 60.0
+# glusterd's answers while another operation holds its lock, retried (``run``).
+_BUSY = ("Another transaction is in progress", "Locking failed", "Unable to acquire lock")
+BUSY_WAIT = 10.0
+BUSY_RETRY = 0.3
 
 # Gluster's own rule for volume names (letters, digits, '-' and '_'), kept short;
 # never a leading '-' (an option) and none of the CLI's keywords ("all").
@@ -151,7 +156,27 @@ def parse(argv: Sequence[str], stdout: str) -> ET.Element:
 
 
 def run(args: Sequence[str], timeout: float = TIMEOUT) -> ET.Element:
-    """Blocking (a worker thread or a task's process): ``gluster volume ARGS``."""
+    """Blocking (a worker thread or a task's process): ``gluster volume ARGS``.
+
+    glusterd runs one operation at a time: another one in flight (a status read
+    of another agent's discovery, an administrator's command) makes it answer
+    "Another transaction is in progress"; that is retried for up to BUSY_WAIT s."""
+    deadline = time.monotonic() + BUSY_WAIT
+    while True:
+        try:
+            return _run_once(args, timeout)
+        except GlusterError as exc:
+            if isinstance(exc, GlusterUnavailable) or not _busy(exc.message) \
+                    or time.monotonic() >= deadline:
+                raise
+        time.sleep(BUSY_RETRY)
+
+
+def _busy(message: str) -> bool:
+    return any(text in message for text in _BUSY)
+
+
+def _run_once(args: Sequence[str], timeout: float) -> ET.Element:
     argv = [GLUSTER, "--mode=script", "--xml", "volume", *args]
     try:
         result = commands.run(argv, timeout=timeout)
