@@ -248,6 +248,11 @@ class HostWorker:
         await self.succeeded()
         return result
 
+    def spread(self, interval: float) -> float:
+        """``interval`` drawn within ±RESYNC_SPREAD of itself (periodic work of hosts
+        started together drifts apart)."""
+        return interval * (1 + RESYNC_SPREAD * (2 * self._rng.random() - 1))
+
     def request_resync(self) -> None:
         self._resync.set()
 
@@ -407,7 +412,7 @@ class HostWorker:
                 stats.resyncs.observe(time.monotonic() - began)
                 interval = (self.config.resync_interval if self.feed.supported is not False
                             else min(self.config.poll_interval, self.config.resync_interval))
-                delay = interval * (1 + RESYNC_SPREAD * (2 * self._rng.random() - 1))
+                delay = self.spread(interval)
             except AgentUnreachable:
                 stats.resync_failures += 1
                 delay = self.retry_delay()
@@ -426,7 +431,10 @@ class HostWorker:
         while True:
             self._kick.clear()
             left = await runner.run_pending(self)
-            timeout = self.retry_delay() if left else self.config.resync_interval
+            # Spread like the resyncs: 5,000 workers started together looked for
+            # pending steps in the same second every minute, and that burst of
+            # queries queued the events' writes behind it for ~0.6 s.
+            timeout = self.retry_delay() if left else self.spread(self.config.resync_interval)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._kick.wait()
