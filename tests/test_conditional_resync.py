@@ -173,7 +173,7 @@ async def test_the_engine_reads_an_unchanged_host_for_nothing_and_misses_no_chan
         return bool(worker.sync_count >= rounds + 3)
     await async_until(rounds_done, timeout=10)
     assert worker.not_modified >= before + 2
-    assert worker.conditional is True
+    assert worker.listings.conditional is True
 
     # A task deleted on the host (no event tells of it): gone from the engine's view.
     await asyncio.to_thread(agent.call, "deleteTask", taskID=done["taskID"])

@@ -19,6 +19,7 @@ from vdsm_agent.connections import uri as uris
 from vdsm_agent.connections.backends.base import Attachment, Backend
 from vdsm_agent.connections.backends.file import FileEndpoint
 from vdsm_agent.connections.backends.mounts import MountBackend
+from vdsm_agent.connections.monitor import TargetMonitor
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +71,14 @@ def ids_holding(paths: Sequence[str], targets: Sequence[Footprint]) -> set[str]:
     return held
 
 
+
+
+def claims_of(monitor: TargetMonitor) -> set[str]:
+    """What a target occupies on the host (its attachment's identity, its mount
+    point): a discovered item with one of these is that target, not an unmanaged one."""
+    claims = set()
+    if monitor.attachment is not None:
+        claims.add(monitor.attachment.identity)
+    if isinstance(monitor.backend, MountBackend):
+        claims.add(monitor.backend.mount_point(monitor.endpoint))
+    return claims

@@ -51,8 +51,7 @@ from vdsm_agent.connections.backends.base import (
     Runner,
     SystemRunner,
 )
-from vdsm_agent.connections.backends.mounts import MountBackend
-from vdsm_agent.connections.footprint import Footprint, ids_holding
+from vdsm_agent.connections.footprint import Footprint, claims_of, ids_holding
 from vdsm_agent.connections.monitor import (
     ErrorInfo,
     MonitorPolicy,
@@ -276,7 +275,7 @@ class ConnectionManager:
 
     async def connection_list(self) -> dict[str, dict[str, Any]]:
         result = {cid: self.status(cid) for cid in sorted(self._registrations)}
-        discovered = await asyncio.to_thread(self._discover_all)
+        discovered = await asyncio.to_thread(status.discover_all, self.backends)
         claimed = self._claimed()
         number = 0
         for scheme, found in discovered:
@@ -290,21 +289,10 @@ class ConnectionManager:
         return result
 
     def change_token(self) -> str:
-        """getStorageConnectionList's change token: a digest of what each managed ID
-        shows that is not probe telemetry (uri, connected, state, lastError, the IDs
-        it shares its target with, options). lastCheck, latencyMs, attempts,
-        nextRetryAt, the connectionInfo of probes and the unmanaged entries found on
-        the host are not covered: they are not compared, to keep the check free of
-        I/O (the full answer, without changedSince, has them)."""
-        summary = []
-        for connection_id in sorted(self._registrations):
-            registration = self._registrations[connection_id]
-            monitor = self._monitors[registration.endpoint.key]
-            error = monitor.health.last_error
-            summary.append([connection_id, registration.endpoint.uri, monitor.attached,
-                            monitor.health.state.value, error.to_json() if error else None,
-                            sorted(monitor.ids), registration.options])
-        return changes.digest_token(self._change_epoch, summary)
+        """getStorageConnectionList's change token (``status.change_summary``: what it
+        covers and why probe telemetry is left out)."""
+        return changes.digest_token(self._change_epoch,
+                                    status.change_summary(self._registrations, self._monitors))
 
     async def conditional_list(self, changed_since: str) -> dict[str, Any]:
         """getStorageConnectionList with ``changedSince``: ``{connections, changeToken,
@@ -367,32 +355,11 @@ class ConnectionManager:
                 del self._disconnecting[monitor.key]
 
     def _identity(self, monitor: TargetMonitor) -> str:
-        claims = self._claims_of(monitor)
+        claims = claims_of(monitor)
         return next(iter(sorted(claims))) if claims else monitor.endpoint.uri
 
-    def _claims_of(self, monitor: TargetMonitor) -> set[str]:
-        claims = set()
-        if monitor.attachment is not None:
-            claims.add(monitor.attachment.identity)
-        if isinstance(monitor.backend, MountBackend):
-            claims.add(monitor.backend.mount_point(monitor.endpoint))
-        return claims
-
     def _claimed(self) -> set[str]:
-        claimed: set[str] = set()
-        for monitor in self._monitors.values():
-            claimed |= self._claims_of(monitor)
-        return claimed
-
-    def _discover_all(self) -> list[tuple[str, Discovered]]:
-        """What every backend finds on the host (a worker thread: blocking reads)."""
-        found: list[tuple[str, Discovered]] = []
-        for scheme, backend in sorted(self.backends.items()):
-            try:
-                found.extend((scheme, item) for item in backend.discover())
-            except Exception:
-                log.exception("discovery of %s connections failed", scheme)
-        return found
+        return set().union(*(claims_of(monitor) for monitor in self._monitors.values()))
 
     def _forget_cleared_leftovers(self, discovered: list[tuple[str, Discovered]]) -> None:
         present = {item.identity for _, item in discovered} | {

@@ -96,7 +96,7 @@ class HostFeed:
         if gap:
             log.info("host %s: gap in its events feed; resynchronising", worker.name)
             worker.need_version = True
-            worker.conditional = None  # perhaps another version of the agent
+            worker.listings.conditional = None  # perhaps another version of the agent
             worker.request_resync()
         for event in answer.get("events") or ():
             try:

@@ -41,7 +41,6 @@ import random
 import ssl
 import time
 import weakref
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -56,6 +55,7 @@ from vdsm_agent.engine.agentclient import (
     ssl_context,
 )
 from vdsm_agent.engine.hostfeed import HostFeed
+from vdsm_agent.engine.listings import Listings
 from vdsm_agent.engine.states import HostStatus
 from vdsm_agent.engine.store import repository
 from vdsm_agent.engine.store.models import HostRow
@@ -65,8 +65,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LIST_PAGE_SIZE = 1000
-INVALID_PARAMS = -32602
 RESYNC_SPREAD = 0.25  # each resync interval is drawn within ±25% of resync_interval
 # Resyncs in flight at once, engine-wide: an engine that starts (or a network that
 # comes back) with thousands of hosts does not open two connections to each of
@@ -81,6 +79,8 @@ def resync_slots(engine: Engine) -> asyncio.Semaphore:
     if slots is None:
         slots = _RESYNC_SLOTS[engine] = asyncio.Semaphore(RESYNC_CONCURRENCY)
     return slots
+
+
 PERSIST_EVERY = 30.0  # seconds between writes of a host's lastSeen/syncedAt at resync
 
 
@@ -115,11 +115,7 @@ class HostWorker:
         self._snapshot_digest: bytes | None = None
         self._changes = 0
         self._fed = 0  # events applied (they keep the change tokens, not the digest)
-        # The change tokens of the last applied listings (None: ask for the whole list);
-        # conditional: whether the agent takes changedSince (None: not known yet).
-        self._tasks_token: str | None = None
-        self._connections_token: str | None = None
-        self.conditional: bool | None = None
+        self.listings = Listings(self.name, self.call)  # their change tokens
         self.not_modified = 0  # resyncs that read nothing (tests and benchmarks)
         self._running = False
         # Set after every completed resynchronisation (tests and benchmarks wait on it).
@@ -136,7 +132,7 @@ class HostWorker:
         self.failures = 0
         self.feed.epoch = None
         self.need_version = True
-        self._forget_tokens()
+        self.listings.forget()
         for name, loop in (("events loop", self.feed.loop), ("sync loop", self._sync_loop),
                            ("steps loop", self._steps_loop)):
             self._loops.loop(loop, name, restart_delay=self.config.retry_interval)
@@ -267,7 +263,7 @@ class HostWorker:
         of this host (a job's step, a refresh): the next resync reads everything."""
         self._changes += 1
         self._snapshot_digest = None
-        self._forget_tokens()
+        self.listings.forget()
 
     def fed(self) -> None:
         """An event of the host's feed was applied. The change tokens stay good: the
@@ -276,9 +272,6 @@ class HostWorker:
         wrote is the host's state (``HostFeed``)."""
         self._fed += 1
         self._snapshot_digest = None
-
-    def _forget_tokens(self) -> None:
-        self._tasks_token = self._connections_token = None
 
     async def resync(self) -> None:
         """Every task (all pages) and every connection of the host, into the store.
@@ -294,7 +287,7 @@ class HostWorker:
             self.agent_version = str(ping.get("version")) if isinstance(ping, dict) else None
             self.need_version = False
         # Both at once; both always end (their own timeouts) before either's error counts.
-        answers = await asyncio.gather(self._all_tasks(), self._connections(),
+        answers = await asyncio.gather(self.listings.tasks(), self.listings.connections(),
                                        return_exceptions=True)
         for answer in answers:
             if isinstance(answer, BaseException):
@@ -326,7 +319,7 @@ class HostWorker:
                 repository.apply_resync, self.name, tasks_result, connections, started,
                 synced, host_fields)
         except BaseException:
-            self._forget_tokens()  # not applied: read everything next time
+            self.listings.forget()  # not applied: read everything next time
             raise
         if host_fields:
             self._persisted_version = self.agent_version
@@ -345,60 +338,12 @@ class HostWorker:
         """A resync is done: keep its tokens unless something other than the feed
         wrote the host's state meanwhile (then the next one reads everything)."""
         if changes == self._changes:
-            self._tasks_token, self._connections_token = tasks_token, connections_token
+            self.listings.keep(tasks_token, connections_token)
         else:
-            self._forget_tokens()
+            self.listings.forget()
         self.synced_at = synced
         self.sync_count += 1
         self.synced.set()
-
-    async def _conditional_call(self, send: Callable[[dict[str, Any]], Awaitable[Any]],
-                                params: dict[str, Any], since: str | None) -> dict[str, Any]:
-        """``send(params)`` with ``changedSince`` when the agent takes it (an older agent
-        refuses the parameter: asked without it from then on)."""
-        if self.conditional is not False and since is not None:
-            try:
-                answer: dict[str, Any] = await send({**params, "changedSince": since})
-            except AgentError as exc:
-                if exc.code != INVALID_PARAMS or self.conditional:
-                    raise
-                log.info("host %s does not take changedSince: full resyncs", self.name)
-                self.conditional = False
-            else:
-                self.conditional = True
-                return answer
-        plain: dict[str, Any] = await send(params)
-        return plain
-
-    async def _all_tasks(self) -> tuple[list[dict[str, Any]] | None, str | None]:
-        """(every task, or None when the list did not change since our token; the
-        list's new token: the first page's, taken before anything was read)."""
-        tasks: list[dict[str, Any]] = []
-        token: str | None = None
-        page = await self._conditional_call(lambda params: self.call("listTasks", params),
-                                            {"pageSize": LIST_PAGE_SIZE}, self._tasks_token)
-        change_token = page.get("changeToken")
-        if page.get("notModified"):
-            return None, change_token
-        while True:
-            tasks += page["tasks"]
-            token = page.get("nextPageToken")
-            if not token:
-                return tasks, change_token
-            page = await self.call("listTasks", {"pageSize": LIST_PAGE_SIZE,
-                                                 "pageToken": token})
-
-    async def _connections(self) -> tuple[dict[str, Any] | None, str | None]:
-        """(the connection list, or None when it did not change; its new token)."""
-        answer = await self._conditional_call(
-            lambda params: self.call("getStorageConnectionList", params), {},
-            self._connections_token or "")
-        if "changeToken" in answer and "notModified" in answer \
-                and isinstance(answer.get("changeToken"), str):
-            if answer["notModified"]:
-                return None, answer["changeToken"]
-            return dict(answer.get("connections") or {}), answer["changeToken"]
-        return answer, None  # the plain mapping (an agent without changedSince)
 
     async def _sync_loop(self) -> None:
         while True:

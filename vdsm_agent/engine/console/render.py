@@ -18,6 +18,7 @@ from html import escape
 from typing import Any
 
 from vdsm_agent import __version__
+from vdsm_agent.client.units import BYTE_KINDS, human_duration, human_rate, human_timestamp
 from vdsm_agent.engine.console.data import Matrix, Paged, TaskFilter
 from vdsm_agent.engine.states import TASK_FINAL, TaskState
 
@@ -58,23 +59,7 @@ def _many(number: int, thing: str) -> str:
 
 
 def age(stamp: str | None) -> str:
-    return escape(stamp.replace("T", " ")[:19] + " UTC") if stamp else "never"
-
-
-def amount(number: float) -> str:
-    for unit, size in (("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
-        if abs(number) >= size:
-            return f"{number / size:.1f} {unit}"
-    return f"{number:.0f}"
-
-
-def duration(value: float) -> str:
-    seconds = round(value)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
+    return escape(human_timestamp(stamp)) if stamp else "never"
 
 
 # -- the page ------------------------------------------------------------------------------
@@ -203,9 +188,9 @@ def progress(item: Mapping[str, Any]) -> str:
     if percent is not None:
         words.append(f"{percent:.1f}%")
     if doc.get("rate") is not None:
-        words.append(f"{amount(float(doc['rate']))}/s")
+        words.append(human_rate(float(doc["rate"]), in_bytes=item.get("kind") in BYTE_KINDS))
     if doc.get("eta") is not None and item["state"] not in TASK_FINAL:
-        words.append(f"ETA {duration(float(doc['eta']))}")
+        words.append(f"ETA {human_duration(float(doc['eta']))}")
     text = " · ".join(words) or "-"
     label = f"Progress of task {item['id']}"
     bar = (f'<progress max="100" value="{percent:.1f}" aria-label="{escape(label)}">'
