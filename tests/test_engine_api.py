@@ -14,12 +14,22 @@ import pytest
 
 from rpc_schema import docs, openrpc
 from tests.conftest import free_port
-from tests.engine_support import ENGINE_SCHEMA, EngineClient, async_until, engine_config
+from tests.engine_support import (  # noqa: F401
+    ENGINE_SCHEMA,
+    EngineClient,
+    async_until,
+    database_url,
+    engine_config,
+    postgres_server,
+)
+from tests.test_engine_store import T0, task_doc
 from tests.test_schema import openrpc_validator
+from vdsm_agent.common import paging
 from vdsm_agent.engine import main as engine_main
 from vdsm_agent.engine import settings as engine_settings
 from vdsm_agent.engine.app import make_app
 from vdsm_agent.engine.jobs import guess_resources
+from vdsm_agent.engine.store import repository
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -239,6 +249,48 @@ async def test_jobs_pages(make_engine):
     assert only["jobs"] == []
     waited = await engine.call("waitJob", jobID=ids[0], timeout=0.2)
     assert waited["state"] == "pending"
+
+
+async def test_hosts_pages_each_host_once_with_its_counts(aiohttp_client, tmp_path,
+                                                         database_url):  # noqa: F811
+    engine = EngineClient(await aiohttp_client(make_app(engine_config(
+        tmp_path, database=database_url))))
+    names = [f"h{index:03d}" for index in range(103)]
+    for name in reversed(names):
+        await engine.call("addHost", name=name, url=dead_url(), maintenance=True)
+    store = engine.engine.store
+    for k, name in enumerate(names[:7]):  # what the engine learnt of a few hosts
+        docs = [task_doc(f"{name}-{n}", "running" if n % 2 else "done") for n in range(k)]
+        await store.run(repository.apply_task_snapshot, name, docs, T0, T0)
+    expected = {name: {"tasks": {state: number for state, number in
+                                 (("done", (k + 1) // 2), ("running", k // 2)) if number},
+                       "connections": {}} for k, name in enumerate(names[:7])}
+    seen: list[str] = []
+    token = None
+    while True:
+        page = await engine.call("listHosts", pageSize=10,
+                                 **({"pageToken": token} if token else {}))
+        assert len(page["hosts"]) <= 10
+        seen += [host["name"] for host in page["hosts"]]
+        for host in page["hosts"]:
+            assert host["counts"] == expected.get(host["name"],
+                                                  {"tasks": {}, "connections": {}})
+        token = page["nextPageToken"]
+        if token is None:
+            break
+    assert seen == names
+    # Without pageSize: the first 100 hosts and a token for the rest (docs/engine.md).
+    first = await engine.call("listHosts")
+    assert [host["name"] for host in first["hosts"]] == names[:100]
+    rest = await engine.call("listHosts", pageToken=first["nextPageToken"])
+    assert ([host["name"] for host in rest["hosts"]], rest["nextPageToken"]) == (names[100:],
+                                                                                 None)
+    assert (await engine.call("getHost", name="h006"))["counts"] == expected["h006"]
+    jobs_token = paging.encode_token([1.0, "x"], paging.fingerprint({}))
+    for bad in ("garbage", jobs_token):
+        failure = await engine.error("listHosts", pageToken=bad)
+        assert (failure.name, failure.data["field"]) == ("InvalidParams", "params.pageToken")
+    assert (await engine.error("listHosts", pageSize=0)).name == "InvalidParams"
 
 
 async def test_restarted_engine_keeps_hosts_and_jobs(aiohttp_client, tmp_path):

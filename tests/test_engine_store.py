@@ -268,8 +268,50 @@ async def test_task_pages_and_unknown_hosts(store: EngineStore):
     assert len(rows) == 5
     by_host = repository.TaskQuery(hosts=("h1",), kind="test.sleep", external=True)
     assert len(await store.run(repository.list_tasks_page, by_host, [], None, 100)) == 5
-    counts = await store.run(repository.host_counts)
-    assert counts["h1"]["tasks"] == {"running": 5}
+    counts = await store.run(repository.host_counts, ["h1"])
+    assert counts == {"h1": {"tasks": {"running": 5}, "connections": {}}}
+
+
+async def seed_hosts(store: EngineStore, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Hosts with different tasks and connections each (host k: k running tasks, k % 3
+    done, a connected connection on even k); the counts each should show."""
+    expected: dict[str, dict[str, Any]] = {}
+    for k, name in enumerate(names):
+        await add_host(store, name)
+        docs = ([task_doc(f"{name}-r{n}") for n in range(k)]
+                + [task_doc(f"{name}-d{n}", state="done") for n in range(k % 3)])
+        await store.run(repository.apply_task_snapshot, name, docs, T0, T0)
+        connections = {"c1": {"uri": "file:///a", "managed": True, "connected": True,
+                              "state": "connected", "lastError": None}} if k % 2 == 0 else {}
+        await store.run(repository.apply_connection_snapshot, name, connections, T0)
+        tasks = {state: number for state, number in (("running", k), ("done", k % 3))
+                 if number}
+        expected[name] = {"tasks": tasks, "connections": {"connected": 1} if k % 2 == 0 else {}}
+    return expected
+
+
+async def test_host_pages_see_every_host_once_with_its_own_counts(store: EngineStore):
+    names = ["h3", "a1", "h10", "b2", "z9", "h2", "m5"]
+    expected = await seed_hosts(store, names)
+    seen: list[str] = []
+    after = None
+    pages = 0
+    while True:
+        page = await store.run(repository.list_hosts_page, after, 3)
+        pages += 1
+        seen += [row.name for row in page.rows]
+        # A page counts its own hosts, and only them.
+        assert page.counts == {row.name: expected[row.name] for row in page.rows}
+        if not page.more:
+            break
+        after = page.rows[-1].name
+    assert seen == sorted(names)
+    assert pages == 3
+    last = await store.run(repository.list_hosts_page, "z9", 3)
+    assert (last.rows, last.more, last.counts) == ([], False, {})
+    row, counts = await store.run(repository.get_host_with_counts, "h10")
+    assert row.name == "h10"
+    assert counts == {"h10": expected["h10"]}
 
 
 async def test_connections_snapshot_and_events(store: EngineStore):

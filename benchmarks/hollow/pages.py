@@ -6,7 +6,8 @@ polls them: what is timed is the store and the views), and ``tasks`` tasks
 spread over them, each with an agent's whole task document as the engine
 keeps it. Then a ``vdsm-engine serve`` on it answers, over one kept-alive
 connection: ``listTasks`` first pages (100), the next pages after them (the
-page token), pages of one host and of one state, and ``listHosts``. Each
+page token), pages of one host and of one state, and ``listHosts`` first
+pages (its default, 100 hosts) and the next pages after them. Each
 kind of call is timed ``repeat`` times; p50 and p99 in milliseconds.
 """
 
@@ -145,7 +146,13 @@ def time_pages(port: int, names: list[str], repeat: int) -> dict[str, list[float
                        filter={"host": rng.choice(names)})
             timer.call("listTasks of a state", "listTasks", pageSize=100,
                        filter={"state": "failed"})
-            timer.call("listHosts", "listHosts")
+            hosts = timer.call("listHosts first page", "listHosts")
+            token = hosts["nextPageToken"]
+            for _ in range(3):
+                if token is None:
+                    break
+                token = timer.call("listHosts next page", "listHosts",
+                                   pageToken=token)["nextPageToken"]
         return timer.timings
     finally:
         timer.close()

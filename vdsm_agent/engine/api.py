@@ -97,8 +97,9 @@ async def get_host(engine: Engine, name: str) -> dict[str, Any]:
     return await views.get_host(engine, name)
 
 
-async def list_hosts(engine: Engine) -> dict[str, Any]:
-    return await views.list_hosts(engine)
+async def list_hosts(engine: Engine, pageSize: int = 100,
+                     pageToken: str | None = None) -> dict[str, Any]:
+    return await views.list_hosts(engine, pageSize, pageToken)
 
 
 async def set_host_maintenance(engine: Engine, name: str,

@@ -47,16 +47,25 @@ def host_document(row: HostRow, worker: HostWorker | None,
     }
 
 
-async def list_hosts(engine: Engine) -> dict[str, Any]:
-    rows = await engine.store.run(repository.list_hosts)
-    counts = await engine.store.run(repository.host_counts)
-    return {"hosts": [host_document(row, engine.workers.get(row.name), counts.get(row.name))
-                      for row in rows]}
+# listHosts has no filter: its tokens are tied to the verb alone.
+HOSTS_FINGERPRINT = paging.fingerprint("listHosts")
+
+
+async def list_hosts(engine: Engine, page_size: int, page_token: str | None) -> dict[str, Any]:
+    """A page of hosts by name; counts of the page's hosts only (one DB hop)."""
+    after = None
+    if page_token:
+        (after,) = paging.decode_token(page_token, HOSTS_FINGERPRINT, "listHosts", (str,))
+    page = await engine.store.run(repository.list_hosts_page, after, page_size)
+    token = (paging.encode_token([page.rows[-1].name], HOSTS_FINGERPRINT)
+             if page.more and page.rows else None)
+    return {"hosts": [host_document(row, engine.workers.get(row.name), page.counts.get(row.name))
+                      for row in page.rows],
+            "nextPageToken": token}
 
 
 async def get_host(engine: Engine, name: str) -> dict[str, Any]:
-    row = await engine.store.run(repository.get_host, name)
-    counts = await engine.store.run(repository.host_counts)
+    row, counts = await engine.store.run(repository.get_host_with_counts, name)
     return host_document(row, engine.workers.get(name), counts.get(name))
 
 
@@ -97,6 +106,13 @@ def _as_tuple(value: Any) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
+def _depends_on_hosts(query: repository.TaskQuery) -> bool:
+    """Whether the hosts not seen change which rows a state filter selects: not for
+    final states only (a final state stays what it is). Leaving them out spares
+    the query a list of every such host (5,000 names on PostgreSQL: ~35 ms)."""
+    return any(state not in TASK_FINAL for state in query.states)
+
+
 async def list_tasks(engine: Engine, where: Mapping[str, Any] | None, page_size: int,
                      page_token: str | None) -> dict[str, Any]:
     where = dict(where or {})
@@ -109,7 +125,7 @@ async def list_tasks(engine: Engine, where: Mapping[str, Any] | None, page_size:
         created, host, task_id = paging.decode_token(page_token, fingerprint, "listTasks",
                                                      (float, str, str))
         after = (created, host, task_id)
-    not_current = engine.not_current()
+    not_current = engine.not_current() if _depends_on_hosts(query) else []
     unreachable = engine.unreachable()
     rows = await engine.store.run(repository.list_tasks_page, query, not_current, after,
                                   page_size + 1)

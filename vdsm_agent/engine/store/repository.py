@@ -39,11 +39,15 @@ from vdsm_agent.engine.store.host_tasks import (
     list_tasks_page,
 )
 from vdsm_agent.engine.store.hosts import (
+    Counts,
+    HostsPage,
     add_host,
     get_host,
+    get_host_with_counts,
     host_counts,
     instance_id,
     list_hosts,
+    list_hosts_page,
     set_maintenance,
     update_host,
 )
@@ -76,14 +80,16 @@ from vdsm_agent.engine.store.steps import (
 )
 
 __all__ = [
-    "ACTIVE_STEP_STATES", "BATCH", "JobQuery", "StepSpec", "SyncResult", "TaskQuery",
-    "add_host", "apply_connection_doc", "apply_connection_event", "apply_connection_snapshot",
-    "apply_resync", "apply_task_doc", "apply_task_event", "apply_task_snapshot", "create_job",
-    "delete_finished_jobs", "dumps", "forget_connection", "get_host", "get_job", "get_step",
-    "get_task", "host_counts", "instance_id", "job_document", "knows_task", "list_connections",
-    "list_hosts", "list_jobs_page", "list_tasks_page", "loads", "locks_of", "move_step",
-    "pending_connection_steps", "pending_steps", "remove_host", "set_maintenance",
-    "step_accepted", "step_attempt_failed", "step_document", "step_failed", "update_host",
+    "ACTIVE_STEP_STATES", "BATCH", "Counts", "HostsPage", "JobQuery", "StepSpec",
+    "SyncResult", "TaskQuery", "add_host", "apply_connection_doc", "apply_connection_event",
+    "apply_connection_snapshot", "apply_resync", "apply_task_doc", "apply_task_event",
+    "apply_task_snapshot", "create_job", "delete_finished_jobs", "dumps",
+    "forget_connection", "get_host", "get_host_with_counts", "get_job", "get_step",
+    "get_task", "host_counts", "instance_id", "job_document", "knows_task",
+    "list_connections", "list_hosts", "list_hosts_page", "list_jobs_page",
+    "list_tasks_page", "loads", "locks_of", "move_step", "pending_connection_steps",
+    "pending_steps", "remove_host", "set_maintenance", "step_accepted",
+    "step_attempt_failed", "step_document", "step_failed", "update_host",
 ]
 
 
