@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import uuid
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,28 @@ async def test_hosts_pages_each_host_once_with_its_counts(aiohttp_client, tmp_pa
         failure = await engine.error("listHosts", pageToken=bad)
         assert (failure.name, failure.data["field"]) == ("InvalidParams", "params.pageToken")
     assert (await engine.error("listHosts", pageSize=0)).name == "InvalidParams"
+
+
+async def test_final_state_pages_do_not_send_the_unseen_hosts(make_engine, caplog):
+    engine = await make_engine()
+    await engine.call("addHost", name="unseen-host", url=dead_url(), maintenance=True)
+    docs = [task_doc("t-done", "done"), task_doc("t-run", "running", created=T0 + 1)]
+    await engine.engine.store.run(repository.apply_task_snapshot, "unseen-host", docs, T0, T0)
+
+    async def states(state: Any) -> list[tuple[str, str]]:
+        page = await engine.call("listTasks", filter={"state": state})
+        return [(task["id"], task["state"]) for task in page["tasks"]]
+
+    with caplog.at_level(logging.DEBUG, logger="peewee"):
+        assert await states("done") == [("t-done", "done")]
+    queries = [record.msg for record in caplog.records if record.name == "peewee"
+               and isinstance(record.msg, tuple) and "host_task" in record.msg[0]]
+    assert queries, "the page's query was not seen"
+    # A final state stays what it is: which hosts are not seen cannot change the rows.
+    assert not [query for query in queries if "unseen-host" in query[1]]
+    assert await states("running") == []  # unfinished on a host not seen: unknown
+    assert await states("unknown") == [("t-run", "unknown")]
+    assert await states(["done", "running"]) == [("t-done", "done")]
 
 
 async def test_restarted_engine_keeps_hosts_and_jobs(aiohttp_client, tmp_path):
