@@ -172,7 +172,9 @@ async def test_locks_conflict_and_are_released_when_the_task_ends(store: EngineS
     with pytest.raises(errors.ResourceBusy) as busy:
         await start("j2", "h1", second, ["test:b"])
     assert busy.value.data == {"resource": "test:b", "holder": first, "host": "h1",
-                               "jobID": "j1"}
+                               "jobID": "j1", "holders": [
+                                   {"taskID": first, "resource": "test:b", "shared": False,
+                                    "jobID": "j1"}]}
     with pytest.raises(errors.JobNotFound):
         await store.run(repository.get_job, "j2")  # nothing of it was written
     await start("j3", "h2", second, ["test:b"])  # another host: no conflict

@@ -95,6 +95,7 @@ def test_rebalance_after_add_brick_runs_to_done_with_real_counts(
     moved = len(volume.files_on(new_brick))
     assert moved > 0
     assert result["glusterTaskID"] == volume.rebalance_task_id()
+    assert task["external"] == {"glusterTaskID": result["glusterTaskID"]}
     assert result["status"] == "completed"
     assert result["files"] >= moved  # Gluster's count of what it moved
     assert result["bytes"] == result["files"] * SIZE
@@ -206,6 +207,10 @@ def test_glusterd_killed_mid_task_is_reported_and_the_task_found_again(
         task_id = call("startTask", kind="gluster.rebalance",
                        params={"volume": volume.name})["taskID"]
         until(lambda: "Gluster task" in output(runner, task_id), timeout=30)
+        # Gluster's task ID in the task while it runs; checked against the CLI's
+        # status at the end (a CLI status read right before the kill left glusterd
+        # failing the task's status reads after its restart until the task was lost).
+        gluster_id = external_while_running(runner, task_id)
         kill_glusterd(gluster_server)
         try:
             # No heartbeat while glusterd does not answer: stale (stale_after 1.5 s).
@@ -219,8 +224,25 @@ def test_glusterd_killed_mid_task_is_reported_and_the_task_found_again(
         assert "glusterd does not answer" in text
         assert "glusterd answers again" in text
         assert any("glusterd does not answer" in w for w in task["warnings"])
-        assert task["result"]["glusterTaskID"] == volume.rebalance_task_id()
+        assert task["result"]["glusterTaskID"] == volume.rebalance_task_id() == gluster_id
+        assert task["external"] == {"glusterTaskID": gluster_id}  # kept through the end
         assert volume.checksums() == before
+
+
+def external_while_running(runner: AgentRunner, task_id: str) -> str:
+    """Gluster's task ID as getTask and listTasks show it while the task runs
+    (external.glusterTaskID), reported by the task's process as soon as gluster
+    returned it."""
+    call = runner.agent.call
+    def reported() -> dict[str, Any] | None:
+        task: dict[str, Any] = call("getTask", taskID=task_id)
+        return task if task["external"] else None
+    task = until(reported, timeout=5, interval=0.1, what="external.glusterTaskID in getTask")
+    assert task["state"] == "running", task
+    gluster_id = str(task["external"]["glusterTaskID"])
+    listed = {t["id"]: t for t in call("listTasks")["tasks"]}
+    assert listed[task_id]["external"] == {"glusterTaskID": gluster_id}
+    return gluster_id
 
 
 DISCOVERY_INTERVAL = 1.0
@@ -265,11 +287,17 @@ def test_rebalance_started_with_the_cli_is_discovered_with_the_same_end(
         assert task["kind"] == "gluster.rebalance"
         assert task["params"] == {"volume": volume.name, "glusterTaskID": gluster_id}
         assert task["resources"] == [f"gluster-volume:{volume.name}"]
+        # The followed task's ID is kept in the task as the agent's own (the process
+        # reports it at its first step); this rebalance may end before that is seen.
+        shown = until(lambda: call("getTask", taskID=task["id"])["external"], timeout=5,
+                      interval=0.1, what="external.glusterTaskID in getTask")
+        assert shown == {"glusterTaskID": gluster_id}
         final = wait(runner, task["id"])
         assert final["state"] == "done", (final, output(runner, task["id"]))
         status = cli.rebalance_status(volume.name)
         assert status.task_id == gluster_id
         assert final["result"]["glusterTaskID"] == gluster_id
+        assert final["external"] == {"glusterTaskID": gluster_id}
         assert final["result"]["status"] == status.status == "completed"
         assert (final["result"]["files"], final["result"]["scanned"]) == (
             status.files, status.lookups)

@@ -94,6 +94,7 @@ class Ctx:
         self.warnings: list[str] = []
         self.done = 0
         self.cancel = False
+        self.external: dict[str, Any] = {}
 
     def progress(self, done: int, total: int | None) -> None:
         self.done = done
@@ -123,6 +124,9 @@ class Ctx:
 
     def throttle(self, nbytes: int) -> None:
         return None
+
+    def report_external(self, **values: Any) -> None:
+        self.external.update(values)
 
 
 def scripted(*statuses: str) -> tuple[GlusterTask, Ctx, list[str]]:

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests import devices_fixtures
 from tests.device_ops_support import Agent, MiB, agents, fill
 from tests.devices_fixtures import DeviceLab
+from tests.engine_support import EngineClient, async_until, engine_config, fleet
 from tests.tasks_support import FINAL
 from vdsm_agent import errors
+from vdsm_agent.engine.app import make_app
 from vdsm_agent.tasks.record import TaskRecord
 from vdsm_agent.tasks.states import State
 from vdsm_agent.tasks.table import TaskTable
@@ -99,3 +102,53 @@ def test_table_shared_and_exclusive(tmp_path: Path) -> None:
         table.check_free(["file:/x"], shared=True)
     assert info.value.data["holders"] == [{"taskID": "w", "state": "running",
                                            "shared": False}]
+
+
+# -- the engine's own locks ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_engine(aiohttp_client: Any, tmp_path: Path) -> Any:
+    async def factory(**overrides: Any) -> EngineClient:
+        client = await aiohttp_client(make_app(engine_config(tmp_path, **overrides)))
+        return EngineClient(client)
+    return factory
+
+
+async def test_engine_runs_two_checksums_of_one_image_a_copy_onto_it_is_busy(
+        make_engine: Any, tmp_path: Path) -> None:
+    """The engine's lock table holds a checksum's image shared too: two checksum jobs of
+    one image run at once through the engine (a real engine in process, a real agent
+    process), and a copy onto it is the engine's ResourceBusy naming both holders."""
+    with fleet(tmp_path / "agents", 1, task_io_rate_limit=RATE) as agents:
+        agent = agents[0]
+        image = agent.images / "shared.img"
+        fill(image, SIZE, seed=5)
+        engine = await make_engine()
+        await engine.call("addHost", name=agent.name, url=agent.url)
+        await engine.wait_status(agent.name, "up")
+        jobs = [await engine.call("startTask", host=agent.name, kind="checksum",
+                                  params={"path": str(image)}) for _ in range(2)]
+        task_ids = [job["steps"][0]["taskID"] for job in jobs]
+
+        async def both_running() -> bool:
+            listed = await asyncio.to_thread(agent.call, "listTasks")
+            states = {task["id"]: task["state"] for task in listed["tasks"]}
+            assert not FINAL & set(states.values()), states
+            return all(states.get(task_id) == "running" for task_id in task_ids)
+        await async_until(both_running, timeout=15)
+
+        # A copy onto the image (exclusive): the engine refuses it itself, before
+        # any call to the host (its lock table has both checksums, shared).
+        source = agent.images / "source.img"
+        fill(source, MiB, seed=6)
+        busy = await engine.error("startTask", host=agent.name, kind="copy",
+                                  params={"source": str(source), "destination": str(image)})
+        assert busy.name == "ResourceBusy", busy
+        assert busy.data["resource"] == f"file:{image}"
+        assert busy.data["holder"] in task_ids
+        holders = {holder["taskID"]: holder for holder in busy.data["holders"]}
+        assert sorted(holders) == sorted(task_ids)
+        assert all(holder["shared"] for holder in holders.values())
+        for job in jobs:
+            assert (await engine.wait_job(job["jobID"], timeout=30))["state"] == "done"

@@ -38,9 +38,10 @@ def migrate_from_3(db: peewee.SqliteDatabase) -> None:
     assert migrations.apply(db, migrations.MIGRATIONS[:3], SchemaVersion) == [1, 2, 3]
     db.execute_sql("INSERT INTO task (id, kind, params, request_hash, state, created_at) "
                    "VALUES ('t1', 'copy', '{}', 'h', 'running', 1.0)")
-    assert migrations.migrate(db) == [4]
-    assert migrations.current_version(db) == migrations.latest_version() == 4
-    assert db.execute_sql("SELECT id, launched_by FROM task").fetchall() == [("t1", None)]
+    assert migrations.migrate(db) == [4, 5]
+    assert migrations.current_version(db) == migrations.latest_version() == 5
+    assert db.execute_sql("SELECT id, launched_by, external FROM task").fetchall() == [
+        ("t1", None, None)]
 
 
 def test_an_agent_refuses_a_newer_store_and_leaves_it_alone(tmp_path):

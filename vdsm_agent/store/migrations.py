@@ -84,11 +84,17 @@ def _task_launched_by(db: peewee.Database) -> None:
     db.execute_sql("ALTER TABLE task ADD COLUMN launched_by TEXT")  # type: ignore[no-untyped-call]
 
 
+def _task_external(db: peewee.Database) -> None:
+    # NULL: no external reference (every task before the column had none recorded).
+    db.execute_sql("ALTER TABLE task ADD COLUMN external TEXT")  # type: ignore[no-untyped-call]
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "initial: meta", _initial),
     (2, "tasks", _tasks),
     (3, "storage connections", _storage_connections),
     (4, "task: the agent version that launched its process", _task_launched_by),
+    (5, "task: what it works through outside the agent (a Gluster task ID)", _task_external),
 ]
 
 

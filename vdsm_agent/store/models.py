@@ -59,6 +59,7 @@ class TaskRow(BaseModel):
     stop = peewee.TextField(null=True)  # JSON: a pending cancel/deadline/reset request
     resets = peewee.TextField(default="[]")  # JSON list of resetTaskState records
     launched_by = peewee.TextField(null=True)  # agent version that launched it (migration 4)
+    external = peewee.TextField(null=True)  # JSON: e.g. the Gluster task ID (migration 5)
 
     class Meta:
         table_name = "task"

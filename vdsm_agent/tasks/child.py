@@ -76,6 +76,8 @@ class ChildContext:
         self.heartbeat_interval = float(spec["heartbeatInterval"])
         self.writer = output.Writer(task_files.output, int(spec["outputMaxBytes"]))
         self.warnings: list[str] = []
+        # What the work goes through outside the agent (report_external).
+        self.external: dict[str, Any] = {}
         self.phase = "initializing"
         self._cancel = False
         # Set at the first write that failed for lack of space (what failed).
@@ -138,6 +140,12 @@ class ChildContext:
             self._progressed = False
             self._write_status(now)
 
+    def report_external(self, **values: Any) -> None:
+        """Tell the agent what the work goes through outside it (a Gluster task's ID):
+        in the status file at once, kept in the task's record from then on."""
+        self.external.update(values)
+        self.heartbeat(force=True)
+
     def set_phase(self, phase: str) -> None:
         self.phase = phase
         self.heartbeat(force=True)
@@ -181,6 +189,7 @@ class ChildContext:
                 "seq": self._seq,
                 "heartbeatAt": clock.now(),
                 "progress": self.progress_report(now),
+                **({"external": self.external} if self.external else {}),
             })
         except OSError as exc:
             self.write_failed(exc, "status")
@@ -345,6 +354,7 @@ def record(ctx: ChildContext, outcome: dict[str, Any]) -> None:
     outcome = {
         **outcome,
         "warnings": ctx.warnings,
+        **({"external": ctx.external} if ctx.external else {}),
         "endedAt": clock.now(),
         "progress": ctx.progress_report(time.monotonic(), final=True),
         "pid": os.getpid(),

@@ -3,7 +3,8 @@
 Every round (half the heartbeat interval, between 0.05 and 0.25 s) reads the
 status file and output extent of every watched task in one worker-thread
 call, then, on the loop: output growth wakes the output followers; a new
-heartbeat merges the reported progress (it never goes backwards) and moves
+heartbeat merges the reported progress (it never goes backwards), keeps what the
+process reports it goes through outside the agent (``external``) and moves
 ``initializing`` to ``running``, or ``stale`` back to ``running``; no
 heartbeat for ``stale_after`` makes a running task ``stale``. Tasks past
 their deadline are stopped (a queued one fails at once).
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vdsm_agent import errors
 from vdsm_agent.common import clock
@@ -79,6 +80,9 @@ class Monitor:
                 if progress != record.progress:
                     record.progress = progress
                     self.manager.emit_progress(record)
+            external = status.get("external")
+            if isinstance(external, dict) and external != record.external:
+                await self._record_external(active, external)
             if record.state is State.INITIALIZING and status.get("phase") in ("running",
                                                                              "finished"):
                 await self.manager.observed(active, State.RUNNING)
@@ -90,6 +94,23 @@ class Monitor:
             log.warning("task %s: no heartbeat for %.1fs (pid %s)", record.id,
                         time.monotonic() - active.last_beat, record.pid)
             await self.manager.observed(active, State.STALE)
+
+    async def _record_external(self, active: Active, external: dict[str, Any]) -> None:
+        """Keep what the task's process reported it goes through outside the agent (a
+        Gluster task's ID) in its record, persisted like any change of it (the state
+        unchanged); while the state disk is full it is tried again next round."""
+        async with active.lock:
+            record = active.record
+            if active.finalizing or record.state in FINAL:
+                return
+            try:
+                await self.manager.move(active, record.state,
+                                        external={**(record.external or {}), **external})
+            except errors.StorageFull:
+                log.debug("task %s: cannot record %s yet: the state directory is full",
+                          active.id, external)
+                return
+        log.info("task %s: external %s", active.id, external)
 
     async def _enforce_deadlines(self) -> None:
         now = clock.now()

@@ -27,6 +27,12 @@ def deadline_error(deadline: float | None) -> dict[str, Any]:
         f"the deadline {clock.rfc3339(deadline)} passed before the task ended")
 
 
+def _external(reported: Any, known: dict[str, Any] | None) -> dict[str, Any] | None:
+    if isinstance(reported, dict) and reported:
+        return {**(known or {}), **reported}
+    return known
+
+
 def concluded(record: TaskRecord, final: FinalFiles, exit_status: int | None) -> TaskRecord:
     """The final record from the outcome file, the stop request and the exit."""
     outcome = final.outcome or {}
@@ -40,6 +46,9 @@ def concluded(record: TaskRecord, final: FinalFiles, exit_status: int | None) ->
         "output_size": final.extent.end,
         "output_start": final.extent.start,
         "heartbeat_at": (final.status or {}).get("heartbeatAt", record.heartbeat_at),
+        # Reported while it ran; a task that ended before the monitor read it has
+        # it in its outcome.
+        "external": _external(outcome.get("external"), record.external),
     }
     if reason == "reset":
         target = State(stop["to"])

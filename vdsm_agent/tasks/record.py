@@ -47,6 +47,9 @@ class TaskRecord:
     # 0.1.0's store migration 4). After an upgrade, a task launched by the
     # previous version still runs its code: the re-attach line says so.
     launched_by: str | None = None
+    # What the task works through outside the agent, as its process reports it
+    # while it runs (a Gluster task's ID: {"glusterTaskID": ...}); None: nothing.
+    external: dict[str, Any] | None = None
 
     def to_api(self) -> dict[str, Any]:
         """The ``Task`` object of the API schema."""
@@ -70,6 +73,7 @@ class TaskRecord:
             "pid": self.pid,
             "stopRequested": _stop_for_api(self.stop),
             "resets": [_reset_for_api(reset) for reset in self.resets],
+            "external": dict(self.external) if self.external else None,
         }
 
 
@@ -92,7 +96,7 @@ def request_hash(kind: str, params: dict[str, Any], deadline: float | None) -> s
 
 _FIELD_NAMES = tuple(field.name for field in dataclasses.fields(TaskRecord))
 JSON_FIELDS = ("params", "progress", "result", "error", "warnings", "resources", "stop",
-               "resets")
+               "resets", "external")
 
 
 def to_row(record: TaskRecord) -> dict[str, Any]:

@@ -106,8 +106,33 @@ def _initial(db: peewee.Database) -> None:
     EngineMeta.create(key="instance_id", value=uuid.uuid4().hex)
 
 
+# Shared locks: several tasks may hold one resource (all shared), so the task is
+# part of the key. Portable: a new table, the rows copied (all exclusive), renamed.
+_SHARED_LOCKS_DDL = (
+    """CREATE TABLE resource_lock_shared (
+        host TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        shared BOOLEAN NOT NULL DEFAULT FALSE,
+        PRIMARY KEY (host, resource, task_id))""",
+    """INSERT INTO resource_lock_shared (host, resource, task_id, job_id, created_at, shared)
+        SELECT host, resource, task_id, job_id, created_at, FALSE FROM resource_lock""",
+    "DROP TABLE resource_lock",
+    "ALTER TABLE resource_lock_shared RENAME TO resource_lock",
+    "CREATE INDEX resource_lock_task ON resource_lock (host, task_id)",
+)
+
+
+def _shared_locks(db: peewee.Database) -> None:
+    for statement in _SHARED_LOCKS_DDL:
+        db.execute_sql(statement)  # type: ignore[no-untyped-call]
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "initial: meta, hosts, host tasks and connections, jobs, steps, locks", _initial),
+    (2, "resource locks: shared holders (a checksum's), the task in the key", _shared_locks),
 ]
 
 _VERSION_DDL = """CREATE TABLE IF NOT EXISTS engine_schema_version (

@@ -138,14 +138,16 @@ class StepRow(EngineModel):
 
 
 class ResourceLockRow(EngineModel):
-    """A resource of a host held by an unfinished engine-started task."""
+    """A resource of a host held by an unfinished engine-started task: exclusively,
+    or shared by tasks whose kind only reads it (checksum; migration 2)."""
 
     host = peewee.TextField()
     resource = peewee.TextField()
     task_id = peewee.TextField()
     job_id = peewee.TextField()
     created_at = peewee.DoubleField()
+    shared = peewee.BooleanField(default=False)
 
     class Meta:
         table_name = "resource_lock"
-        primary_key = peewee.CompositeKey("host", "resource")
+        primary_key = peewee.CompositeKey("host", "resource", "task_id")

@@ -28,6 +28,7 @@ from vdsm_agent.engine.store.hosts import get_host
 from vdsm_agent.engine.store.models import HostTaskRow, JobRow, ResourceLockRow, StepRow
 from vdsm_agent.engine.store.rows import BATCH, atomic, dumps, loads
 from vdsm_agent.metrics.counters import RESOURCE_LOCK_CHANGES as LOCK_CHANGES
+from vdsm_agent.tasks.table import shares
 
 ACTIVE_STEP_STATES = (StepState.PENDING.value, StepState.RUNNING.value)
 
@@ -47,30 +48,58 @@ def engine_step(host: str, task_id: str) -> StepRow | None:
                                & (StepRow.action == "startTask"))
 
 
-def _check_resources(host: str, resources: Iterable[str]) -> None:
-    wanted = set(resources)
-    if not wanted:
-        return
-    held = ResourceLockRow.get_or_none((ResourceLockRow.host == host)
-                                       & ResourceLockRow.resource.in_(sorted(wanted)))
-    if held is not None:
-        raise errors.ResourceBusy(
-            f"{held.resource} on host {host} is held by task {held.task_id} "
-            f"(job {held.job_id})",
-            resource=held.resource, holder=held.task_id, host=host, jobID=held.job_id)
+def kind_shares(kind: object) -> bool:
+    """Whether tasks of ``kind`` hold their resources shared (they only read them:
+    checksum). The agent's own kind table says (``shares_resources``, reported in
+    getTaskKinds as sharesResources), so the engine and its agents agree."""
+    return isinstance(kind, str) and shares(kind)
+
+
+def _holders(host: str, wanted: set[str]) -> list[dict[str, Any]]:
+    """Every holder of any of ``wanted`` on ``host``: the engine's locks, then the
+    host's unfinished tasks the engine did not lock for (what they reported)."""
+    found: list[dict[str, Any]] = []
+    locked: set[str] = set()
+    for held in ResourceLockRow.select().where(
+            (ResourceLockRow.host == host) & ResourceLockRow.resource.in_(sorted(wanted))
+    ).order_by(ResourceLockRow.created_at, ResourceLockRow.task_id):
+        locked.add(held.task_id)
+        found.append({"taskID": held.task_id, "resource": held.resource,
+                      "shared": bool(held.shared), "jobID": held.job_id})
     # Tasks the engine did not start (or whose locks were replaced) hold what
     # their host reported in their resources.
-    unfinished = HostTaskRow.select(HostTaskRow.task_id, HostTaskRow.state,
+    unfinished = HostTaskRow.select(HostTaskRow.task_id, HostTaskRow.state, HostTaskRow.kind,
                                     HostTaskRow.detail).where(
         (HostTaskRow.host == host) & HostTaskRow.state.not_in(sorted(TASK_FINAL)))
     for row in unfinished:
+        if row.task_id in locked:
+            continue
         doc = loads(row.detail) or {}
-        overlap = wanted & set(doc.get("resources") or ())
-        if overlap:
-            resource = sorted(overlap)[0]
-            raise errors.ResourceBusy(
-                f"{resource} on host {host} is held by task {row.task_id} ({row.state})",
-                resource=resource, holder=row.task_id, host=host, holderState=row.state)
+        for resource in sorted(wanted & set(doc.get("resources") or ())):
+            found.append({"taskID": row.task_id, "resource": resource,
+                          "shared": kind_shares(row.kind), "state": row.state})
+    return found
+
+
+def _check_resources(host: str, resources: Iterable[str], shared: bool = False) -> None:
+    """ResourceBusy naming every holder, unless there is none or all of them and the
+    request are shared."""
+    wanted = set(resources)
+    if not wanted:
+        return
+    holders = _holders(host, wanted)
+    if not holders or (shared and all(holder["shared"] for holder in holders)):
+        return
+    first = next((h for h in holders if not (shared and h["shared"])), holders[0])
+    named = ", ".join(f"task {h['taskID']} ({'shared' if h['shared'] else 'exclusive'})"
+                      for h in holders)
+    extra = {"jobID": first["jobID"]} if "jobID" in first else {
+        "holderState": first.get("state")}
+    raise errors.ResourceBusy(
+        f"{first['resource']} on host {host} is held by {named}",
+        resource=first["resource"], holder=first["taskID"], host=host,
+        holders=holders,
+        **extra)
 
 
 def create_job(job_id: str, action: str, params: dict[str, Any], steps: Sequence[StepSpec],
@@ -82,10 +111,12 @@ def create_job(job_id: str, action: str, params: dict[str, Any], steps: Sequence
         if resources:
             (spec,) = steps
             assert spec.task_id is not None
-            _check_resources(spec.host, resources)
+            shared = kind_shares(spec.request.get("kind"))
+            _check_resources(spec.host, resources, shared)
             ResourceLockRow.insert_many([
                 {"host": spec.host, "resource": resource, "task_id": spec.task_id,
-                 "job_id": job_id, "created_at": now} for resource in sorted(set(resources))
+                 "job_id": job_id, "created_at": now, "shared": shared}
+                for resource in sorted(set(resources))
             ]).execute()
             LOCK_CHANGES["taken"] += len(set(resources))
         JobRow.create(id=job_id, action=action, state="pending", params=dumps(params),
@@ -107,10 +138,16 @@ def replace_task_locks(host: str, task_id: str, resources: Sequence[str], now: f
     wanted = sorted(set(resources))
     if not wanted:
         return
+    shared = kind_shares(loads(step.request).get("kind"))
+    # A resource another task holds exclusively (it took it meanwhile) stays its own;
+    # a shared one is shared once more.
+    condition = (ResourceLockRow.host == host) & ResourceLockRow.resource.in_(wanted)
+    if shared:
+        condition &= ~ResourceLockRow.shared
     taken = {row.resource for row in ResourceLockRow.select(ResourceLockRow.resource).where(
-        (ResourceLockRow.host == host) & ResourceLockRow.resource.in_(wanted))}
+        condition)}
     rows = [{"host": host, "resource": resource, "task_id": task_id, "job_id": step.job_id,
-             "created_at": now} for resource in wanted if resource not in taken]
+             "created_at": now, "shared": shared} for resource in wanted if resource not in taken]
     if rows:
         ResourceLockRow.insert_many(rows).execute()
         LOCK_CHANGES["taken"] += len(rows)

@@ -80,6 +80,7 @@ class TaskContext(Protocol):
     def cancel_requested(self) -> bool: ...
     def sleep(self, seconds: float) -> None: ...
     def throttle(self, nbytes: int) -> None: ...
+    def report_external(self, **values: Any) -> None: ...
 
 
 def _caller_name(name: str | None) -> str:
@@ -186,6 +187,7 @@ class TaskKind(abc.ABC):
             "destructive": cls.destructive,
             "paramsSchema": cls.params_schema,
             "resultSchema": cls.result_schema,
+            "sharesResources": cls.shares_resources,
         }
 
     # -- child side ------------------------------------------------------------------

@@ -183,6 +183,8 @@ class GlusterTask(TaskKind):
                            f"task {self.gluster_task_id}")
         self.stop_needed = True
         mark(self.ctx.env, self.gluster_task_id)
+        # In the task's record (external.glusterTaskID) from now on, not only at its end.
+        self.ctx.report_external(glusterTaskID=self.gluster_task_id)
         return self.follow()
 
     def follow(self) -> dict[str, Any]:
