@@ -114,6 +114,9 @@ async def test_gluster_verbs_through_the_engine(aiohttp_client: Any, tmp_path: P
     on_host = agent.call("getTask", taskID=step["taskID"])
     assert on_host["result"]["glusterTaskID"] == volume.rebalance_task_id()
     assert on_host["result"]["files"] > 0
+    # The engine keeps the agent's document: Gluster's task ID is in it (external).
+    kept = (await engine.call("getTask", host="h1", taskID=step["taskID"]))["task"]
+    assert kept["detail"]["external"] == {"glusterTaskID": volume.rebalance_task_id()}
 
     # A rebalance started with the gluster CLI: the agent discovers it, the engine
     # shows it as external, to its end.
@@ -132,6 +135,8 @@ async def test_gluster_verbs_through_the_engine(aiohttp_client: Any, tmp_path: P
     assert task["jobID"] is None
     assert task["kind"] == "gluster.rebalance"
     assert (await wait_task(engine, "h1", discovered))["state"] == "done"
+    kept = (await engine.call("getTask", host="h1", taskID=discovered))["task"]
+    assert kept["detail"]["external"] == {"glusterTaskID": gluster_id}
     listing = await engine.call("listTasks", filter={"host": "h1", "external": True})
     assert discovered in [item["id"] for item in listing["tasks"]]
     assert volume.checksums() == before
