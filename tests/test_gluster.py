@@ -161,6 +161,38 @@ def test_remove_brick_migrates_commit_refused_before_completion_no_file_lost(
         assert volume.checksums() == before  # no file lost, none changed
 
 
+def test_remove_brick_without_migrate_forces_it_out_and_leaves_its_files_behind(
+        runner: AgentRunner, gluster_server: GlusterServer, tmp_path: Path) -> None:
+    """migrate: false is Gluster's remove-brick ... force: no Gluster task, nothing to
+    commit; the brick leaves the volume at once, its files with it (still on the
+    brick's directory, gone from the mount), every other file intact."""
+    with gluster_volume(gluster_server, tmp_path / "gluster", bricks=3) as volume:
+        volume.write_files(FILES, SIZE)
+        before = volume.checksums()
+        leaving = volume.bricks[2]
+        held = set(volume.files_on(leaving))
+        assert held, "the brick to remove holds no file"
+        brick = volume.brick(leaving)
+        call = runner.agent.call
+        task_id = call("startTask", kind="gluster.remove-brick", params={
+            "volume": volume.name, "bricks": [brick], "migrate": False})["taskID"]
+        task = wait(runner, task_id)
+        assert task["state"] == "done", (task, output(runner, task_id))
+        assert task["result"] == {"volume": volume.name, "bricks": [brick],
+                                  "status": "removed"}
+        assert task["external"] is None  # no Gluster task to follow
+        assert "without migrating their data" in output(runner, task_id)
+        assert brick not in volume.brick_names()
+        assert len(volume.brick_names()) == 2
+        with pytest.raises(cli.GlusterError):
+            cli.remove_brick_status(volume.name, [brick])  # nothing to commit
+        assert set(volume.files_on(leaving)) == held  # left on the brick, not deleted
+        after = volume.checksums()
+        assert set(after) == set(before) - held  # gone from the volume
+        assert after == {name: digest for name, digest in before.items()
+                         if name not in held}
+
+
 def test_bad_names_are_refused_before_any_command(runner: AgentRunner) -> None:
     call = runner.agent.call
     for params in ({"volume": "-x"}, {"volume": "all"}, {"volume": "a b"},
