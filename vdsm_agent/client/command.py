@@ -156,8 +156,19 @@ def print_result(program: Program, result: Any, verb: Verb, view: SchemaView,
     if not table.rows:
         _say(sys.stderr, "(no rows)")
     for name, value in table.rest.items():
-        if value is not None and value != []:  # a next page token, unreachable hosts
+        if _worth_saying(name, value):  # a next page token, unreachable hosts
             _say(sys.stderr, f"{name}: {to_json(value, compact=True)}")
+
+
+def _worth_saying(name: str, value: Any) -> bool:
+    """Whether a member beside a table tells a person something.
+
+    A list's changeToken is for a program's next conditional read, and
+    notModified matters only when true (the table is then empty for that reason).
+    """
+    if name == "changeToken" or (name == "notModified" and value is False):
+        return False
+    return value is not None and value != []
 
 
 def _chosen_columns(program: Program, table: Table, verb: Verb,
