@@ -26,8 +26,8 @@ PATTERNS: dict[str, str] = {
     "^[a-z][a-z0-9._-]*$": "must be a lower-case name (a letter, then letters, digits, "
                            "'.', '_' or '-'), e.g. checksum",
     "^/dev/[A-Za-z0-9._/:+-]+$": "must be a device path under /dev, e.g. /dev/loop1",
-    "^https?://(\\[[0-9A-Fa-f:.]+\\]|[A-Za-z0-9.-]+):[0-9]{1,5}(/jsonrpc)?$":
-        "must be an agent URL http(s)://HOST:PORT[/jsonrpc] with its port, "
+    "^https?://(\\[[0-9A-Fa-f:.]+\\]|[A-Za-z0-9.-]+):[0-9]{1,5}((/[A-Za-z0-9._~-]+)*/jsonrpc)?$":
+        "must be an agent URL http(s)://HOST:PORT[[/PREFIX]/jsonrpc] with its port, "
         "e.g. http://host1.example.com:54321",
     "^[A-Za-z0-9_.][A-Za-z0-9 _.+-]*$": "may hold letters, digits, spaces and '_', '.', "
                                          "'+', '-' (not a space, '+' or '-' first), "
