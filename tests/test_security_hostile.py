@@ -238,15 +238,20 @@ HOSTILE_DEVICES = ["/dev/vda", "/dev/vda1", "-/dev/vda", "/dev/../etc/passwd", "
                    "/dev/disk/by-id/../../vda", "/" + "d" * 5000, "/dev/loop0", "/dev/loop7"]
 
 
+def _device_field(params_schema: dict[str, Any]) -> list[str]:
+    properties = params_schema.get("properties", {})
+    return [field for field in ("device", "destination") if field in properties][:1]
+
+
 async def test_hostile_device_names_never_get_a_destructive_task(hostile_agent,
                                                                  no_devices_touched):
     rpc, images, _ = hostile_agent
-    destructive = {name: kind for name, kind in KINDS.items() if kind.destructive}
+    # The destructive kinds that take a device (a Gluster volume task names a volume).
+    destructive = {name: field for name, kind in KINDS.items() if kind.destructive
+                   for field in _device_field(kind.params_schema)}
     seen: set[str] = set()
-    assert destructive, "no destructive kind registered"
-    for name, kind in sorted(destructive.items()):
-        properties = kind.params_schema.get("properties", {})
-        field = next(f for f in ("device", "destination") if f in properties)
+    assert {"wipe", "format", "copy"} <= destructive.keys(), destructive
+    for name, field in sorted(destructive.items()):
         for device in HOSTILE_DEVICES:
             params: dict[str, Any] = {field: device}
             if name == "format":
