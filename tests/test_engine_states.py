@@ -209,6 +209,9 @@ async def test_an_illegal_job_move_raises_and_changes_nothing(store: EngineStore
         await store.run(move_back)
     again = await views.get_job(store, "j")
     assert again == job
+    # Recomputing a finished job (its steps did not move) is no move, not an error.
+    await store.run(repository.recompute_jobs, ["j"], T0 + 3)
+    assert await views.get_job(store, "j") == job
 
 
 async def test_an_illegal_step_move_raises_and_changes_nothing(store: EngineStore) -> None:

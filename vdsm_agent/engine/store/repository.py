@@ -89,7 +89,7 @@ __all__ = [
     "get_task", "host_counts", "instance_id", "knows_task",
     "list_connections", "list_hosts", "list_hosts_page", "list_jobs_page",
     "list_tasks_page", "loads", "locks_of", "move_job", "move_step", "pending_connection_steps",
-    "pending_steps", "remove_host", "set_maintenance", "step_accepted",
+    "pending_steps", "recompute_jobs", "remove_host", "set_maintenance", "step_accepted",
     "step_attempt_failed", "step_failed", "update_host",
 ]
 

@@ -212,8 +212,9 @@ def recompute_jobs(job_ids: Iterable[str], now: float) -> None:
             continue
         rows: Any = StepRow.select(StepRow.state).where(StepRow.job_id == job_id).tuples()
         states = [str(state) for (state,) in rows]
-        if states:
-            move_job(job, job_state(states), now)
+        new = job_state(states) if states else JobState(job.state)
+        if new != job.state:  # a final job's steps no longer move: it is left alone
+            move_job(job, new, now)
 
 
 def pending_steps(host: str) -> list[StepRow]:
