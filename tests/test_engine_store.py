@@ -13,6 +13,7 @@ import pytest
 from tests.engine_support import database_url, postgres_server  # noqa: F401
 from vdsm_agent import errors
 from vdsm_agent.common.clock import rfc3339
+from vdsm_agent.engine import views
 from vdsm_agent.engine.states import STEP_FINAL, STEP_TRANSITIONS, StepState
 from vdsm_agent.engine.store import EngineStore, repository
 from vdsm_agent.engine.store.migrations import latest_version
@@ -115,7 +116,7 @@ async def test_snapshot_records_external_tasks_and_keeps_newer_knowledge(store: 
     assert rows[ours].job_id == "job-1"
     assert rows[ours].step_id == "step-1"
     # The host's task was there although the startTask answer never came: bound.
-    job = await store.run(repository.get_job, "job-1")
+    job = await views.get_job(store, "job-1")
     assert job["steps"][0]["state"] == "running"
     assert job["state"] == "running"
 
@@ -130,7 +131,7 @@ async def test_snapshot_records_external_tasks_and_keeps_newer_knowledge(store: 
     assert rows[ext].ended_at == T0 + 3
     assert gone not in rows  # the host removed it
     assert rows[ours].state == "done"
-    job = await store.run(repository.get_job, "job-1")
+    job = await views.get_job(store, "job-1")
     assert job["state"] == "done"
     assert job["steps"][0]["state"] == "done"
     assert job["endedAt"] is not None
@@ -176,7 +177,7 @@ async def test_locks_conflict_and_are_released_when_the_task_ends(store: EngineS
                                    {"taskID": first, "resource": "test:b", "shared": False,
                                     "jobID": "j1"}]}
     with pytest.raises(errors.JobNotFound):
-        await store.run(repository.get_job, "j2")  # nothing of it was written
+        await views.get_job(store, "j2")  # nothing of it was written
     await start("j3", "h2", second, ["test:b"])  # another host: no conflict
     # The host reports the task's real resources: they replace the guess.
     await store.run(repository.step_accepted, "step-j1", StepState.RUNNING, T0)
@@ -188,7 +189,7 @@ async def test_locks_conflict_and_are_released_when_the_task_ends(store: EngineS
     await store.run(repository.apply_task_event, "h1",
                     {"taskID": first, "state": "done", "at": rfc3339(T0 + 9)}, None, T0 + 9)
     assert await store.run(repository.locks_of, "h1") == []
-    assert (await store.run(repository.get_job, "j1"))["state"] == "done"
+    assert (await views.get_job(store, "j1"))["state"] == "done"
     # An unfinished task the engine did not start holds what its host reported.
     external = str(uuid.uuid4())
     await store.run(repository.apply_task_doc, "h1",
@@ -205,15 +206,15 @@ async def test_job_states_from_steps(store: EngineStore):
                                  connection_id="c") for name in ("h1", "h2", "h3")]
     await store.run(repository.create_job, "j", "manageStorageConnection", {}, specs,
                     ["s1", "s2", "s3"], [], T0)
-    assert (await store.run(repository.get_job, "j"))["state"] == "pending"
+    assert (await views.get_job(store, "j"))["state"] == "pending"
     await store.run(repository.step_attempt_failed, "s2", {"name": "HostUnreachable"}, T0)
     pending = await store.run(repository.pending_steps, "h2")
     assert [(step.id, step.attempts) for step in pending] == [("s2", 1)]
     await store.run(repository.step_accepted, "s1", StepState.DONE, T0, {"state": "connecting"})
-    assert (await store.run(repository.get_job, "j"))["state"] == "running"
+    assert (await views.get_job(store, "j"))["state"] == "running"
     await store.run(repository.step_failed, "s3", {"name": "InvalidUri"}, T0)
     await store.run(repository.step_accepted, "s2", StepState.DONE, T0 + 1)
-    job = await store.run(repository.get_job, "j")
+    job = await views.get_job(store, "j")
     assert job["state"] == "partial"
     assert [step["attempts"] for step in job["steps"]] == [1, 2, 1]
     assert job["steps"][2]["lastError"] == {"name": "InvalidUri"}
@@ -221,7 +222,7 @@ async def test_job_states_from_steps(store: EngineStore):
     assert await store.run(repository.delete_finished_jobs, T0 + 1) == 0
     assert await store.run(repository.delete_finished_jobs, T0 + 2) == 1
     with pytest.raises(errors.JobNotFound):
-        await store.run(repository.get_job, "j")
+        await views.get_job(store, "j")
 
 
 async def test_a_step_moves_only_by_its_transition_table(store: EngineStore):

@@ -159,7 +159,7 @@ async def cancel_task(engine: Engine, host: str, taskID: str) -> dict[str, Any]:
 
 
 async def get_job(engine: Engine, jobID: str) -> dict[str, Any]:
-    return await engine.store.run(repository.get_job, jobID.lower())
+    return await views.get_job(engine.store, jobID.lower())
 
 
 async def list_jobs(engine: Engine, filter: dict[str, Any] | None = None,
@@ -172,7 +172,7 @@ async def wait_job(engine: Engine, jobID: str, timeout: float = 30.0) -> dict[st
     deadline = loop.time() + timeout
     while True:
         changed = engine.jobs_event()
-        job = await engine.store.run(repository.get_job, jobID.lower())
+        job = await views.get_job(engine.store, jobID.lower())
         remaining = deadline - loop.time()
         if job["state"] in ("done", "failed", "partial") or remaining <= 0:
             return job

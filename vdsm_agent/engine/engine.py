@@ -1,4 +1,10 @@
-"""The engine's runtime context: what every verb handler receives first."""
+"""The engine's runtime context: what every verb handler receives first.
+
+The engine makes and wires its parts: one ``poller.HostWorker`` per host, the
+``jobs.Jobs`` and their ``jobs.StepRunner``. Each part sees the engine (and
+the others) only through the narrow interfaces of ``ports``, so none of them
+imports this module.
+"""
 
 from __future__ import annotations
 
@@ -78,7 +84,11 @@ class Engine:
         if worker is not None:
             await worker.stop()
 
-    # -- what the views need to know ----------------------------------------------------
+    # -- what the jobs and views need to know (ports.JobContext, ports.ViewContext) -------
+
+    def host(self, name: str) -> HostWorker | None:
+        """The host's worker: what the jobs and views see of it (``ports.HostHandle``)."""
+        return self.workers.get(name)
 
     def not_current(self) -> list[str]:
         """Hosts whose state the engine does not currently see (shown as unknown)."""

@@ -24,17 +24,15 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vdsm_agent import errors
+from vdsm_agent.engine import views
 from vdsm_agent.engine.agentclient import AgentError, AgentUnreachable
+from vdsm_agent.engine.ports import HostHandle, JobContext
 from vdsm_agent.engine.states import TASK_FINAL, StepState
 from vdsm_agent.engine.store import repository
 from vdsm_agent.engine.store.models import StepRow
-
-if TYPE_CHECKING:
-    from vdsm_agent.engine.engine import Engine
-    from vdsm_agent.engine.poller import HostWorker
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +67,7 @@ def new_id() -> str:
 class Jobs:
     """Creates jobs (one transaction each) and wakes the hosts that run their steps."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: JobContext) -> None:
         self.engine = engine
 
     async def _create(self, action: str, params: dict[str, Any],
@@ -82,10 +80,10 @@ class Jobs:
                         resources, self.engine.now())
         log.info("job %s: %s on %s", job_id, action, ", ".join(spec.host for spec in steps))
         for host in {spec.host for spec in steps}:
-            worker = self.engine.workers.get(host)
+            worker = self.engine.host(host)
             if worker is not None:
                 worker.kick()
-        return await store.run(repository.get_job, job_id)
+        return await views.get_job(store, job_id)
 
     async def start_task(self, host: str, kind: str, params: dict[str, Any],
                          deadline: str | None) -> dict[str, Any]:
@@ -120,7 +118,7 @@ class Jobs:
         row = await engine.store.run(repository.get_task, host, task_id)
         if row is None:
             await engine.store.run(repository.get_host, host)
-            worker = engine.workers.get(host)
+            worker = engine.host(host)
             if worker is not None and not worker.current:
                 raise errors.HostUnreachable(
                     f"host {host} does not answer and the engine has no task {task_id} there",
@@ -141,10 +139,10 @@ def _unique(hosts: Sequence[str]) -> list[str]:
 class StepRunner:
     """Runs one host's pending steps (called by the host's worker)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: JobContext) -> None:
         self.engine = engine
 
-    async def run_pending(self, worker: HostWorker) -> bool:
+    async def run_pending(self, worker: HostHandle) -> bool:
         """Try every pending step of the host, in order; True if any is left pending."""
         if worker.maintenance:
             return False
@@ -154,7 +152,7 @@ class StepRunner:
                 return True  # the host does not answer: retry all later, in order
         return False
 
-    async def attempt(self, worker: HostWorker, step: StepRow) -> bool:
+    async def attempt(self, worker: HostHandle, step: StepRow) -> bool:
         """One attempt; False when the host did not answer (the step stays pending)."""
         store = self.engine.store
         request = repository.loads(step.request)
@@ -176,7 +174,7 @@ class StepRunner:
         self.engine.jobs_changed(jobs)
         return True
 
-    async def _send(self, worker: HostWorker, step: StepRow,
+    async def _send(self, worker: HostHandle, step: StepRow,
                     request: dict[str, Any]) -> set[str]:
         store = self.engine.store
         now = self.engine.now

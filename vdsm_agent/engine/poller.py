@@ -41,7 +41,7 @@ import random
 import ssl
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
@@ -56,12 +56,10 @@ from vdsm_agent.engine.agentclient import (
 )
 from vdsm_agent.engine.hostfeed import HostFeed
 from vdsm_agent.engine.listings import Listings
+from vdsm_agent.engine.ports import HostContext
 from vdsm_agent.engine.states import HostStatus
 from vdsm_agent.engine.store import repository
 from vdsm_agent.engine.store.models import HostRow
-
-if TYPE_CHECKING:
-    from vdsm_agent.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +71,7 @@ RESYNC_CONCURRENCY = 128
 _RESYNC_SLOTS: weakref.WeakKeyDictionary[Any, asyncio.Semaphore] = weakref.WeakKeyDictionary()
 
 
-def resync_slots(engine: Engine) -> asyncio.Semaphore:
+def resync_slots(engine: HostContext) -> asyncio.Semaphore:
     """The engine's resync slots (``RESYNC_CONCURRENCY``), made on first use."""
     slots = _RESYNC_SLOTS.get(engine)
     if slots is None:
@@ -87,7 +85,7 @@ PERSIST_EVERY = 30.0  # seconds between writes of a host's lastSeen/syncedAt at 
 class HostWorker:
     """Learns one host's state and runs its steps; ``start``/``stop`` it."""
 
-    def __init__(self, engine: Engine, row: HostRow) -> None:
+    def __init__(self, engine: HostContext, row: HostRow) -> None:
         self.engine = engine
         self.config = engine.config
         self.name: str = row.name

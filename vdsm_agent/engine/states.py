@@ -1,14 +1,34 @@
-"""The engine's state names: hosts, jobs, steps, and how tasks read across hosts."""
+"""The engine's state names: hosts, jobs, steps, and how tasks read across hosts.
+
+Steps and jobs each have ONE transition table here and one check of it
+(``check_step_move``, ``check_job_move``), as the agent's tasks have
+``tasks/states.py``. The store moves a step only through
+``store.steps.move_step`` and a job only through ``store.steps.move_job``,
+which call them (``tests/test_engine_states.py`` checks both: every edge, and
+that no other code writes a step's or a job's state)::
+
+    step:  pending -> running -> done | failed | canceled
+           pending -> done | failed | canceled    (answered final at once, refused,
+                                                   host removed)
+    job:   pending -> running -> done | failed | partial
+           pending -> done | failed | partial     (every step ended in one go)
+
+A job's state is derived from its steps' (``job_state``); since a step never
+goes back, neither does its job.
+"""
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
+from typing import TypeVar
 
 from vdsm_agent.tasks.states import FINAL as TASK_FINAL_STATES
 from vdsm_agent.tasks.states import State as TaskState
 
-__all__ = ["STEP_TRANSITIONS", "TASK_FINAL", "HostStatus", "JobState", "StepState",
-           "TaskState"]
+__all__ = ["JOB_TRANSITIONS", "STEP_TRANSITIONS", "TASK_FINAL", "HostStatus",
+           "IllegalMove", "JobState", "StepState", "TaskState", "check_job_move",
+           "check_step_move"]
 
 TASK_FINAL: frozenset[str] = frozenset(str(state) for state in TASK_FINAL_STATES)
 # How the engine shows a task (or a connection) of a host it cannot currently see.
@@ -34,7 +54,7 @@ STEP_FINAL: frozenset[str] = frozenset({StepState.DONE, StepState.FAILED, StepSt
 # The one transition table of steps (``store.steps.move_step`` is the one function
 # that moves one): a pending step may be accepted (running) or end at once (its
 # call answered with a final outcome, or failed); a running one only ends.
-STEP_TRANSITIONS: dict[StepState, frozenset[StepState]] = {
+STEP_TRANSITIONS: Mapping[StepState, frozenset[StepState]] = {
     StepState.PENDING: frozenset({StepState.RUNNING, StepState.DONE, StepState.FAILED,
                                   StepState.CANCELED}),
     StepState.RUNNING: frozenset({StepState.DONE, StepState.FAILED, StepState.CANCELED}),
@@ -53,6 +73,49 @@ class JobState(enum.StrEnum):
 
 
 JOB_FINAL: frozenset[str] = frozenset({JobState.DONE, JobState.FAILED, JobState.PARTIAL})
+# The one transition table of jobs (``store.steps.move_job`` is the one function that
+# moves one): a job is what its steps make it (``job_state``), and steps only go
+# forwards, so a job never goes back to pending, nor leaves a final state.
+JOB_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
+    JobState.PENDING: frozenset({JobState.RUNNING, JobState.DONE, JobState.FAILED,
+                                 JobState.PARTIAL}),
+    JobState.RUNNING: frozenset({JobState.DONE, JobState.FAILED, JobState.PARTIAL}),
+    JobState.DONE: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.PARTIAL: frozenset(),
+}
+
+
+_S = TypeVar("_S", "StepState", "JobState")
+
+
+class IllegalMove(ValueError):
+    """A step or job move its table does not allow: a bug of the engine, never an
+    answer to a caller (the change is rolled back with its transaction)."""
+
+    def __init__(self, what: str, source: str, target: str) -> None:
+        super().__init__(f"{what}: {source} -> {target} is not allowed")
+        self.source = source
+        self.target = target
+
+
+def _check(table: Mapping[_S, frozenset[_S]], what: str, source: _S, target: _S) -> None:
+    # Staying in an unfinished state is no move (a step accepted again stays
+    # running); a final state has no way out, not even to itself.
+    if target == source and table[source]:
+        return
+    if target not in table[source]:
+        raise IllegalMove(what, source, target)
+
+
+def check_step_move(source: StepState, target: StepState, what: str = "step") -> None:
+    """``IllegalMove`` unless ``STEP_TRANSITIONS`` lets a step go from source to target."""
+    _check(STEP_TRANSITIONS, what, source, target)
+
+
+def check_job_move(source: JobState, target: JobState, what: str = "job") -> None:
+    """``IllegalMove`` unless ``JOB_TRANSITIONS`` lets a job go from source to target."""
+    _check(JOB_TRANSITIONS, what, source, target)
 
 
 def job_state(step_states: list[str]) -> JobState:

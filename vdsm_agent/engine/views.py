@@ -5,27 +5,31 @@ which hosts they could not see (``unreachableHosts``) instead of failing. An
 unfinished task or a connection of a host whose state is not current
 (non-responsive, not yet reached, in maintenance) is shown as ``unknown``,
 with its last known state beside it; a finished task keeps its final state.
+
+The views make every document the engine answers from its store (hosts,
+tasks, connections' health, jobs and steps): the store returns rows. They
+see the engine through ``ports.ViewContext`` and a host's worker through
+``ports.HostView``/``ports.HostHandle``, never the poller itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vdsm_agent import errors
 from vdsm_agent.common import paging
 from vdsm_agent.common.clock import rfc3339
 from vdsm_agent.engine.agentclient import AgentError, AgentUnreachable
-from vdsm_agent.engine.engine import Engine
-from vdsm_agent.engine.poller import HostWorker
+from vdsm_agent.engine.ports import HostView, ViewContext
 from vdsm_agent.engine.states import TASK_FINAL, UNKNOWN, HostStatus
-from vdsm_agent.engine.store import repository
-from vdsm_agent.engine.store.models import HostRow, HostTaskRow
+from vdsm_agent.engine.store import EngineStore, repository
+from vdsm_agent.engine.store.models import HostRow, HostTaskRow, JobRow, StepRow
 
 # -- hosts ------------------------------------------------------------------------------
 
 
-def host_document(row: HostRow, worker: HostWorker | None,
+def host_document(row: HostRow, worker: HostView | None,
                   counts: Mapping[str, Mapping[str, int]] | None) -> dict[str, Any]:
     status = worker.status if worker is not None else (
         HostStatus.MAINTENANCE if row.maintenance else HostStatus(row.status))
@@ -51,7 +55,7 @@ def host_document(row: HostRow, worker: HostWorker | None,
 HOSTS_FINGERPRINT = paging.fingerprint("listHosts")
 
 
-async def list_hosts(engine: Engine, page_size: int, page_token: str | None) -> dict[str, Any]:
+async def list_hosts(engine: ViewContext, page_size: int, page_token: str | None) -> dict[str, Any]:
     """A page of hosts by name; counts of the page's hosts only (one DB hop)."""
     after = None
     if page_token:
@@ -59,14 +63,14 @@ async def list_hosts(engine: Engine, page_size: int, page_token: str | None) -> 
     page = await engine.store.run(repository.list_hosts_page, after, page_size)
     token = (paging.encode_token([page.rows[-1].name], HOSTS_FINGERPRINT)
              if page.more and page.rows else None)
-    return {"hosts": [host_document(row, engine.workers.get(row.name), page.counts.get(row.name))
+    return {"hosts": [host_document(row, engine.host(row.name), page.counts.get(row.name))
                       for row in page.rows],
             "nextPageToken": token}
 
 
-async def get_host(engine: Engine, name: str) -> dict[str, Any]:
+async def get_host(engine: ViewContext, name: str) -> dict[str, Any]:
     row, counts = await engine.store.run(repository.get_host_with_counts, name)
-    return host_document(row, engine.workers.get(name), counts.get(name))
+    return host_document(row, engine.host(name), counts.get(name))
 
 
 # -- tasks --------------------------------------------------------------------------------
@@ -93,8 +97,8 @@ def task_item(row: HostTaskRow, current: bool, host_status: str) -> dict[str, An
     }
 
 
-def _status_of(engine: Engine, host: str) -> tuple[bool, str]:
-    worker = engine.workers.get(host)
+def _status_of(engine: ViewContext, host: str) -> tuple[bool, str]:
+    worker = engine.host(host)
     if worker is None:
         return False, UNKNOWN
     return worker.current, str(worker.status)
@@ -113,7 +117,7 @@ def _depends_on_hosts(query: repository.TaskQuery) -> bool:
     return any(state not in TASK_FINAL for state in query.states)
 
 
-async def list_tasks(engine: Engine, where: Mapping[str, Any] | None, page_size: int,
+async def list_tasks(engine: ViewContext, where: Mapping[str, Any] | None, page_size: int,
                      page_token: str | None) -> dict[str, Any]:
     where = dict(where or {})
     query = repository.TaskQuery(
@@ -138,9 +142,9 @@ async def list_tasks(engine: Engine, where: Mapping[str, Any] | None, page_size:
     return {"tasks": items, "nextPageToken": token, "unreachableHosts": unreachable}
 
 
-async def get_task(engine: Engine, host: str, task_id: str, refresh: bool) -> dict[str, Any]:
+async def get_task(engine: ViewContext, host: str, task_id: str, refresh: bool) -> dict[str, Any]:
     await engine.store.run(repository.get_host, host)
-    worker = engine.workers.get(host)
+    worker = engine.host(host)
     refreshed = False
     if refresh and worker is not None and not worker.maintenance:
         try:
@@ -183,7 +187,7 @@ HEALTH_OF_STATE = {
 HEALTH_BUCKETS = ("connected", "degraded", "disconnected", "unknown")
 
 
-async def connection_health(engine: Engine, connection_id: str | None) -> dict[str, Any]:
+async def connection_health(engine: ViewContext, connection_id: str | None) -> dict[str, Any]:
     rows = await engine.store.run(repository.list_connections, connection_id)
     steps = await engine.store.run(repository.pending_connection_steps, connection_id)
     by_id: dict[str, dict[str, Any]] = {}
@@ -225,7 +229,43 @@ async def connection_health(engine: Engine, connection_id: str | None) -> dict[s
 # -- jobs ------------------------------------------------------------------------------------
 
 
-async def list_jobs(engine: Engine, where: Mapping[str, Any] | None, page_size: int,
+def job_document(job: JobRow, steps: Sequence[StepRow]) -> dict[str, Any]:
+    return {
+        "jobID": job.id,
+        "action": job.action,
+        "state": job.state,
+        "params": repository.loads(job.params),
+        "createdAt": rfc3339(job.created_at),
+        "updatedAt": rfc3339(job.updated_at),
+        "endedAt": rfc3339(job.ended_at),
+        "steps": [step_document(step) for step in steps],
+    }
+
+
+def step_document(step: StepRow) -> dict[str, Any]:
+    return {
+        "stepID": step.id,
+        "host": step.host,
+        "action": step.action,
+        "state": step.state,
+        "taskID": step.task_id,
+        "connectionID": step.connection_id,
+        "attempts": step.attempts,
+        "lastError": repository.loads(step.last_error),
+        "result": repository.loads(step.result),
+        "createdAt": rfc3339(step.created_at),
+        "updatedAt": rfc3339(step.updated_at),
+        "endedAt": rfc3339(step.ended_at),
+    }
+
+
+async def get_job(store: EngineStore, job_id: str) -> dict[str, Any]:
+    """The job's document (``JobNotFound``)."""
+    found = await store.run(repository.get_job, job_id)
+    return job_document(found.job, found.steps)
+
+
+async def list_jobs(engine: ViewContext, where: Mapping[str, Any] | None, page_size: int,
                     page_token: str | None) -> dict[str, Any]:
     where = dict(where or {})
     query = repository.JobQuery(states=_as_tuple(where.get("state")),
@@ -239,8 +279,7 @@ async def list_jobs(engine: Engine, where: Mapping[str, Any] | None, page_size: 
     page = jobs[:page_size]
     token = None
     if len(jobs) > page_size:
-        last = page[-1]
-        token = paging.encode_token([last["_createdAt"], last["jobID"]], fingerprint)
-    for job in jobs:
-        job.pop("_createdAt", None)
-    return {"jobs": page, "nextPageToken": token}
+        last = page[-1].job
+        token = paging.encode_token([last.created_at, last.id], fingerprint)
+    return {"jobs": [job_document(found.job, found.steps) for found in page],
+            "nextPageToken": token}

@@ -23,7 +23,6 @@ from vdsm_agent.engine.engine import Engine
 from vdsm_agent.engine.states import TASK_FINAL, UNKNOWN
 from vdsm_agent.engine.store import repository
 from vdsm_agent.engine.store.models import HostConnectionRow, HostTaskRow, JobRow, StepRow
-from vdsm_agent.engine.store.steps import job_document
 
 HOSTS_PER_PAGE = 100
 TASKS_PER_PAGE = 50
@@ -213,7 +212,7 @@ def _with_steps(jobs: Sequence[JobRow]) -> list[dict[str, Any]]:
         for step in (StepRow.select().where(StepRow.job_id.in_(list(steps)))
                      .order_by(StepRow.position)):
             steps[step.job_id].append(step)
-    return [job_document(job, steps[job.id]) for job in jobs]
+    return [views.job_document(job, steps[job.id]) for job in jobs]
 
 
 def _jobs_by_id(job_ids: Sequence[str]) -> list[dict[str, Any]]:

@@ -62,34 +62,35 @@ from vdsm_agent.engine.store.rows import BATCH, atomic, dumps, loads
 from vdsm_agent.engine.store.steps import (
     ACTIVE_STEP_STATES,
     JobQuery,
+    JobWithSteps,
     StepSpec,
     create_job,
     delete_finished_jobs,
     get_job,
     get_step,
-    job_document,
     list_jobs_page,
     locks_of,
+    move_job,
     move_step,
     pending_steps,
     recompute_jobs,
     step_accepted,
     step_attempt_failed,
-    step_document,
     step_failed,
 )
 
 __all__ = [
-    "ACTIVE_STEP_STATES", "BATCH", "Counts", "HostsPage", "JobQuery", "StepSpec",
+    "ACTIVE_STEP_STATES", "BATCH", "Counts", "HostsPage", "JobQuery", "JobWithSteps",
+    "StepSpec",
     "SyncResult", "TaskQuery", "add_host", "apply_connection_doc", "apply_connection_event",
     "apply_connection_snapshot", "apply_resync", "apply_task_doc", "apply_task_event",
     "apply_task_snapshot", "create_job", "delete_finished_jobs", "dumps",
     "forget_connection", "get_host", "get_host_with_counts", "get_job", "get_step",
-    "get_task", "host_counts", "instance_id", "job_document", "knows_task",
+    "get_task", "host_counts", "instance_id", "knows_task",
     "list_connections", "list_hosts", "list_hosts_page", "list_jobs_page",
-    "list_tasks_page", "loads", "locks_of", "move_step", "pending_connection_steps",
-    "pending_steps", "remove_host", "set_maintenance", "step_accepted",
-    "step_attempt_failed", "step_document", "step_failed", "update_host",
+    "list_tasks_page", "loads", "locks_of", "move_job", "move_step", "pending_connection_steps",
+    "pending_steps", "recompute_jobs", "remove_host", "set_maintenance", "step_accepted",
+    "step_attempt_failed", "step_failed", "update_host",
 ]
 
 

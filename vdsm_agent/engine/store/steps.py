@@ -1,8 +1,9 @@
 """Jobs, their steps, and the resource locks of engine-started tasks (DB thread).
 
 A step changes state only through ``move_step`` (the table is
-``engine.states.STEP_TRANSITIONS``); a job's state is derived from its steps'
-by ``recompute_jobs`` (``engine.states.job_state``). Functions that change
+``engine.states.STEP_TRANSITIONS``), a job only through ``move_job``
+(``engine.states.JOB_TRANSITIONS``), which ``recompute_jobs`` calls with the
+state its steps make (``engine.states.job_state``). Functions that change
 steps return the IDs of the jobs whose state they may have changed, so that
 the caller can wake ``waitJob``.
 """
@@ -16,12 +17,14 @@ from typing import Any
 import peewee
 
 from vdsm_agent import errors
-from vdsm_agent.common.clock import rfc3339
 from vdsm_agent.engine.states import (
+    JOB_FINAL,
     STEP_FINAL,
-    STEP_TRANSITIONS,
     TASK_FINAL,
+    JobState,
     StepState,
+    check_job_move,
+    check_step_move,
     job_state,
 )
 from vdsm_agent.engine.store.hosts import get_host
@@ -119,7 +122,8 @@ def create_job(job_id: str, action: str, params: dict[str, Any], steps: Sequence
                 for resource in sorted(set(resources))
             ]).execute()
             LOCK_CHANGES["taken"] += len(set(resources))
-        JobRow.create(id=job_id, action=action, state="pending", params=dumps(params),
+        JobRow.create(id=job_id, action=action, state=JobState.PENDING.value,
+                      params=dumps(params),
                       created_at=now, updated_at=now)
         for position, (step_id, spec) in enumerate(zip(step_ids, steps, strict=True)):
             StepRow.create(id=step_id, job_id=job_id, position=position, host=spec.host,
@@ -162,12 +166,11 @@ def locks_of(host: str | None = None) -> list[ResourceLockRow]:
 
 def move_step(step: StepRow, state: StepState, now: float, *,
               result: Any = None, error: Any = None) -> None:
-    """The one function that changes a step's state (``STEP_TRANSITIONS``; staying
-    running is no move), with its result or error, saved (no error given: lastError
-    is cleared). A startTask step that ends other than done frees its task's locks."""
-    current = StepState(step.state)
-    if state is not current and state not in STEP_TRANSITIONS[current]:
-        raise ValueError(f"step {step.id}: {current} -> {state} is not allowed")
+    """The one function that changes a step's state (``states.STEP_TRANSITIONS``;
+    staying running is no move; ``states.IllegalMove`` otherwise), with its result
+    or error, saved (no error given: lastError is cleared). A startTask step that
+    ends other than done frees its task's locks."""
+    check_step_move(StepState(step.state), state, f"step {step.id}")
     step.state = state.value
     step.updated_at = now
     final = state in STEP_FINAL
@@ -187,18 +190,31 @@ def move_step(step: StepRow, state: StepState, now: float, *,
             & (ResourceLockRow.task_id == step.task_id)).execute()
 
 
+def move_job(job: JobRow, state: JobState, now: float) -> None:
+    """The one function that changes a job's state (``states.JOB_TRANSITIONS``;
+    ``states.IllegalMove`` otherwise); a final job gets its end time."""
+    current = JobState(job.state)
+    check_job_move(current, state, f"job {job.id}")
+    if state == current:
+        return
+    job.state = state.value
+    job.updated_at = now
+    job.ended_at = now if state in JOB_FINAL else None
+    JobRow.update(state=job.state, updated_at=now, ended_at=job.ended_at).where(
+        JobRow.id == job.id).execute()
+
+
 def recompute_jobs(job_ids: Iterable[str], now: float) -> None:
+    """Each job's state from its steps' (``states.job_state``), moved by ``move_job``."""
     for job_id in set(job_ids):
         job = JobRow.get_or_none(JobRow.id == job_id)
         if job is None:
             continue
         rows: Any = StepRow.select(StepRow.state).where(StepRow.job_id == job_id).tuples()
         states = [str(state) for (state,) in rows]
-        new = job_state(states) if states else job.state
-        if new != job.state:
-            final = all(state in STEP_FINAL for state in states)
-            JobRow.update(state=str(new), updated_at=now,
-                          ended_at=now if final else None).where(JobRow.id == job_id).execute()
+        new = job_state(states) if states else JobState(job.state)
+        if new != job.state:  # a final job's steps no longer move: it is left alone
+            move_job(job, new, now)
 
 
 def pending_steps(host: str) -> list[StepRow]:
@@ -243,42 +259,20 @@ def step_failed(step_id: str, error: Any, now: float) -> set[str]:
         return {step.job_id}
 
 
-def get_job(job_id: str) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class JobWithSteps:
+    """A job's row and its steps' rows, in order (the views make the document)."""
+
+    job: JobRow
+    steps: list[StepRow]
+
+
+def get_job(job_id: str) -> JobWithSteps:
     job = JobRow.get_or_none(JobRow.id == job_id)
     if job is None:
         raise errors.JobNotFound(f"no job {job_id}", jobID=job_id)
     steps = list(StepRow.select().where(StepRow.job_id == job_id).order_by(StepRow.position))
-    return job_document(job, steps)
-
-
-def job_document(job: JobRow, steps: Sequence[StepRow]) -> dict[str, Any]:
-    return {
-        "jobID": job.id,
-        "action": job.action,
-        "state": job.state,
-        "params": loads(job.params),
-        "createdAt": rfc3339(job.created_at),
-        "updatedAt": rfc3339(job.updated_at),
-        "endedAt": rfc3339(job.ended_at),
-        "steps": [step_document(step) for step in steps],
-    }
-
-
-def step_document(step: StepRow) -> dict[str, Any]:
-    return {
-        "stepID": step.id,
-        "host": step.host,
-        "action": step.action,
-        "state": step.state,
-        "taskID": step.task_id,
-        "connectionID": step.connection_id,
-        "attempts": step.attempts,
-        "lastError": loads(step.last_error),
-        "result": loads(step.result),
-        "createdAt": rfc3339(step.created_at),
-        "updatedAt": rfc3339(step.updated_at),
-        "endedAt": rfc3339(step.ended_at),
-    }
+    return JobWithSteps(job, steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,7 +283,7 @@ class JobQuery:
 
 
 def list_jobs_page(query: JobQuery, after: tuple[float, str] | None,
-                   limit: int) -> list[dict[str, Any]]:
+                   limit: int) -> list[JobWithSteps]:
     select = JobRow.select()
     if query.states:
         select = select.where(JobRow.state.in_(query.states))
@@ -308,8 +302,7 @@ def list_jobs_page(query: JobQuery, after: tuple[float, str] | None,
         for step in StepRow.select().where(StepRow.job_id.in_(list(by_job))).order_by(
                 StepRow.job_id, StepRow.position):
             by_job[step.job_id].append(step)
-    # ``_createdAt``: the exact time, for the caller's page token (removed before answering).
-    return [{**job_document(job, by_job[job.id]), "_createdAt": job.created_at} for job in jobs]
+    return [JobWithSteps(job, by_job[job.id]) for job in jobs]
 
 
 def delete_finished_jobs(ended_before: float) -> int:
