@@ -98,14 +98,14 @@ READ_ONLY = (("blkid",), ("qemu-img", "info"), ("qemu-img", "compare"))
 
 
 def _gluster_inspection(argv: Sequence[str]) -> bool:
-    """``gluster ... volume info V`` or ``... status``: a Gluster kind's checks at
-    submit read the volume and change nothing. They are refused too (as if glusterd
+    """``gluster ... volume info V``, ``volume status ...`` or ``... status``: a Gluster
+    kind's checks at submit and the discovery of Gluster tasks read and change nothing. They are refused too (as if glusterd
     were down: GlusterCommandFailed, a documented error) but are not a violation."""
     words = [str(word) for word in argv]
     if os.path.basename(words[0]) != "gluster" or "volume" not in words:
         return False
     action = words[words.index("volume") + 1:]
-    return action[:1] == ["info"] or action[-1:] == ["status"]
+    return action[:1] in (["info"], ["status"]) or action[-1:] == ["status"]
 
 
 def _guarded(real: Any) -> Any:
