@@ -62,3 +62,15 @@ def agent_process(tmp_path: Path) -> Iterator[AgentProcess]:
 @pytest.fixture
 def wait_until() -> Any:
     return until
+
+
+@pytest.fixture
+def make_engine(aiohttp_client: Any, tmp_path: Path) -> Any:
+    """An in-process engine (pytest-aiohttp): ``await make_engine(**settings)``."""
+    from tests.engine_support import EngineClient, engine_config
+    from vdsm_agent.engine.app import make_app as make_engine_app
+
+    async def factory(**overrides: Any) -> EngineClient:
+        client = await aiohttp_client(make_engine_app(engine_config(tmp_path, **overrides)))
+        return EngineClient(client)
+    return factory

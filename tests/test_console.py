@@ -19,13 +19,10 @@ when a test fails.
 from __future__ import annotations
 
 import contextlib
-import http.client
-import json
 import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import urllib.parse
@@ -36,8 +33,9 @@ from typing import Any
 import psutil
 import pytest
 
+from tests.engine_process import EngineProcess
 from tests.engine_support import Fleet, fleet
-from tests.support import free_port, until
+from tests.support import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.tool("chromium"),
               pytest.mark.tool("chromedriver")]
@@ -57,69 +55,11 @@ DOCS_IMAGE = ROOT / "docs" / "images" / "console-tasks.png"
 RED_WITHIN = 4.0
 
 
-class EngineProcess:
-    """A real ``vdsm-engine serve``; its anonymous loopback callers get ``role``."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/jsonrpc"
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self, role: str) -> None:
-        self.starts += 1
-        argv = [ENGINE, "serve", "--state-dir", str(self.root / "engine"), "--listen",
-                f"127.0.0.1:{self.port}", "--retry-interval", "0.2", "--retry-max", "1",
-                "--poll-interval", "0.5", "--request-timeout", "2", "--connect-timeout",
-                "0.5", "--unresponsive-after", "2", "--resync-interval", "5",
-                # A loopback TCP caller is anonymous: the role is the engine's grant.
-                "--loopback-role", role]
-        with open(self.root / f"engine{self.starts}.log", "wb") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-        until(lambda: self.get("/health")[0] == 200 if self.proc.poll() is None else True,
-              timeout=30, what="the engine answers")
-        assert self.proc.poll() is None, (self.root / f"engine{self.starts}.log").read_text()
-
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            conn.close()
-
-    def get(self, path: str) -> tuple[int, dict[str, str], bytes]:
-        try:
-            return self.request("GET", path)
-        except OSError:
-            return 0, {}, b""
-
-    def post_form(self, fields: dict[str, str], **headers: str) -> tuple[int, str]:
-        body = urllib.parse.urlencode(fields).encode()
-        status, _, data = self.request("POST", "/console/action", body, {
-            "Content-Type": "application/x-www-form-urlencoded", **headers})
-        return status, data.decode()
-
-    def call(self, *words: str) -> Any:
-        done = subprocess.run([ENGINE, "call", "--url", self.url, "--compact", *words],
-                              capture_output=True, text=True, timeout=60, check=False)
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
+def post_form(engine: EngineProcess, fields: dict[str, str], **headers: str) -> tuple[int, str]:
+    body = urllib.parse.urlencode(fields).encode()
+    status, _, data = engine.request("POST", "/console/action", body, {
+        "Content-Type": "application/x-www-form-urlencoded", **headers})
+    return status, data.decode()
 
 
 def add_hosts(engine: EngineProcess, agents: Fleet) -> None:
@@ -454,14 +394,14 @@ def test_a_read_role_sees_no_actions_and_a_forged_action_is_refused(world, brows
         # A forged POST by the read user: refused by the server for the role.
         forged = {"action": "cancel", "host": "host1", "task": task_id, "confirm": "yes",
                   "token": "0" * 64}
-        status, body = reader.post_form(forged)
+        status, body = post_form(reader, forged)
         assert status == 403
         assert "your role is read; cancelTask needs operate" in body
         # Another site's form, and a form without its token, to the admin's console.
-        status, body = admin.post_form(forged, Origin="http://evil.example")
+        status, body = post_form(admin, forged, Origin="http://evil.example")
         assert status == 403
         assert "evil.example" in body
-        status, body = admin.post_form(forged)
+        status, body = post_form(admin, forged)
         assert status == 403
         assert "token" in body
         assert agent_state(agent, task_id) == "running"
@@ -483,7 +423,7 @@ def test_bad_action_input_is_refused_in_words(world, fields, status, said):
     admin = world["admin"]
     _, _, page = admin.get("/console/connections")
     token = re.search(r'name="token" value="([0-9a-f]{64})"', page.decode()).group(1)
-    got, body = admin.post_form({**fields, "token": token, "confirm": "yes"})
+    got, body = post_form(admin, {**fields, "token": token, "confirm": "yes"})
     assert got == status, body
     assert said in body
     assert "Traceback" not in body

@@ -35,14 +35,6 @@ from vdsm_agent.engine.store import repository
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def make_engine(aiohttp_client: Any, tmp_path: Path) -> Any:
-    async def factory(**overrides: Any) -> EngineClient:
-        client = await aiohttp_client(make_app(engine_config(tmp_path, **overrides)))
-        return EngineClient(client)
-    return factory
-
-
 def dead_url() -> str:
     return f"http://127.0.0.1:{free_port()}/jsonrpc"  # nothing listens there
 

@@ -22,19 +22,10 @@ from tests.engine_support import (
     engine_config,
     fleet,
 )
-from vdsm_agent.engine.app import make_app
 from vdsm_agent.engine.poller import HostWorker
 from vdsm_agent.engine.store.models import HostRow
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def make_engine(aiohttp_client: Any, tmp_path: Path) -> Any:
-    async def factory(**overrides: Any) -> EngineClient:
-        client = await aiohttp_client(make_app(engine_config(tmp_path, **overrides)))
-        return EngineClient(client)
-    return factory
 
 
 @pytest.fixture(scope="module")

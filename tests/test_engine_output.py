@@ -15,9 +15,6 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,71 +22,21 @@ from typing import Any
 
 import pytest
 
+from tests.engine_process import ENGINE, EngineProcess
 from tests.engine_support import Fleet, fleet
-from tests.support import free_port, until
+from tests.support import until
 from tests.terminal_support import Terminal
 
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent
-ENGINE = str(BIN / "vdsm-engine")
 NO_TASK = "0b6f3c1e-6a3c-4f5e-9d61-1f1c2a3b4c5d"
-
-
-class EngineProcess:
-    def __init__(self, root: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/jsonrpc"
-        self.log = root / "engine.log"
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [ENGINE, "serve", "--state-dir", str(root / "engine"), "--listen",
-                 f"127.0.0.1:{self.port}", "--retry-interval", "0.2", "--retry-max", "1",
-                 "--poll-interval", "0.5", "--request-timeout", "2", "--connect-timeout",
-                 "0.5", "--unresponsive-after", "2", "--resync-interval", "5",
-                 "--loopback-role", "admin"],
-                stdout=out, stderr=subprocess.STDOUT)
-        until(lambda: self.get("/health")[0] == 200 if self.proc.poll() is None else True,
-              timeout=30, what="the engine answers")
-        assert self.proc.poll() is None, self.log.read_text()
-
-    def get(self, path: str, accept: str = "*/*",
-            timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-            try:
-                conn.request("GET", path, headers={"Accept": accept})
-                response = conn.getresponse()
-                return response.status, dict(response.getheaders()), response.read()
-            finally:
-                conn.close()
-        except OSError:
-            return 0, {}, b""
-
-    def cli(self, *words: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([ENGINE, "call", "--url", self.url, "--compact", *words],
-                              capture_output=True, text=True, timeout=60, check=False)
-        if check:
-            assert done.returncode == 0, done.stderr
-        return done
-
-    def call(self, *words: str) -> Any:
-        return json.loads(self.cli(*words).stdout)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EngineProcess, Fleet]]:
     root = tmp_path_factory.mktemp("engine-output")
     with fleet(root / "agents", 2) as agents:
-        engine = EngineProcess(root)
+        engine = EngineProcess(root).start()
         try:
             for agent in agents:
                 engine.call("addHost", f"name={agent.name}", f"url={agent.url}")

@@ -35,10 +35,9 @@ import pytest
 
 from benchmarks.hollow import control
 from benchmarks.hollow.verbs import VERBS
-from tests.engine_support import EngineClient, async_until, engine_config
+from tests.engine_support import EngineClient, async_until
 from tests.support import SCHEMA, RpcFailure, check_result, until
 from vdsm_agent.engine.agentclient import AgentClient, AgentUnreachable
-from vdsm_agent.engine.app import make_app
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE_SOURCES = ROOT / "vdsm_agent" / "engine"
@@ -388,14 +387,6 @@ def test_the_engine_calls_no_verb_the_hollow_agent_lacks() -> None:
 # -- an engine following hollow hosts ---------------------------------------------------------
 
 HOSTS = 20
-
-
-@pytest.fixture
-def make_engine(aiohttp_client: Any, tmp_path: Path) -> Any:
-    async def factory(**overrides: Any) -> EngineClient:
-        client = await aiohttp_client(make_app(engine_config(tmp_path, **overrides)))
-        return EngineClient(client)
-    return factory
 
 
 async def _ctl(process: Hollow, command: str, **params: Any) -> Any:

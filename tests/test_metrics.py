@@ -18,9 +18,7 @@ import contextlib
 import http.client
 import json
 import shutil
-import signal
 import subprocess
-import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -29,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from tests.engine_process import EngineProcess, stop_process
 from tests.engine_support import fleet
 from tests.security_support import ROLE_FLAGS, client_context, https_get, make_pki, start_agent
 from tests.support import free_port, until
@@ -38,6 +37,8 @@ from vdsm_agent.client.transport import UnixHTTPConnection
 pytestmark = [pytest.mark.tool("prometheus"), pytest.mark.slow]
 
 IMAGE_SIZE = 3 * 1024 * 1024
+# A resync every 2 s: the scrapes see a task soon after it ends.
+ENGINE_FLAGS = ("--resync-interval", "2", "--retry-interval", "0.2", "--retry-max", "1")
 
 
 def http_get(port: int, path: str) -> tuple[int, str, bytes]:
@@ -53,49 +54,6 @@ def http_get(port: int, path: str) -> tuple[int, str, bytes]:
 def promtool_check(exposition: bytes) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["promtool", "check", "metrics"], input=exposition.decode(),
                           capture_output=True, text=True, timeout=60, check=False)
-
-
-class Engine:
-    """``vdsm-engine serve`` as a real process on loopback."""
-
-    def __init__(self, root: Path) -> None:
-        self.port = free_port()
-        self.log = root / "engine.log"
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vdsm_agent.engine.main", "serve", "--state-dir",
-                 str(root / "engine"), "--listen", f"127.0.0.1:{self.port}",
-                 "--resync-interval", "2", "--retry-interval", "0.2", "--retry-max", "1",
-                 "--loopback-role", "admin"],
-                stdout=out, stderr=subprocess.STDOUT)
-        until(lambda: self.proc.poll() is not None or self._health(), timeout=30,
-              what="the engine answers")
-        assert self.proc.poll() is None, self.log.read_text()
-
-    def _health(self) -> bool:
-        try:
-            return http_get(self.port, "/health")[0] == 200
-        except OSError:
-            return False
-
-    def call(self, method: str, **params: Any) -> Any:
-        body = json.dumps({"jsonrpc": "2.0", "method": method, "params": params, "id": 1})
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            conn.request("POST", "/jsonrpc", body=body)
-            answer = json.loads(conn.getresponse().read())
-        finally:
-            conn.close()
-        assert "result" in answer, answer
-        return answer["result"]
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 class Prometheus:
@@ -140,22 +98,17 @@ class Prometheus:
         return float(series[0]["value"][1]) if series else None
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, timeout=30)
 
 
 @pytest.fixture
-def engine_and_agent(tmp_path: Path) -> Iterator[tuple[Engine, Any]]:
+def engine_and_agent(tmp_path: Path) -> Iterator[tuple[EngineProcess, Any]]:
     with fleet(tmp_path / "agents", 1) as agents:
-        engine = Engine(tmp_path)
+        engine = EngineProcess(tmp_path, *ENGINE_FLAGS).start()
         try:
             agent = agents[0]
-            engine.call("addHost", name=agent.name, url=agent.url)
-            until(lambda: engine.call("getHost", name=agent.name)["status"] == "up",
+            engine.rpc("addHost", name=agent.name, url=agent.url)
+            until(lambda: engine.rpc("getHost", name=agent.name)["status"] == "up",
                   timeout=20, interval=0.2)
             yield engine, agent
         finally:
@@ -175,7 +128,7 @@ def test_prometheus_scrapes_an_agent_and_an_engine_and_sees_a_task(tmp_path, eng
         assert prometheus.query('vdsm_engine_hosts{status="up"}') == 1
 
         image = make_image(agent.images / "disk.img", IMAGE_SIZE)
-        job = engine.call("startTask", host=agent.name, kind="checksum",
+        job = engine.rpc("startTask", host=agent.name, kind="checksum",
                           params={"path": str(image)})
         task_id = job["steps"][0]["taskID"]
         # The engine sends the step on its own time: the host has the task soon.

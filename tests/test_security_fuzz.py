@@ -99,8 +99,9 @@ READ_ONLY = (("blkid",), ("qemu-img", "info"), ("qemu-img", "compare"))
 
 def _gluster_inspection(argv: Sequence[str]) -> bool:
     """``gluster ... volume info V``, ``volume status ...`` or ``... status``: a Gluster
-    kind's checks at submit and the discovery of Gluster tasks read and change nothing. They are refused too (as if glusterd
-    were down: GlusterCommandFailed, a documented error) but are not a violation."""
+    kind's checks at submit and the discovery of Gluster tasks read and change nothing.
+    They are refused too (as if glusterd were down: GlusterCommandFailed, a documented
+    error) but are not a violation."""
     words = [str(word) for word in argv]
     if os.path.basename(words[0]) != "gluster" or "volume" not in words:
         return False

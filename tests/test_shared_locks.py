@@ -18,10 +18,9 @@ import pytest
 from tests import devices_fixtures
 from tests.device_ops_support import Agent, MiB, agents, fill
 from tests.devices_fixtures import DeviceLab
-from tests.engine_support import EngineClient, async_until, engine_config, fleet
+from tests.engine_support import async_until, fleet
 from tests.tasks_support import FINAL
 from vdsm_agent import errors
-from vdsm_agent.engine.app import make_app
 from vdsm_agent.tasks.record import TaskRecord
 from vdsm_agent.tasks.states import State
 from vdsm_agent.tasks.table import TaskTable
@@ -105,14 +104,6 @@ def test_table_shared_and_exclusive(tmp_path: Path) -> None:
 
 
 # -- the engine's own locks ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def make_engine(aiohttp_client: Any, tmp_path: Path) -> Any:
-    async def factory(**overrides: Any) -> EngineClient:
-        client = await aiohttp_client(make_app(engine_config(tmp_path, **overrides)))
-        return EngineClient(client)
-    return factory
 
 
 async def test_engine_runs_two_checksums_of_one_image_a_copy_onto_it_is_busy(
