@@ -23,8 +23,9 @@ PATTERNS: dict[str, str] = {
           "e.g. 0b6f3c1e-6a3c-4f5e-9d61-1f1c2a3b4c5d",
     "^[^/]+$": "must not contain '/' (any other characters are fine), e.g. sd-data-1",
     "^[A-Za-z0-9._-]+$": "may hold only letters, digits, '.', '_' and '-', e.g. host1",
-    "^[a-z][a-z0-9._-]*$": "must be a lower-case name (a letter, then letters, digits, "
-                           "'.', '_' or '-'), e.g. checksum",
+    "^[a-z][a-zA-Z0-9._-]*$": "must be a task kind's name (a lower-case letter, then "
+                              "letters, digits, '.', '_' or '-'), e.g. checksum or "
+                              "gluster.removeBrick",
     "^/dev/[A-Za-z0-9._/:+-]+$": "must be a device path under /dev, e.g. /dev/loop1",
     "^https?://(\\[[0-9A-Fa-f:.]+\\]|[A-Za-z0-9.-]+):[0-9]{1,5}((/[A-Za-z0-9._~-]+)*/jsonrpc)?$":
         "must be an agent URL http(s)://HOST:PORT[[/PREFIX]/jsonrpc] with its port, "

@@ -84,7 +84,7 @@ def test_rebalance_after_add_brick_runs_to_done_with_real_counts(
     assert busy.data["holder"] == task_id
     assert busy.data["resource"] == f"gluster-volume:{volume.name}"
     assert [h["taskID"] for h in busy.data["holders"]] == [task_id]
-    busy = refused(lambda: call("startTask", kind="gluster.remove-brick", params={
+    busy = refused(lambda: call("startTask", kind="gluster.removeBrick", params={
         "volume": volume.name, "bricks": [volume.brick(new_brick)]}))
     assert busy.name == "ResourceBusy", busy.data
     assert busy.data["holder"] == task_id
@@ -122,14 +122,14 @@ def test_remove_brick_migrates_commit_refused_before_completion_no_file_lost(
         call = runner.agent.call
 
         # Nothing started yet: the commit is refused, named, and changes nothing.
-        early = refused(lambda: call("startTask", kind="gluster.remove-brick-commit",
+        early = refused(lambda: call("startTask", kind="gluster.removeBrickCommit",
                                      params=params))
         assert early.name == "GlusterTaskNotComplete", early.data
         assert early.data["status"] == "not started"
 
         # Started then canceled at once (during Gluster's ~5 s start): the cancel
         # stops the migration, and a commit of a stopped remove-brick is refused.
-        first = call("startTask", kind="gluster.remove-brick", params=params)["taskID"]
+        first = call("startTask", kind="gluster.removeBrick", params=params)["taskID"]
         until(lambda: call("getTask", taskID=first)["state"] == "running", timeout=20)
         call("cancelTask", taskID=first)
         task = wait(runner, first)
@@ -138,21 +138,21 @@ def test_remove_brick_migrates_commit_refused_before_completion_no_file_lost(
         # Gluster forgets a stopped remove-brick.
         with pytest.raises(cli.GlusterError, match="not started"):
             cli.remove_brick_status(volume.name, [brick])
-        not_complete = refused(lambda: call("startTask", kind="gluster.remove-brick-commit",
+        not_complete = refused(lambda: call("startTask", kind="gluster.removeBrickCommit",
                                             params=params))
         assert not_complete.name == "GlusterTaskNotComplete"
         assert not_complete.data["status"] == "not started"
         assert brick in volume.brick_names()
 
         # Run to completion: every file off the brick, then the commit works.
-        second = call("startTask", kind="gluster.remove-brick", params=params)["taskID"]
+        second = call("startTask", kind="gluster.removeBrick", params=params)["taskID"]
         task = wait(runner, second)
         assert task["state"] == "done", task
         assert task["result"]["status"] == "completed"
         assert task["result"]["bricks"] == [brick]
         assert task["result"]["failures"] == 0
         assert volume.files_on(leaving) == []
-        commit = call("startTask", kind="gluster.remove-brick-commit", params=params)["taskID"]
+        commit = call("startTask", kind="gluster.removeBrickCommit", params=params)["taskID"]
         task = wait(runner, commit)
         assert task["state"] == "done", task
         assert task["result"]["committed"] is True
@@ -174,7 +174,7 @@ def test_remove_brick_without_migrate_forces_it_out_and_leaves_its_files_behind(
         assert held, "the brick to remove holds no file"
         brick = volume.brick(leaving)
         call = runner.agent.call
-        task_id = call("startTask", kind="gluster.remove-brick", params={
+        task_id = call("startTask", kind="gluster.removeBrick", params={
             "volume": volume.name, "bricks": [brick], "migrate": False})["taskID"]
         task = wait(runner, task_id)
         assert task["state"] == "done", (task, output(runner, task_id))
@@ -202,7 +202,7 @@ def test_bad_names_are_refused_before_any_command(runner: AgentRunner) -> None:
         assert failure.name == "InvalidParams", failure.data
     for brick in ("host:relative", "-h:/x", "host:/a/../b", "host:/a//b", "h:/a\nb",
                   "host:/x force"):
-        failure = refused(lambda b=brick: call("startTask", kind="gluster.remove-brick",
+        failure = refused(lambda b=brick: call("startTask", kind="gluster.removeBrick",
                                                params={"volume": "v", "bricks": [b]}))
         assert failure.name == "InvalidParams", (brick, failure.data)
     with pytest.raises(ValueError):

@@ -75,7 +75,7 @@ async def test_gluster_verbs_through_the_engine(aiohttp_client: Any, tmp_path: P
     leaving = volume.brick(volume.bricks[2])
     job = await engine.call("removeBricks", host="h1", volume=volume.name, bricks=[leaving])
     (step,) = job["steps"]
-    assert job["params"]["kind"] == "gluster.remove-brick"
+    assert job["params"]["kind"] == "gluster.removeBrick"
 
     async def running() -> bool:
         task = await engine_task(engine, "h1", step["taskID"])

@@ -117,7 +117,7 @@ def test_a_relative_path_says_it_must_be_absolute(agents):
     (["getDeviceList", "paths=/etc/passwd"],
      "params.paths[0] must be a device path under /dev, e.g. /dev/loop1"),
     (["startTask", "kind=Checksum", "params:={}"],
-     "params.kind must be a lower-case name"),
+     "params.kind must be a task kind's name (a lower-case letter, then"),
 ])
 def test_ids_and_forms_say_what_is_expected(agents, argv, expected):
     line = said(agents["rooted"], *argv)

@@ -69,7 +69,7 @@ async def agent(agents: Any) -> Agent:
 async def test_capabilities_and_kinds_list_registered_kinds(agent: Agent) -> None:
     caps = await agent.call("getCapabilities")
     assert caps["taskKinds"] == ["checksum", "copy", "format", "fsck", "gluster.rebalance",
-                                 "gluster.remove-brick", "gluster.remove-brick-commit",
+                                 "gluster.removeBrick", "gluster.removeBrickCommit",
                                  "test.sleep", "wipe"]
     kinds = {k["name"]: k for k in (await agent.call("getTaskKinds"))["kinds"]}
     assert kinds["checksum"]["paramsSchema"]["properties"]["algorithm"]["enum"] == [
@@ -80,8 +80,8 @@ async def test_capabilities_and_kinds_list_registered_kinds(agent: Agent) -> Non
 async def test_test_kinds_are_off_by_default(agents: Any) -> None:
     agent = await agents(enable_test_kinds=False)
     assert (await agent.call("getCapabilities"))["taskKinds"] == [
-        "checksum", "copy", "format", "fsck", "gluster.rebalance", "gluster.remove-brick",
-        "gluster.remove-brick-commit", "wipe"]
+        "checksum", "copy", "format", "fsck", "gluster.rebalance", "gluster.removeBrick",
+        "gluster.removeBrickCommit", "wipe"]
     failure = await agent.fails("startTask", kind="test.sleep", params={})
     assert failure.name == "UnknownTaskKind"
     assert failure.code == 207

@@ -165,7 +165,7 @@ def test_timestamps_round_trip_through_rfc3339() -> None:
 
 def test_test_kinds_only_when_enabled() -> None:
     production = {"checksum", "copy", "format", "fsck", "gluster.rebalance",
-                  "gluster.remove-brick", "gluster.remove-brick-commit", "wipe"}
+                  "gluster.removeBrick", "gluster.removeBrickCommit", "wipe"}
     assert set(enabled(False)) == production
     assert set(enabled(True)) == set(KINDS) == production | {"test.sleep"}
 

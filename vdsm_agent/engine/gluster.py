@@ -6,8 +6,8 @@ bound to a task of the host's agent, which is itself bound to Gluster's task
 task the agent discovered):
 
 * ``startRebalance`` / ``removeBricks`` / ``commitRemoveBricks``: a
-  ``startTask`` job of kind ``gluster.rebalance``, ``gluster.remove-brick``
-  or ``gluster.remove-brick-commit`` (the agent refuses a commit before the
+  ``startTask`` job of kind ``gluster.rebalance``, ``gluster.removeBrick``
+  or ``gluster.removeBrickCommit`` (the agent refuses a commit before the
   migration completed: the step fails with GlusterTaskNotComplete);
 * ``stopRebalance`` / ``stopRemoveBricks``: the host is asked which of its
   unfinished tasks of that kind works on the volume (an external one too: a
@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from vdsm_agent.engine.engine import Engine
 
 REBALANCE = "gluster.rebalance"
-REMOVE_BRICK = "gluster.remove-brick"
-COMMIT = "gluster.remove-brick-commit"
+REMOVE_BRICK = "gluster.removeBrick"
+COMMIT = "gluster.removeBrickCommit"
 UNFINISHED = ["accepted", "initializing", "running", "stale"]
 
 

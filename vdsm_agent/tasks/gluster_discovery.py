@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # Task IDs of discovered tasks: uuid5(NAMESPACE, Gluster's task ID).
 NAMESPACE = uuid.UUID("8d0f6f1e-5b7a-4c39-9a53-2f7c1e0b6d41")
-KINDS = {"rebalance": "gluster.rebalance", "remove brick": "gluster.remove-brick"}
+KINDS = {"rebalance": "gluster.rebalance", "remove brick": "gluster.removeBrick"}
 
 
 def task_id_for(gluster_task_id: str) -> str:
@@ -70,7 +70,7 @@ def unfollowed(state_dir: Path, timeout: float) -> list[Found]:
                         task.task_id, task.volume, task.bricks)
             continue
         params: dict[str, Any] = {"volume": task.volume, "glusterTaskID": task.task_id}
-        if kind == "gluster.remove-brick":
+        if kind == "gluster.removeBrick":
             if not task.bricks:
                 continue
             params["bricks"] = list(task.bricks)

@@ -1,12 +1,12 @@
-"""gluster.remove-brick and gluster.remove-brick-commit.
+"""gluster.removeBrick and gluster.removeBrickCommit.
 
-``gluster.remove-brick`` runs ``gluster volume remove-brick VOLUME BRICK...
+``gluster.removeBrick`` runs ``gluster volume remove-brick VOLUME BRICK...
 start`` (the data on the bricks migrates to the others) and follows it to
 its end (``gluster_task``); cancel stops it. With ``migrate: false`` it
 runs ``... force`` instead: the bricks leave at once, and their files with
 them (destructive).
 
-``gluster.remove-brick-commit`` commits a remove-brick whose migration
+``gluster.removeBrickCommit`` commits a remove-brick whose migration
 completed: the bricks leave the volume. Before the migration completed it is
 refused at submit with ``GlusterTaskNotComplete`` (data.status), and checked
 again in the task's process before the commit. Both lock
@@ -36,11 +36,11 @@ from vdsm_agent.tasks.kinds.gluster_task import (
 
 
 class GlusterRemoveBrick(GlusterTask):
-    name = "gluster.remove-brick"
+    name = "gluster.removeBrick"
     gluster_name = "remove-brick"
     description = ("Remove bricks from a Gluster volume: with migrate (the default) "
                    "gluster volume remove-brick VOLUME BRICK... start, followed until the "
-                   "data has moved off them (then gluster.remove-brick-commit); cancel stops "
+                   "data has moved off them (then gluster.removeBrickCommit); cancel stops "
                    "it. Without migrate, remove-brick ... force: the bricks and the files "
                    "on them leave at once.")
     params_schema: ClassVar[dict[str, Any]] = {
@@ -109,7 +109,7 @@ def check_completed(volume: str, bricks: list[str]) -> gluster.TaskStatus:
 
 
 class GlusterRemoveBrickCommit(GlusterTask):
-    name = "gluster.remove-brick-commit"
+    name = "gluster.removeBrickCommit"
     gluster_name = "remove-brick commit"
     destructive = True
     description = ("Commit a remove-brick whose data migration completed (gluster volume "
