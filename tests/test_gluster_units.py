@@ -16,6 +16,8 @@ import pytest
 from vdsm_agent.errors import Failure
 from vdsm_agent.system import gluster
 from vdsm_agent.tasks.kinds.base import Canceled, KindEnv, TaskFailure
+from vdsm_agent.tasks.kinds.gluster_rebalance import GlusterRebalance
+from vdsm_agent.tasks.kinds.gluster_remove_brick import GlusterRemoveBrick
 from vdsm_agent.tasks.kinds.gluster_task import GlusterTask
 
 STATUS = """<?xml version="1.0" encoding="UTF-8" standalone="yes"?>
@@ -215,3 +217,105 @@ def test_a_busy_glusterd_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
         gluster.GlusterError([], "Volume gv does not exist")))
     with pytest.raises(gluster.GlusterError, match="does not exist"):
         gluster.rebalance_status("gv")  # not retried
+
+
+# -- the mapping on parsed answers ------------------------------------------------------------
+#
+# The real kinds, following a Gluster task (``glusterTaskID``: no start), with the CLI's
+# answers fed in at the lowest level (``gluster._run_once``: parsed as the real ones are).
+# The answers have the shape GlusterFS 10.3 printed here; "failed" (status 4, failures
+# counted) is what it answered when a brick's process was killed mid-rebalance (also run
+# for real: tests/test_gluster.py), the others it never printed in our runs.
+
+GLUSTER_ID = "f2587ede-9fe3-4cbf-a431-b70e0790b4e8"
+
+
+def answer(section: str, code: int | None, text: str | None, *, files: int = 8,
+           size: int = 131072, lookups: int = 506, failures: int = 0) -> str:
+    code_xml = "" if code is None else f"<status>{code}</status>"
+    text_xml = "" if text is None else f"<statusStr>{text}</statusStr>"
+    counts = (f"<files>{files}</files><size>{size}</size><lookups>{lookups}</lookups>"
+              f"<failures>{failures}</failures><skipped>0</skipped>{code_xml}{text_xml}"
+              "<runtime>3.00</runtime>")
+    return ('<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n<cliOutput>'
+            "<opRet>0</opRet><opErrno>0</opErrno><opErrstr/>"
+            f"<{section}><task-id>{GLUSTER_ID}</task-id><nodeCount>1</nodeCount>"
+            f"<node><nodeName>localhost</nodeName>{counts}</node>"
+            f"<aggregate>{counts}</aggregate></{section}></cliOutput>")
+
+
+FORGOTTEN = """<?xml version="1.0" encoding="UTF-8" standalone="yes"?>
+<cliOutput><opRet>-1</opRet><opErrno>30800</opErrno>
+  <opErrstr>{what} not started for volume gv.</opErrstr><{section}/></cliOutput>"""
+
+
+def fed(monkeypatch: pytest.MonkeyPatch, *answers: str) -> list[list[str]]:
+    """The CLI answers ``answers`` in turn; the argument lists it was called with."""
+    calls: list[list[str]] = []
+    replies = iter(answers)
+
+    def once(args: list[str], timeout: float) -> Any:
+        calls.append(list(args))
+        return gluster.parse(["gluster", *args], next(replies))
+    monkeypatch.setattr(gluster, "_run_once", once)
+    monkeypatch.setattr(gluster, "BUSY_RETRY", 0.0)
+    return calls
+
+
+def test_a_failed_answer_fails_the_rebalance_with_gluster_s_counts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    fed(monkeypatch, answer("volRebalance", 1, "in progress"),
+        answer("volRebalance", 4, "failed", failures=2))
+    ctx = Ctx()
+    task = GlusterRebalance({"volume": "gv", "glusterTaskID": GLUSTER_ID}, ctx)
+    with pytest.raises(TaskFailure) as info:
+        task.perform()
+    assert info.value.name == Failure.GLUSTER_TASK_FAILED
+    assert info.value.data["glusterTaskID"] == GLUSTER_ID
+    assert info.value.data["counts"]["failures"] == 2
+    assert ctx.done == 506  # progress: files scanned
+    assert "failed: 8 files (131072 bytes) moved, 506 scanned, 2 failures" in ctx.lines[-1]
+    task.cleanup()  # it ended: nothing to stop (the fed answers would run out)
+
+
+@pytest.mark.parametrize(("code", "text", "shown"), [
+    (None, "paused", "paused"),  # a status word we do not know
+    (9, None, "unknown"),  # a code past gf_defrag_status_t, no statusStr
+    (None, None, "unknown"),  # neither
+])
+def test_a_status_we_do_not_know_is_a_warning_and_the_remove_brick_goes_on(
+        monkeypatch: pytest.MonkeyPatch, code: int | None, text: str | None,
+        shown: str) -> None:
+    calls = fed(monkeypatch, answer("volRemoveBrick", code, text, lookups=100),
+                answer("volRemoveBrick", code, text, lookups=200),
+                answer("volRemoveBrick", 3, "completed", lookups=900))
+    ctx = Ctx()
+    task = GlusterRemoveBrick({"volume": "gv", "bricks": ["vm:/b/3"], "migrate": True,
+                               "glusterTaskID": GLUSTER_ID}, ctx)
+    result = task.perform()
+    assert ctx.warnings == [f"Gluster reports the remove-brick as {shown!r}"]  # once
+    assert any(line.startswith(f"{shown}: 8 files") for line in ctx.lines)
+    assert result["status"] == "completed"
+    assert result["bricks"] == ["vm:/b/3"]
+    assert (result["scanned"], ctx.done) == (900, 900)
+    assert calls[0] == ["remove-brick", "gv", "vm:/b/3", "status"]
+
+
+@pytest.mark.parametrize(("kind", "section", "what"), [
+    (GlusterRebalance, "volRebalance", "Rebalance"),
+    (GlusterRemoveBrick, "volRemoveBrick", "remove-brick")])
+def test_a_task_gluster_forgets_was_stopped_elsewhere_and_is_canceled(
+        monkeypatch: pytest.MonkeyPatch, kind: type[GlusterTask], section: str,
+        what: str) -> None:
+    """GlusterFS 10.3 answers a status read right after a ``... stop`` with "not
+    started" (never "stopped"): the task is canceled at once, not lost after 30 s."""
+    fed(monkeypatch, answer(section, 1, "in progress"),
+        FORGOTTEN.format(what=what, section=section))
+    ctx = Ctx()
+    task = kind({"volume": "gv", "bricks": ["vm:/b/3"], "migrate": True,
+                 "glusterTaskID": GLUSTER_ID}, ctx)
+    with pytest.raises(Canceled):
+        task.perform()
+    task.cleanup()  # not stopped again (the fed answers would run out)
+    assert "stopped outside the agent" in ctx.lines[-1]
+    assert "not started for volume gv" in ctx.lines[-1]

@@ -30,6 +30,7 @@ from vdsm_agent.tasks.kinds.gluster_task import (
     GlusterTask,
     check_names,
     command_error,
+    forgotten,
     mark,
     volume_resource,
 )
@@ -96,7 +97,7 @@ def check_completed(volume: str, bricks: list[str]) -> gluster.TaskStatus:
         status = gluster.remove_brick_status(volume, bricks, STATUS_TIMEOUT)
     except gluster.GlusterError as exc:
         # Gluster forgets a stopped remove-brick: "remove-brick not started for volume V."
-        if isinstance(exc, gluster.GlusterUnavailable) or "not started" not in exc.message:
+        if not forgotten(exc):
             raise command_error(exc) from None
         status = gluster.TaskStatus(None, 0, gluster.NOT_STARTED)
     if status.status != gluster.COMPLETED:

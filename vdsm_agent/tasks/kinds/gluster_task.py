@@ -12,6 +12,7 @@ in progress, not started    running; counts in the output, scanned in progress
 completed                   done, the counts in the result
 failed                      failed with GlusterTaskFailed
 stopped                     canceled (someone ran ``... stop``)
+"not started" (an error)    canceled: Gluster forgets a stopped task at once
 anything else (paused...)   running, a warning names the status
 ==========================  =================================================
 
@@ -98,6 +99,14 @@ def mark(env: KindEnv, gluster_task_id: str) -> None:
     directory.mkdir(mode=0o750, exist_ok=True)
     files.write_json_atomic(directory / gluster_task_id, {"taskID": env.task_id},
                             durable=True)
+
+
+def forgotten(exc: gluster.GlusterError) -> bool:
+    """Gluster no longer knows the volume's task: "Rebalance not started for volume
+    V." / "remove-brick not started for volume V." (GlusterFS 10.3 answers so right
+    after a ``... stop``, never reporting "stopped" to a later status read, and
+    after a remove-brick's commit)."""
+    return not isinstance(exc, gluster.GlusterUnavailable) and "not started" in exc.message
 
 
 def command_error(exc: gluster.GlusterError, field: str | None = None) -> errors.RpcError:
@@ -201,6 +210,8 @@ class GlusterTask(TaskKind):
                 unreachable_since = self._unreachable(exc, unreachable_since)
                 continue
             except gluster.GlusterError as exc:
+                if forgotten(exc):
+                    self._stopped_elsewhere(f"Gluster no longer knows it: {exc.message}")
                 # Right after glusterd restarts it answers "brick operations failed"
                 # for a while: lost only if that lasts.
                 failing_since = self._failing(exc, failing_since)
@@ -275,7 +286,12 @@ class GlusterTask(TaskKind):
                               f"the {self.gluster_name} of volume {self.params['volume']} "
                               f"failed ({status.failures} failures)",
                               glusterTaskID=self.gluster_task_id, counts=status.counts())
-        self.ctx.print(f"the {self.gluster_name} was stopped outside the agent")
+        self._stopped_elsewhere(f"Gluster reports it {status.status}")
+
+    def _stopped_elsewhere(self, why: str) -> NoReturn:
+        """Someone ran ``... stop`` (the gluster CLI, another tool): canceled."""
+        self.stop_needed = False
+        self.ctx.print(f"the {self.gluster_name} was stopped outside the agent ({why})")
         raise Canceled()
 
     def cleanup(self) -> None:
