@@ -64,6 +64,16 @@ class Volume:
         return [(node.text or "").strip() for node in root.iter("name")
                 if (node.text or "").startswith(f"{self.host}:")]
 
+    def brick_pid(self, path: Path) -> int:
+        """The brick's process (glusterfsd), from ``volume status``; 0 when offline."""
+        root = ET.fromstring(gluster("volume", "status", self.name, "--xml").stdout)
+        for node in root.iter("node"):
+            if node.findtext("path") == str(path):
+                pid = node.findtext("pid") or ""
+                online = node.findtext("status") == "1"
+                return int(pid) if online and pid.isdigit() else 0
+        raise AssertionError(f"brick {path} not in the volume's status")
+
     def rebalance_task_id(self) -> str | None:
         out = gluster("volume", "rebalance", self.name, "status", "--xml", check=False).stdout
         return ET.fromstring(out).findtext("volRebalance/task-id")

@@ -8,6 +8,8 @@ the tasks (tests/tasks_support.py ``agent_runner``).
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.connections_support import GlusterServer, gluster
+from tests.connections_support import GlusterServer, gluster, pid_gone
 from tests.gluster_support import Volume, gluster_volume, kill_glusterd, restart_glusterd
 from tests.support import RpcFailure, until
 from tests.tasks_support import AgentRunner, agent_runner
@@ -338,3 +340,142 @@ def test_rebalance_started_with_the_cli_is_discovered_with_the_same_end(
         listed = call("listTasks", filter={"kind": "gluster.rebalance"})["tasks"]
         assert sorted(t["id"] for t in listed) == sorted([own, task["id"]])
         print(f"discovered in {elapsed:.2f}s")
+
+
+# Slow migrations (GlusterFS 10.3 here: ~10 s for 300 of 900 16-KiB files at "lazy"
+# after the ~5-s start), so that the task is still in flight when the test acts on it.
+SLOW_FILES = 3 * FILES
+
+
+def gluster_retried(*args: str) -> str:
+    """The gluster CLI's answer, retried while glusterd runs another operation (the
+    agent's status reads: "Another transaction is in progress")."""
+    def once() -> str | None:
+        result = gluster(*args, check=False)
+        if result.returncode == 0:
+            return result.stdout
+        assert "Another transaction" in result.stdout + result.stderr, result
+        return None
+    return str(until(once, timeout=10, interval=0.2, what=f"gluster {' '.join(args)}"))
+
+
+def test_rebalance_stopped_with_the_cli_is_canceled_and_one_losing_a_brick_fails(
+        runner: AgentRunner, gluster_server: GlusterServer, tmp_path: Path) -> None:
+    """Gluster's statuses onto ours, for real: a rebalance someone stops with the CLI
+    (Gluster forgets it at once: its status read answers "not started") is canceled,
+    and the volume is free again; a rebalance whose brick process dies is failed with
+    GlusterTaskFailed and Gluster's counts. No file is lost once the brick is back."""
+    with gluster_volume(gluster_server, tmp_path / "gluster", bricks=2) as volume:
+        volume.write_files(SLOW_FILES, SIZE)
+        before = volume.checksums()
+        gluster("volume", "set", volume.name, "cluster.rebal-throttle", "lazy")
+        new_brick = volume.add_brick()
+        call = runner.agent.call
+
+        stopped = call("startTask", kind="gluster.rebalance",
+                       params={"volume": volume.name})["taskID"]
+        until(lambda: "Gluster task" in output(runner, stopped), timeout=30)  # started
+        gluster_id = external_while_running(runner, stopped)
+        gluster_retried("volume", "rebalance", volume.name, "stop")
+        task = wait(runner, stopped, timeout=20)  # not GlusterTaskLost after 30 s
+        text = output(runner, stopped)
+        assert task["state"] == "canceled", (task, text)
+        assert task["error"] is None or task["error"]["name"] != "GlusterTaskLost", task
+        assert "was stopped outside the agent" in text
+        assert "not started" in text  # what Gluster answered
+        assert task["external"] == {"glusterTaskID": gluster_id}
+
+        # The lock went with it: a new rebalance is accepted. Its brick process killed
+        # mid-migration, Gluster reports it failed.
+        failing = call("startTask", kind="gluster.rebalance",
+                       params={"volume": volume.name})["taskID"]
+        until(lambda: "Gluster task" in output(runner, failing), timeout=30)
+        brick_pid = volume.brick_pid(new_brick)
+        assert brick_pid > 0
+        os.kill(brick_pid, signal.SIGKILL)
+        task = wait(runner, failing, timeout=90)
+        text = output(runner, failing)
+        assert task["state"] == "failed", (task, text)
+        assert task["error"]["name"] == "GlusterTaskFailed", task["error"]
+        assert task["error"]["counts"]["failures"] > 0
+        assert task["error"]["glusterTaskID"] == task["external"]["glusterTaskID"]
+        assert "failed: " in text  # Gluster's last counts line
+
+        # The brick back (once the killed process is reaped: "start force" does
+        # nothing for a zombie brick), then every file is there, unchanged.
+        until(lambda: pid_gone(brick_pid), timeout=20, what="the killed brick reaped")
+        gluster("volume", "start", volume.name, "force")
+        until(lambda: volume.brick_pid(new_brick) not in (0, brick_pid), timeout=20,
+              interval=0.2, what="the brick back")
+        until(lambda: volume.checksums() == before, timeout=30, interval=1,
+              what="every file readable again, unchanged")
+
+
+def test_remove_brick_started_with_the_cli_is_discovered_commit_refused_until_completed(
+        gluster_server: GlusterServer, tmp_path: Path) -> None:
+    """A remove-brick started with the gluster CLI is found as a gluster.removeBrick
+    task (bricks from Gluster's task list) within the bound; it holds the volume; its
+    commit is refused while Gluster reports it in progress, and works once done."""
+    with agent_runner(tmp_path, cancel_grace=20,
+                      gluster_discovery_interval=DISCOVERY_INTERVAL) as runner, \
+            gluster_volume(gluster_server, tmp_path / "gluster", bricks=3) as volume:
+        runner.start()
+        volume.write_files(SLOW_FILES, SIZE)
+        before = volume.checksums()
+        gluster("volume", "set", volume.name, "cluster.rebal-throttle", "lazy")
+        leaving = volume.bricks[2]
+        assert volume.files_on(leaving)
+        brick = volume.brick(leaving)
+        params = {"volume": volume.name, "bricks": [brick]}
+        call = runner.agent.call
+
+        answer = gluster_retried("volume", "remove-brick", volume.name, brick, "start",
+                                 "--xml")
+        started = time.monotonic()
+        gluster_id = ET.fromstring(answer).findtext("volRemoveBrick/task-id")
+        assert gluster_id
+        task_id = task_id_for(gluster_id)
+
+        def found() -> dict[str, Any] | None:
+            try:
+                return dict(call("getTask", taskID=task_id))
+            except RpcFailure as failure:
+                if failure.name != "TaskNotFound":
+                    raise
+                return None
+        task = until(found, timeout=DISCOVERY_BOUND, interval=0.1, what="the discovery")
+        assert time.monotonic() - started <= DISCOVERY_BOUND
+        assert task["kind"] == "gluster.removeBrick"
+        assert task["params"] == {**params, "migrate": True, "glusterTaskID": gluster_id}
+        assert task["resources"] == [f"gluster-volume:{volume.name}"]
+
+        # While Gluster migrates: the commit is refused, named, nothing changed, and
+        # a rebalance is ResourceBusy naming the discovered task.
+        early = refused(lambda: call("startTask", kind="gluster.removeBrickCommit",
+                                     params=params))
+        assert early.name == "GlusterTaskNotComplete", early.data
+        assert early.data["status"] == "in progress"
+        assert early.data["glusterTaskID"] == gluster_id
+        busy = refused(lambda: call("startTask", kind="gluster.rebalance",
+                                    params={"volume": volume.name}))
+        assert busy.name == "ResourceBusy", busy.data
+        assert busy.data["holder"] == task_id
+        assert cli.remove_brick_status(volume.name, [brick]).status == "in progress"
+        assert brick in volume.brick_names()
+
+        final = wait(runner, task_id)
+        assert final["state"] == "done", (final, output(runner, task_id))
+        assert final["result"]["status"] == "completed"
+        assert final["result"]["glusterTaskID"] == gluster_id
+        assert final["result"]["bricks"] == [brick]
+        assert final["result"]["files"] >= len(before) // 4  # about a third moved
+        assert final["result"]["failures"] == 0
+        assert volume.files_on(leaving) == []
+
+        commit = call("startTask", kind="gluster.removeBrickCommit", params=params)["taskID"]
+        done = wait(runner, commit)
+        assert done["state"] == "done", (done, output(runner, commit))
+        assert done["result"] == {"volume": volume.name, "bricks": [brick],
+                                  "glusterTaskID": gluster_id, "committed": True}
+        assert brick not in volume.brick_names()
+        assert volume.checksums() == before  # no file lost, none changed
