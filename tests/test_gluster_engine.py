@@ -6,7 +6,8 @@ An in-process engine, one real agent process (tests/engine_support.py
 agent's task; removeBricks is stopped by stopRemoveBricks, and
 commitRemoveBricks before completion fails its step with
 GlusterTaskNotComplete; a rebalance started with the gluster CLI shows in
-the engine as an external task.
+the engine as an external task; then a new startRebalance is stopped by
+stopRebalance.
 """
 
 from __future__ import annotations
@@ -139,4 +140,26 @@ async def test_gluster_verbs_through_the_engine(aiohttp_client: Any, tmp_path: P
     assert kept["detail"]["external"] == {"glusterTaskID": gluster_id}
     listing = await engine.call("listTasks", filter={"host": "h1", "external": True})
     assert discovered in [item["id"] for item in listing["tasks"]]
+    assert volume.checksums() == before
+
+    # The engine's lock went with those tasks: a new startRebalance is a job at once,
+    # and stopRebalance (during Gluster's start) cancels its task; the agent stopped
+    # the rebalance in Gluster (which then forgets it).
+    volume.add_brick()
+    job = await engine.call("startRebalance", host="h1", volume=volume.name)
+    (step,) = job["steps"]
+
+    async def rebalancing() -> bool:
+        task = await engine_task(engine, "h1", step["taskID"])
+        return bool(task and task["state"] == "running")
+    await async_until(rebalancing, timeout=20, interval=0.1)
+    stop = await engine.call("stopRebalance", host="h1", volume=volume.name)
+    assert stop["action"] == "cancelTask"
+    assert stop["steps"][0]["taskID"] == step["taskID"]
+    assert (await wait_task(engine, "h1", step["taskID"]))["state"] == "canceled"
+    assert (await engine.wait_job(stop["jobID"]))["state"] == "done"
+    output = agent.call("getTaskOutput", taskID=step["taskID"], offset=0, maxBytes=1 << 20)
+    assert "stopped the rebalance" in output["data"]
+    none = await engine.error("stopRebalance", host="h1", volume=volume.name)
+    assert none.name == "TaskNotFound"
     assert volume.checksums() == before
