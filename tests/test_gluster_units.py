@@ -319,3 +319,29 @@ def test_a_task_gluster_forgets_was_stopped_elsewhere_and_is_canceled(
     task.cleanup()  # not stopped again (the fed answers would run out)
     assert "stopped outside the agent" in ctx.lines[-1]
     assert "not started for volume gv" in ctx.lines[-1]
+
+
+@pytest.mark.parametrize(("code", "end"), [
+    (3, "done"), (7, "done"),  # completed, fix-layout completed
+    (4, "failed"), (8, "failed"),  # failed, fix-layout failed
+    (2, "canceled"), (6, "canceled"),  # stopped, fix-layout stopped
+])
+def test_an_answer_with_only_a_status_code_ends_the_task_by_its_name(
+        monkeypatch: pytest.MonkeyPatch, code: int, end: str) -> None:
+    """gf_defrag_status_t's codes when an answer has no statusStr (0, 1 and 5: running)."""
+    fed(monkeypatch, answer("volRebalance", 0, None), answer("volRebalance", 1, None),
+        answer("volRebalance", 5, None), answer("volRebalance", code, None))
+    ctx = Ctx()
+    task = GlusterRebalance({"volume": "gv", "glusterTaskID": GLUSTER_ID}, ctx)
+    outcomes: dict[type[Exception], str] = {TaskFailure: "failed", Canceled: "canceled"}
+    try:
+        task.perform()
+        outcome = "done"
+    except (TaskFailure, Canceled) as exc:
+        outcome = outcomes[type(exc)]
+        failure_name = getattr(exc, "name", None)
+        assert failure_name in (None, Failure.GLUSTER_TASK_FAILED)
+    assert outcome == end
+    assert ctx.warnings == []  # every one of them known
+    assert [line.split(":")[0] for line in ctx.lines[1:4]] == [
+        "not started", "in progress", "fix-layout in progress"]
