@@ -33,6 +33,10 @@ pytestmark = [pytest.mark.root, pytest.mark.tool("glusterd"), pytest.mark.tool("
 
 FILES = 300
 SIZE = 16 * 1024
+# Files for the glusterd-kill test: with 900 (about 10 s of migration at "lazy") the
+# restarted glusterd (5-6 s later on a loaded machine) answered "brick operations
+# failed" to every status read in 3 runs of 7, until the task was lost.
+KILL_FILES = 6 * FILES
 
 
 @pytest.fixture
@@ -229,15 +233,20 @@ def test_unknown_volume_is_a_named_error(runner: AgentRunner,
 
 
 def test_glusterd_killed_mid_task_is_reported_and_the_task_found_again(
-        runner: AgentRunner, gluster_server: GlusterServer, tmp_path: Path) -> None:
+        gluster_server: GlusterServer, tmp_path: Path) -> None:
     if gluster_server.glusterd is None:
         pytest.skip("glusterd was running before the session: not ours to kill")
-    with gluster_volume(gluster_server, tmp_path / "gluster", bricks=2) as volume:
-        volume.write_files(3 * FILES, SIZE)
+    # Discovery off: no other volume's task (the shared glusterd's) and no CLI read of
+    # it around the kill; the task's own reads only.
+    with agent_runner(tmp_path, cancel_grace=20, gluster_discovery_interval=0) as runner, \
+            gluster_volume(gluster_server, tmp_path / "gluster", bricks=2) as volume:
+        runner.start()
+        volume.write_files(KILL_FILES, SIZE)
         before = volume.checksums()
         volume.add_brick()
         # Slow the migration down so that it outlives glusterd's absence (a few
-        # seconds): glusterd 10.3 learns a rebalance's end only from the rebalance
+        # seconds, and the restarted glusterd's reconnection to the rebalance
+        # process): glusterd 10.3 learns a rebalance's end only from the rebalance
         # process, so one that ends while glusterd is down is never reported (that
         # task ends GlusterTaskLost, docs/gluster.md). Freezing the process instead
         # (SIGSTOP) left it stuck after SIGCONT here.
@@ -246,6 +255,7 @@ def test_glusterd_killed_mid_task_is_reported_and_the_task_found_again(
         task_id = call("startTask", kind="gluster.rebalance",
                        params={"volume": volume.name})["taskID"]
         until(lambda: "Gluster task" in output(runner, task_id), timeout=30)
+        until(lambda: "in progress: " in output(runner, task_id), timeout=10)
         # Gluster's task ID in the task while it runs; checked against the CLI's
         # status at the end (a CLI status read right before the kill left glusterd
         # failing the task's status reads after its restart until the task was lost).
