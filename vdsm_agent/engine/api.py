@@ -80,7 +80,7 @@ async def add_host(engine: Engine, name: str, url: str, caFile: str | None = Non
     row = await engine.store.run(repository.add_host, name, url, caFile, certFile, keyFile,
                                  maintenance, engine.now())
     log.info("host %s added: %s%s", name, url, " (maintenance)" if maintenance else "")
-    await engine.add_worker(row)
+    await engine.host_added(row)
     return await views.get_host(engine, name)
 
 

@@ -1,7 +1,8 @@
 """The engine's runtime context: what every verb handler receives first.
 
-The engine makes and wires its parts: one ``poller.HostWorker`` per host, the
-``jobs.Jobs`` and their ``jobs.StepRunner``. Each part sees the engine (and
+The engine makes and wires its parts: one ``poller.HostWorker`` per host (on
+PostgreSQL, per host it leases: ``leases.LeaseKeeper``), the ``jobs.Jobs`` and
+their ``jobs.StepRunner``. Each part sees the engine (and
 the others) only through the narrow interfaces of ``ports``, so none of them
 imports this module.
 """
@@ -18,10 +19,12 @@ from rpc_schema import ApiSchema
 from vdsm_agent.common import clock
 from vdsm_agent.common.supervision import Background
 from vdsm_agent.engine.jobs import Jobs, StepRunner
+from vdsm_agent.engine.leases import LeasedWorker, LeaseKeeper, Listener
 from vdsm_agent.engine.poller import HostWorker
 from vdsm_agent.engine.settings import EngineConfig
 from vdsm_agent.engine.states import HostStatus
 from vdsm_agent.engine.store import EngineStore, repository
+from vdsm_agent.engine.store.leases import Fence
 from vdsm_agent.engine.store.models import HostRow
 from vdsm_agent.metrics.counters import EngineStats
 
@@ -50,6 +53,9 @@ class Engine:
         self._background = Background("engine", log)
         self.stats = EngineStats()  # resyncs, step retries (GET /metrics, docs/metrics.md)
         self.listeners: list[ChangeListener] = []  # notify(): the console's live updates
+        # PostgreSQL: several engines may share the store; each polls the hosts it leases.
+        self.leases: LeaseKeeper | None = None
+        self.listener: Listener | None = None
 
     @property
     def uptime(self) -> float:
@@ -62,22 +68,54 @@ class Engine:
     # -- life cycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        rows = await self.store.run(repository.list_hosts)
-        for row in rows:
-            await self.add_worker(row)
+        if self.store.kind == "postgresql":
+            self.listener = Listener(self.store.url, self._notified)
+            self.listener.start(self.config.retry_interval)
+            self.leases = LeaseKeeper(self, self.config.lease_time)
+            await self.leases.start()
+        else:
+            for row in await self.store.run(repository.list_hosts):
+                await self.add_worker(row)
         self._background.loop(self._sweep_loop, "retention", restart_delay=self._sweep_interval())
-        log.info("engine started with %d hosts", len(rows))
+        log.info("engine started with %d hosts", len(self.workers))
 
     async def close(self) -> None:
         await self._background.close()
+        if self.listener is not None:
+            await self.listener.close()
+        if self.leases is not None:
+            await self.leases.close()  # stops its workers, then gives the leases back
         workers, self.workers = list(self.workers.values()), {}
         await asyncio.gather(*(worker.stop() for worker in workers))
 
-    async def add_worker(self, row: HostRow) -> HostWorker:
-        worker = HostWorker(self, row)
+    async def add_worker(self, row: HostRow, fence: Fence | None = None) -> HostWorker:
+        worker = HostWorker(self, row) if fence is None else LeasedWorker(self, row, fence)
         self.workers[worker.name] = worker
         await worker.start()
         return worker
+
+    async def host_added(self, row: HostRow) -> None:
+        """A new host: polled here (sqlite), or by whichever engine leases it."""
+        if self.leases is None:
+            await self.add_worker(row)
+        else:
+            self.leases.wake()
+
+    def _notified(self, payload: str) -> None:
+        """A NOTIFY of the engines' channel: ``job ID`` (a job moved), ``steps H1 H2 ...``
+        (new steps for these hosts), ``*`` (anything may have changed)."""
+        kind, _, rest = payload.partition(" ")
+        if kind == "job" and rest:
+            self.jobs_changed([rest])
+            return
+        names = rest.split() if kind == "steps" else list(self.workers)
+        for name in names:
+            worker = self.workers.get(name)
+            if worker is not None:
+                worker.kick()
+        if kind == "*":
+            event, self._jobs_event = self._jobs_event, asyncio.Event()
+            event.set()  # every waitJob reads its job again
 
     async def remove_worker(self, name: str) -> None:
         worker = self.workers.pop(name, None)

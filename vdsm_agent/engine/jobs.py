@@ -156,6 +156,10 @@ class StepRunner:
         """One attempt; False when the host did not answer (the step stays pending)."""
         store = self.engine.store
         request = repository.loads(step.request)
+        # Claimed first, in the worker's fenced transaction (several engines:
+        # store/leases.py): a step done meanwhile, or a lease lost, sends nothing.
+        if not await store.run(repository.claim_step, step.id):
+            return True
         worker.changed()
         try:
             jobs = await self._send(worker, step, request)

@@ -148,6 +148,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("job_retention", "seconds", 86400.0,
             "Finished jobs (and their steps) are deleted this long after they end.",
             parse_seconds),
+    # -- several engines on one PostgreSQL (vdsm_agent/engine/leases.py) --
+    Setting("lease_time", "seconds", 10.0,
+            "PostgreSQL: how long an engine's lease of a host lasts unless renewed (every "
+            "lease_time/3): the bound on taking over the hosts of an engine that died. "
+            "Ignored on sqlite (one engine polls every host).", parse_seconds),
 )
 
 ENGINE = SettingsTable(SETTINGS, SECTION)

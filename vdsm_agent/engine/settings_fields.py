@@ -46,3 +46,4 @@ class EngineFields:
     retry_interval: float
     retry_max: float
     job_retention: float
+    lease_time: float

@@ -9,6 +9,7 @@ default, PostgreSQL (psycopg2) when configured.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import urllib.parse
 from collections.abc import Callable
@@ -19,11 +20,11 @@ import peewee
 from playhouse import db_url
 
 from vdsm_agent.engine.settings import redact_url
-from vdsm_agent.engine.store import migrations
+from vdsm_agent.engine.store import leases, migrations
 from vdsm_agent.engine.store.models import engine_proxy
 from vdsm_agent.store.db import DatabaseThread, StoreClosed
 
-__all__ = ["EngineStore", "StoreClosed", "make_database"]
+__all__ = ["FENCE", "EngineStore", "StoreClosed", "make_database"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,6 +37,12 @@ SQLITE_PRAGMAS = {
 }
 # A PostgreSQL server that does not answer must not hang the DB thread forever.
 PG_CONNECT_TIMEOUT = 10
+
+# The fence of the host worker whose task calls ``run`` (set when its loops are
+# started: ``engine.leases.LeasedWorker``): every call it makes, write or read,
+# runs in one transaction with the lease's check (``store.leases.fenced``).
+FENCE: contextvars.ContextVar[leases.Fence | None] = contextvars.ContextVar(
+    "engine_fence", default=None)
 
 
 def make_database(url: str) -> peewee.Database:
@@ -71,6 +78,23 @@ class EngineStore(DatabaseThread):
 
     def _make_database(self) -> peewee.Database:
         return make_database(self.url)
+
+    # Told (on the event loop) of a fenced call refused: the engine stops that worker.
+    lease_lost: Callable[[leases.Fence], None] | None = None
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``DatabaseThread.run``, fenced for a leased host's worker (``FENCE``)."""
+        fence = FENCE.get()
+        if fence is None:
+            return await super().run(fn, *args, **kwargs)
+        try:
+            return await super().run(leases.fenced, fence, fn, *args, **kwargs)
+        except leases.LeaseLost:
+            log.warning("host %s: lease lost (generation %d): write refused, the worker stops",
+                        fence.host, fence.generation)
+            if self.lease_lost is not None:
+                self.lease_lost(fence)
+            raise
 
     def _migrate(self, db: peewee.Database) -> list[int]:
         return migrations.migrate(db)

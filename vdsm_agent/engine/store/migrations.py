@@ -130,9 +130,37 @@ def _shared_locks(db: peewee.Database) -> None:
         db.execute_sql(statement)  # type: ignore[no-untyped-call]
 
 
+# Several engines on one PostgreSQL (docs/engine.md, "Several engines"): each
+# engine's row, renewed with its heartbeat, and one lease per host. Times are
+# the database's clock (epoch seconds), never an engine's. Made on sqlite too
+# (portable DDL), where the one engine takes no lease.
+_LEASES_DDL = (
+    """CREATE TABLE engines (
+        id TEXT NOT NULL PRIMARY KEY,
+        name TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        version TEXT NOT NULL,
+        schema_version INTEGER NOT NULL,
+        started_at DOUBLE PRECISION NOT NULL,
+        heartbeat_at DOUBLE PRECISION NOT NULL)""",
+    """CREATE TABLE host_leases (
+        host TEXT NOT NULL PRIMARY KEY REFERENCES host (name) ON DELETE CASCADE,
+        owner TEXT,
+        generation BIGINT NOT NULL DEFAULT 0,
+        expires_at DOUBLE PRECISION NOT NULL DEFAULT 0)""",
+    "CREATE INDEX host_leases_owner ON host_leases (owner)",
+)
+
+
+def _leases(db: peewee.Database) -> None:
+    for statement in _LEASES_DDL:
+        db.execute_sql(statement)  # type: ignore[no-untyped-call]
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "initial: meta, hosts, host tasks and connections, jobs, steps, locks", _initial),
     (2, "resource locks: shared holders (a checksum's), the task in the key", _shared_locks),
+    (3, "several engines: the engines' rows and the hosts' leases", _leases),
 ]
 
 _VERSION_DDL = """CREATE TABLE IF NOT EXISTS engine_schema_version (

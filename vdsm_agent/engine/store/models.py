@@ -151,3 +151,33 @@ class ResourceLockRow(EngineModel):
     class Meta:
         table_name = "resource_lock"
         primary_key = peewee.CompositeKey("host", "resource", "task_id")
+
+
+class EngineProcessRow(EngineModel):
+    """A running engine (migration 3): registered at its start, its heartbeat renewed
+    with its leases, deleted when it stops cleanly. Times from the database's clock."""
+
+    id = peewee.TextField(primary_key=True)  # a uuid4, new at every start
+    name = peewee.TextField()
+    pid = peewee.IntegerField()
+    version = peewee.TextField()
+    schema_version = peewee.IntegerField()
+    started_at = peewee.DoubleField()
+    heartbeat_at = peewee.DoubleField()
+
+    class Meta:
+        table_name = "engines"
+
+
+class HostLeaseRow(EngineModel):
+    """Which engine polls a host (migration 3): its owner until ``expires_at``
+    (the database's clock), and a generation bumped at every takeover that fences
+    the writes of an owner that lost it."""
+
+    host = peewee.TextField(primary_key=True)
+    owner = peewee.TextField(null=True)
+    generation = peewee.BigIntegerField(default=0)
+    expires_at = peewee.DoubleField(default=0)
+
+    class Meta:
+        table_name = "host_leases"

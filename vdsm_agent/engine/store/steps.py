@@ -28,7 +28,14 @@ from vdsm_agent.engine.states import (
     job_state,
 )
 from vdsm_agent.engine.store.hosts import get_host
-from vdsm_agent.engine.store.models import HostTaskRow, JobRow, ResourceLockRow, StepRow
+from vdsm_agent.engine.store.leases import is_postgresql, notify
+from vdsm_agent.engine.store.models import (
+    HostRow,
+    HostTaskRow,
+    JobRow,
+    ResourceLockRow,
+    StepRow,
+)
 from vdsm_agent.engine.store.rows import BATCH, atomic, dumps, loads
 from vdsm_agent.metrics.counters import RESOURCE_LOCK_CHANGES as LOCK_CHANGES
 from vdsm_agent.tasks.table import shares
@@ -111,6 +118,10 @@ def create_job(job_id: str, action: str, params: dict[str, Any], steps: Sequence
     with atomic():
         for spec in steps:
             get_host(spec.host)
+        if resources and is_postgresql():
+            # Engines that take a startTask for one host at once check its locks
+            # one after the other (the host's row is the mutex).
+            HostRow.select().where(HostRow.name == steps[0].host).for_update().execute()
         if resources:
             (spec,) = steps
             assert spec.task_id is not None
@@ -130,6 +141,8 @@ def create_job(job_id: str, action: str, params: dict[str, Any], steps: Sequence
                            action=spec.action, state=StepState.PENDING.value,
                            task_id=spec.task_id, connection_id=spec.connection_id,
                            request=dumps(spec.request), created_at=now, updated_at=now)
+        # The engines that lease these hosts run the new steps now (LISTEN/NOTIFY).
+        notify("steps " + " ".join(dict.fromkeys(spec.host for spec in steps)))
 
 
 def replace_task_locks(host: str, task_id: str, resources: Sequence[str], now: float) -> None:
@@ -202,6 +215,7 @@ def move_job(job: JobRow, state: JobState, now: float) -> None:
     job.ended_at = now if state in JOB_FINAL else None
     JobRow.update(state=job.state, updated_at=now, ended_at=job.ended_at).where(
         JobRow.id == job.id).execute()
+    notify(f"job {job.id}")  # waitJob on every engine (sent at the commit)
 
 
 def recompute_jobs(job_ids: Iterable[str], now: float) -> None:
@@ -225,6 +239,20 @@ def pending_steps(host: str) -> list[StepRow]:
 
 def get_step(step_id: str) -> StepRow | None:
     return StepRow.get_or_none(StepRow.id == step_id)
+
+
+def claim_step(step_id: str) -> bool:
+    """Before a step is sent to its host: whether it is still pending (its row locked
+    until the transaction ends). Called fenced by the host's worker, so a step is
+    sent only by the engine that holds the host's lease at that moment; an engine
+    that lost it after the claim may still send it once more, which the agent's
+    idempotent IDs make harmless (the same task ID, connection ID)."""
+    with atomic():
+        select = StepRow.select(StepRow.state).where(StepRow.id == step_id)
+        if is_postgresql():
+            select = select.for_update()
+        row = select.first()
+        return row is not None and row.state == StepState.PENDING.value
 
 
 def step_accepted(step_id: str, state: StepState, now: float, result: Any = None) -> set[str]:

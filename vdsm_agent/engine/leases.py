@@ -1,0 +1,232 @@
+"""Several engines on one PostgreSQL: host leases, fenced workers, cross-engine wake-ups.
+
+Each engine (PostgreSQL only; sqlite is one engine that polls every host):
+
+* registers itself (``engines`` row) at start and, every ``lease_time / 3``,
+  runs ``store.leases.tick``: heartbeat, renewal of all its leases (one
+  statement), surplus given back, expired or unowned leases taken up to its
+  fair share. A ``HostWorker`` runs only for the hosts it leases: the keeper
+  starts and stops workers as leases come and go (a lease taken again after it
+  expired has a new generation: a new worker);
+* runs each worker as a ``LeasedWorker``: every store call of its loops is
+  fenced by the lease's generation (``store.db.FENCE``); a refused call
+  (``LeaseLost``) stops the worker;
+* stops every worker when it could not renew for ``lease_time`` (its leases
+  may be someone else's by now), whatever the database says later;
+* gives its leases back on SIGTERM (others take them at their next tick);
+* listens on the engines' NOTIFY channel (``Listener``): a job another engine
+  changed wakes ``waitJob`` here, a new step of a host leased here runs now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from vdsm_agent import __version__
+from vdsm_agent.common.supervision import Background
+from vdsm_agent.engine.poller import HostWorker
+from vdsm_agent.engine.ports import HostContext
+from vdsm_agent.engine.store import EngineStore, migrations
+from vdsm_agent.engine.store import leases as store_leases
+from vdsm_agent.engine.store.db import FENCE
+from vdsm_agent.engine.store.leases import CHANNEL, Fence
+from vdsm_agent.engine.store.models import HostRow
+from vdsm_agent.security import audit
+
+log = logging.getLogger(__name__)
+
+
+class LeasedWorker(HostWorker):
+    """A host worker bound to one lease generation: its loops' store calls are fenced."""
+
+    def __init__(self, engine: HostContext, row: HostRow, fence: Fence) -> None:
+        super().__init__(engine, row)
+        self.fence = fence
+
+    async def start(self) -> None:
+        # The loops' tasks are made here and keep a copy of this context.
+        token = FENCE.set(self.fence)
+        try:
+            await super().start()
+        finally:
+            FENCE.reset(token)
+
+
+class LeaseHolder(Protocol):
+    """What the keeper needs of the engine."""
+
+    @property
+    def store(self) -> EngineStore: ...
+    @property
+    def workers(self) -> dict[str, HostWorker]: ...
+
+    async def add_worker(self, row: HostRow, fence: Fence | None = None) -> HostWorker: ...
+    async def remove_worker(self, name: str) -> None: ...
+    def jobs_changed(self, job_ids: Any) -> None: ...
+
+
+def hosts_named(names: list[str]) -> list[HostRow]:
+    return list(HostRow.select().where(HostRow.name.in_(names)).order_by(HostRow.name))
+
+
+class LeaseKeeper:
+    """This engine's leases: takes, renews, gives back; starts and stops the workers."""
+
+    def __init__(self, engine: LeaseHolder, lease_time: float) -> None:
+        self.engine = engine
+        self.lease_time = lease_time
+        self.id = uuid.uuid4().hex
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self._wake = asyncio.Event()
+        self._background = Background("leases", log)
+        self._renewed: float | None = None  # monotonic start of the last good tick
+        self._lock = asyncio.Lock()
+        self.ticks = 0
+
+    @property
+    def interval(self) -> float:
+        return self.lease_time / 3
+
+    async def start(self) -> None:
+        store = self.engine.store
+        await store.run(store_leases.register_engine, self.id, self.name, os.getpid(),
+                        __version__, migrations.latest_version())
+        store.lease_lost = self._lost
+        await self._tick()  # this engine's first share before it serves
+        self._background.loop(self._loop, "lease loop", restart_delay=self.interval)
+        log.info("engine %s (%s): leases of %d hosts, lease_time %.1f s", self.name, self.id,
+                 len(self.engine.workers), self.lease_time)
+
+    async def close(self) -> None:
+        """Stop the loop (the engine stops the workers), then give every lease back."""
+        await self._background.close()
+        for name in list(self.engine.workers):
+            await self.engine.remove_worker(name)
+        with contextlib.suppress(Exception):
+            released = await self.engine.store.run(store_leases.unregister_engine, self.id)
+            for host in released:
+                self._audit("leaseReleased", host, reason="stop")
+            log.info("engine %s stopped: %d leases given back", self.name, len(released))
+
+    def wake(self) -> None:
+        """Tick now (a host was added)."""
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._tick()
+            except LookupError:  # our row was removed (taken for dead): register again
+                await self.engine.store.run(
+                    store_leases.register_engine, self.id, self.name, os.getpid(),
+                    __version__, migrations.latest_version())
+            except Exception as exc:
+                await self._renewal_failed(exc)
+
+    async def _renewal_failed(self, exc: Exception) -> None:
+        since = time.monotonic() - (self._renewed or 0)
+        log.warning("lease renewal failed (%s); last renewed %.1f s ago", exc, since)
+        if since >= self.lease_time and self.engine.workers:
+            log.warning("leases not renewed for lease_time (%.1f s): stopping every worker",
+                        self.lease_time)
+            for name in list(self.engine.workers):
+                await self.engine.remove_worker(name)
+
+    async def _tick(self) -> None:
+        began = time.monotonic()
+        result = await self.engine.store.run(store_leases.tick, self.id, self.lease_time)
+        self._renewed = began
+        self.ticks += 1
+        async with self._lock:
+            await self._apply(result)
+
+    async def _apply(self, result: store_leases.Tick) -> None:
+        workers = self.engine.workers
+        for name, worker in list(workers.items()):
+            held = result.held.get(name)
+            fence = getattr(worker, "fence", None)
+            if held is None or fence is None or fence.generation != held[0]:
+                reason = "rebalance" if name in result.released else "lost"
+                log.info("host %s: lease %s; its worker stops", name, reason)
+                self._audit("leaseReleased", name, reason=reason)
+                await self.engine.remove_worker(name)
+        new = sorted(name for name in result.held if name not in workers)
+        if new:
+            rows = await self.engine.store.run(hosts_named, new)
+            for row in rows:
+                generation = result.held[row.name][0]
+                log.info("host %s: lease taken (generation %d)", row.name, generation)
+                self._audit("leaseTaken", row.name, generation=generation)
+                await self.engine.add_worker(row, Fence(row.name, self.id, generation))
+        for name, (_generation, maintenance) in result.held.items():
+            leased = workers.get(name)
+            if leased is not None and leased.maintenance != maintenance:
+                await leased.set_maintenance(maintenance)
+
+    def _lost(self, fence: Fence) -> None:
+        """A fenced call was refused: stop that worker now (if it is still that one)."""
+        worker = self.engine.workers.get(fence.host)
+        if worker is not None and getattr(worker, "fence", None) == fence:
+            self._audit("leaseReleased", fence.host, reason="fenced")
+            self._background.start(self.engine.remove_worker(fence.host))
+        self.wake()
+
+    def _audit(self, event: str, host: str, **details: Any) -> None:
+        audit.record(None, event, {"host": host, "engine": self.name, **details},
+                     event="lease")
+
+
+class Listener:
+    """One LISTEN connection per engine: ``on_payload`` for each NOTIFY of the engines'
+    channel, and ``on_payload("*")`` after each (re)connection (what came while it was
+    away is not known)."""
+
+    def __init__(self, url: str, on_payload: Callable[[str], None]) -> None:
+        self.url = url
+        self.on_payload = on_payload
+        self._background = Background("notify listener", log)
+        self.connected = asyncio.Event()
+
+    def start(self, retry: float) -> None:
+        self._background.loop(self._listen, "listener", restart_delay=retry)
+
+    async def close(self) -> None:
+        await self._background.close()
+
+    async def _listen(self) -> None:
+        import psycopg2  # type: ignore[import-untyped]
+
+        conn = await asyncio.to_thread(psycopg2.connect, self.url,
+                                       connect_timeout=10)
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cursor:
+                cursor.execute(f"LISTEN {CHANNEL}")
+            loop.add_reader(conn.fileno(), ready.set)
+            self.connected.set()
+            self.on_payload("*")
+            while True:
+                await ready.wait()
+                ready.clear()
+                conn.poll()  # a dropped connection raises: the loop reconnects
+                while conn.notifies:
+                    self.on_payload(conn.notifies.pop(0).payload)
+        finally:
+            self.connected.clear()
+            with contextlib.suppress(Exception):
+                loop.remove_reader(conn.fileno())
+            conn.close()
