@@ -102,6 +102,10 @@ async def list_hosts(engine: Engine, pageSize: int = 100,
     return await views.list_hosts(engine, pageSize, pageToken)
 
 
+async def list_engines(engine: Engine) -> dict[str, Any]:
+    return await views.list_engines(engine, engine.config.lease_time)
+
+
 async def set_host_maintenance(engine: Engine, name: str,
                                maintenance: bool) -> dict[str, Any]:
     await engine.store.run(repository.set_maintenance, name, maintenance)
@@ -192,6 +196,7 @@ def methods_table() -> dict[str, Handler]:
         "removeHost": remove_host,
         "getHost": get_host,
         "listHosts": list_hosts,
+        "listEngines": list_engines,
         "setHostMaintenance": set_host_maintenance,
         "listTasks": list_tasks,
         "getTask": get_task,

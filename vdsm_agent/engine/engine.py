@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import Callable, Iterable
 
 from rpc_schema import ApiSchema
@@ -55,7 +58,17 @@ class Engine:
         self.listeners: list[ChangeListener] = []  # notify(): the console's live updates
         # PostgreSQL: several engines may share the store; each polls the hosts it leases.
         self.leases: LeaseKeeper | None = None
+        self._id = uuid.uuid4().hex  # sqlite: the one engine's (listEngines)
+        self._name = f"{socket.gethostname()}:{os.getpid()}"
         self.listener: Listener | None = None
+
+    @property
+    def engine_id(self) -> str:
+        return self.leases.id if self.leases is not None else self._id
+
+    @property
+    def name(self) -> str:
+        return self.leases.name if self.leases is not None else self._name
 
     @property
     def uptime(self) -> float:

@@ -112,6 +112,13 @@ class JobContext(Changes, Protocol):
 class ViewContext(Changes, Protocol):
     """What the views need of the engine."""
 
+    @property
+    def name(self) -> str: ...  # HOSTNAME:PID (listEngines, a host's polledBy)
+    @property
+    def engine_id(self) -> str: ...  # new at every start
+    @property
+    def uptime(self) -> float: ...
+
     def host(self, name: str) -> HostHandle | None:
         """The host's worker (None: no such host, or the engine is stopping)."""
 

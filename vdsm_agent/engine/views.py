@@ -14,23 +14,26 @@ see the engine through ``ports.ViewContext`` and a host's worker through
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vdsm_agent import errors
+from vdsm_agent import __version__, errors
 from vdsm_agent.common import paging
 from vdsm_agent.common.clock import rfc3339
 from vdsm_agent.engine.agentclient import AgentError, AgentUnreachable
 from vdsm_agent.engine.ports import HostView, ViewContext
 from vdsm_agent.engine.states import TASK_FINAL, UNKNOWN, HostStatus
-from vdsm_agent.engine.store import EngineStore, repository
+from vdsm_agent.engine.store import EngineStore, migrations, repository
+from vdsm_agent.engine.store import leases as store_leases
 from vdsm_agent.engine.store.models import HostRow, HostTaskRow, JobRow, StepRow
 
 # -- hosts ------------------------------------------------------------------------------
 
 
 def host_document(row: HostRow, worker: HostView | None,
-                  counts: Mapping[str, Mapping[str, int]] | None) -> dict[str, Any]:
+                  counts: Mapping[str, Mapping[str, int]] | None,
+                  lease: tuple[str | None, int | None] = (None, None)) -> dict[str, Any]:
     status = worker.status if worker is not None else (
         HostStatus.MAINTENANCE if row.maintenance else HostStatus(row.status))
     return {
@@ -48,7 +51,38 @@ def host_document(row: HostRow, worker: HostView | None,
         "counts": {"tasks": dict((counts or {}).get("tasks", {})),
                    "connections": dict((counts or {}).get("connections", {}))},
         "createdAt": rfc3339(row.created_at),
+        "polledBy": lease[0],
+        "leaseGeneration": lease[1],
     }
+
+
+async def leases_of(engine: ViewContext, names: list[str]) -> dict[str, tuple[str | None,
+                                                                          int | None]]:
+    """host -> (the name of the engine that polls it, its lease's generation): from
+    the database on PostgreSQL (several engines), this engine itself on sqlite."""
+    if engine.store.kind != "postgresql":
+        return {name: (engine.name, None) for name in names}
+    found = await engine.store.run(store_leases.lease_of, names)
+    return {name: (found[name][1], found[name][2]) if name in found else (None, None)
+            for name in names}
+
+
+async def list_engines(engine: ViewContext, lease_time: float) -> dict[str, Any]:
+    """listEngines: the engines sharing the database and their leases."""
+    if engine.store.kind != "postgresql":
+        hosts = [row.name for row in await engine.store.run(repository.list_hosts)]
+        started = engine.now() - engine.uptime
+        infos = [store_leases.EngineInfo(engine.engine_id, engine.name, os.getpid(),
+                                         __version__, migrations.latest_version(), started,
+                                         engine.now(), True, hosts)]
+    else:
+        infos = await engine.store.run(store_leases.list_engines, lease_time)
+    return {"leaseTime": lease_time, "engines": [
+        {"id": info.id, "name": info.name, "pid": info.pid, "version": info.version,
+         "schemaVersion": info.schema_version, "startedAt": rfc3339(info.started_at),
+         "heartbeatAt": rfc3339(info.heartbeat_at), "alive": info.alive,
+         "self": info.id == engine.engine_id, "hostCount": len(info.hosts),
+         "hosts": info.hosts} for info in infos]}
 
 
 # listHosts has no filter: its tokens are tied to the verb alone.
@@ -63,14 +97,16 @@ async def list_hosts(engine: ViewContext, page_size: int, page_token: str | None
     page = await engine.store.run(repository.list_hosts_page, after, page_size)
     token = (paging.encode_token([page.rows[-1].name], HOSTS_FINGERPRINT)
              if page.more and page.rows else None)
-    return {"hosts": [host_document(row, engine.host(row.name), page.counts.get(row.name))
-                      for row in page.rows],
+    leases = await leases_of(engine, [row.name for row in page.rows])
+    return {"hosts": [host_document(row, engine.host(row.name), page.counts.get(row.name),
+                                    leases[row.name]) for row in page.rows],
             "nextPageToken": token}
 
 
 async def get_host(engine: ViewContext, name: str) -> dict[str, Any]:
     row, counts = await engine.store.run(repository.get_host_with_counts, name)
-    return host_document(row, engine.host(name), counts.get(name))
+    leases = await leases_of(engine, [name])
+    return host_document(row, engine.host(name), counts.get(name), leases[name])
 
 
 # -- tasks --------------------------------------------------------------------------------
@@ -97,9 +133,14 @@ def task_item(row: HostTaskRow, current: bool, host_status: str) -> dict[str, An
     }
 
 
-def _status_of(engine: ViewContext, host: str) -> tuple[bool, str]:
+def _status_of(engine: ViewContext, host: str,
+               row: HostRow | None = None) -> tuple[bool, str]:
     worker = engine.host(host)
     if worker is None:
+        if row is not None and engine.store.kind == "postgresql":
+            # Polled by another engine (several engines): the status it wrote.
+            status = HostStatus.MAINTENANCE if row.maintenance else HostStatus(row.status)
+            return status == HostStatus.UP, str(status)
         return False, UNKNOWN
     return worker.current, str(worker.status)
 
@@ -143,7 +184,7 @@ async def list_tasks(engine: ViewContext, where: Mapping[str, Any] | None, page_
 
 
 async def get_task(engine: ViewContext, host: str, task_id: str, refresh: bool) -> dict[str, Any]:
-    await engine.store.run(repository.get_host, host)
+    host_row = await engine.store.run(repository.get_host, host)
     worker = engine.host(host)
     refreshed = False
     if refresh and worker is not None and not worker.maintenance:
@@ -171,7 +212,7 @@ async def get_task(engine: ViewContext, host: str, task_id: str, refresh: bool) 
                 host=host)
         raise errors.TaskNotFound(f"no task {task_id} on host {host}", host=host,
                                   taskID=task_id)
-    item = task_item(row, *_status_of(engine, host))
+    item = task_item(row, *_status_of(engine, host, host_row))
     item["detail"] = repository.loads(row.detail)
     return {"task": item, "refreshed": refreshed, "unreachableHosts": unreachable}
 

@@ -104,7 +104,7 @@ class EngineStore(DatabaseThread):
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         db = self._db
-        if db is not None and db.is_closed():
+        if db is not None and db.is_closed() and fn != db.close:
             db.connect()  # PostgreSQL: the connection was dropped; a new one
         try:
             return fn(*args, **kwargs)
