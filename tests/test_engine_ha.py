@@ -21,7 +21,14 @@ from typing import Any
 import pytest
 
 from tests.engine_support import PG_BIN, DroppingProxy, fleet, postgres_server  # noqa: F401
-from tests.ha_support import Database, EngineProcess, RpcError, engines, wait_for
+from tests.ha_support import (
+    Database,
+    EngineProcess,
+    RpcError,
+    engine_command,
+    engines,
+    wait_for,
+)
 from vdsm_agent.engine.states import StepState
 from vdsm_agent.engine.store import EngineStore, repository
 from vdsm_agent.engine.store import leases as store_leases
@@ -341,3 +348,23 @@ def test_engines_survive_a_postgresql_restart_mid_job(tmp_path, ha_db, postgres_
         job = pair[1].call("startTask", host=names[0], kind="test.sleep",
                            params={"seconds": 0.1})
         assert wait_job(pair[0], job["jobID"])["state"] == "done"
+
+
+# -- rolling upgrades: a store of a newer schema is refused ---------------------------------
+
+
+def test_engine_refuses_a_store_of_a_newer_schema(tmp_path, ha_db):
+    url, db = ha_db
+    with engines(tmp_path, url, 1) as (engine,):
+        assert engine.call("listEngines")["engines"][0]["schemaVersion"] == 3
+    db.query("INSERT INTO engine_schema_version (version, description, applied_at) "
+             "VALUES (99, 'from the future', 0) RETURNING version")
+    older = EngineProcess(tmp_path, "older", url)
+    refused = subprocess.run(
+        [*engine_command(), "serve", "--state-dir", str(older.dir / "state"), "--listen",
+         f"127.0.0.1:{older.port}", "--database", url],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert refused.returncode == 2, refused.stderr
+    assert "schema version is 99" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert db.query("SELECT count(*) FROM engines") == [(0,)]

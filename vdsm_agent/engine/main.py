@@ -79,9 +79,15 @@ async def serve(config: settings.EngineConfig) -> None:
     from vdsm_agent.engine.app import make_app
     from vdsm_agent.server import listeners
     from vdsm_agent.server.runner import serve_until_signalled
+    from vdsm_agent.store.migrations import SchemaTooNew
 
     app = make_app(config)
-    runner, urls = await listeners.start(app, config)
+    try:
+        runner, urls = await listeners.start(app, config)
+    except SchemaTooNew as exc:  # a downgrade, or an older engine beside newer ones
+        print(f"{PROG}: cannot start: the store {settings.redact_url(config.database_url)}: "
+              f"{exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     await serve_until_signalled(runner, log, PROG, urls, how_to_reach(urls))
 
 
