@@ -221,16 +221,17 @@ async def test_a_fenced_write_is_refused_after_a_takeover(postgres_server):  # n
     try:
         await store.run(repository.add_host, "h1", "http://127.0.0.1:1/jsonrpc", None, None,
                         None, False, time.time())
-        for engine_id in ("a", "b"):
-            await store.run(store_leases.register_engine, engine_id, engine_id, 1, "0", 3)
-        first = await store.run(store_leases.tick, "a", 0.5)
+        await store.run(store_leases.register_engine, "a", "a", 1, "0", 3)
+        await store.run(store_leases.register_engine, "b", "b", 1, "0", 3)
+        first = await store.run(store_leases.tick, "a", 1.0)
         assert first.held == {"h1": (1, False)}
         await store.run(repository.create_job, "job1", "startTask", {}, [repository.StepSpec(
             "h1", "startTask", {"taskID": "t1"}, task_id="t1")], ["step1"], [], time.time())
         fence_a, fence_b = Fence("h1", "a", 1), Fence("h1", "b", 2)
         assert await as_worker(fence_a, store.run(repository.claim_step, "step1"))
-        await asyncio.sleep(0.6)  # A's lease expires (the database's clock)
-        taken = await store.run(store_leases.tick, "b", 5.0)
+        # A's lease expires (the database's clock) and A is no longer live: B takes it.
+        await asyncio.sleep(1.1)
+        taken = await store.run(store_leases.tick, "b", 1.0)
         assert taken.held == {"h1": (2, False)}
         assert taken.taken == ["h1"]
         with pytest.raises(LeaseLost):
@@ -239,12 +240,12 @@ async def test_a_fenced_write_is_refused_after_a_takeover(postgres_server):  # n
         with pytest.raises(LeaseLost):
             await as_worker(fence_a, store.run(repository.claim_step, "step1"))
         assert (await store.run(repository.get_step, "step1")).state == "pending"
-        # A's renewal does not bring it back: the lease is B's.
-        assert (await store.run(store_leases.tick, "a", 0.5)).held == {}
         assert await as_worker(fence_b, store.run(repository.claim_step, "step1"))
         await as_worker(fence_b, store.run(repository.step_accepted, "step1",
                                            StepState.RUNNING, time.time()))
         assert (await store.run(repository.get_step, "step1")).state == "running"
+        # A's renewal does not bring it back: the lease is B's (and unexpired).
+        assert (await store.run(store_leases.tick, "a", 1.0)).held == {}
     finally:
         await store.close()
         postgres_server.drop_database(name)
@@ -368,3 +369,11 @@ def test_engine_refuses_a_store_of_a_newer_schema(tmp_path, ha_db):
     assert "schema version is 99" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert db.query("SELECT count(*) FROM engines") == [(0,)]
+
+
+def test_fair_shares_add_up_to_the_hosts():
+    live = ["a", "b", "c"]
+    assert [store_leases.fair_share(4, live, engine) for engine in live] == [2, 1, 1]
+    assert [store_leases.fair_share(6, live, engine) for engine in live] == [2, 2, 2]
+    assert [store_leases.fair_share(1, live, engine) for engine in live] == [1, 0, 0]
+    assert store_leases.fair_share(5, [], "a") == 5  # not yet counted live: itself

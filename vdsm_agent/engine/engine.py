@@ -116,12 +116,13 @@ class Engine:
 
     def _notified(self, payload: str) -> None:
         """A NOTIFY of the engines' channel: ``job ID`` (a job moved), ``steps H1 H2 ...``
-        (new steps for these hosts), ``*`` (anything may have changed)."""
+        (new steps for these hosts; ``steps *``: for any), ``*`` (the listener
+        reconnected: anything may have changed)."""
         kind, _, rest = payload.partition(" ")
         if kind == "job" and rest:
             self.jobs_changed([rest])
             return
-        names = rest.split() if kind == "steps" else list(self.workers)
+        names = rest.split() if kind == "steps" and rest != "*" else list(self.workers)
         for name in names:
             worker = self.workers.get(name)
             if worker is not None:

@@ -103,19 +103,27 @@ class EngineStore(DatabaseThread):
         return f"engine store {redact_url(self.url)}"
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn``; on PostgreSQL, once more on a new connection when the connection
+        was lost under it (a server restart, a dropped connection). The lost
+        transaction was rolled back by the server unless the connection dropped
+        during its COMMIT; the store's writes are safe to run again either way:
+        their IDs are chosen before (a job's, its steps': a second insert is a
+        conflict, never a duplicate) and their moves check the state first."""
         db = self._db
         if db is not None and db.is_closed() and fn != db.close:
             db.connect()  # PostgreSQL: the connection was dropped; a new one
         try:
             return fn(*args, **kwargs)
         except (peewee.InterfaceError, peewee.OperationalError):
-            if db is not None and self.kind == "postgresql" and not _usable(db):
-                log.warning("database connection lost; reconnecting on the next call")
-                try:
-                    db.close()
-                except peewee.PeeweeException:
-                    pass
-            raise
+            if db is None or self.kind != "postgresql" or _usable(db) or fn == db.close:
+                raise
+            log.warning("database connection lost; reconnecting and trying again once")
+            try:
+                db.close()
+            except peewee.PeeweeException:
+                pass
+        db.connect()  # raises if the server is not back: the next call tries again
+        return fn(*args, **kwargs)
 
 
 def _usable(db: peewee.Database) -> bool:

@@ -3,7 +3,8 @@
 Each engine registers its row (``engines``) at start. Every ``lease_time / 3``
 it calls ``tick``: one transaction that renews its heartbeat and ALL its
 leases (one UPDATE), gives back what exceeds its fair share
-(``ceil(hosts / live engines)``) and takes expired or unowned leases up to
+(``hosts // live engines``, one more for the first ``hosts % live engines``
+engines by ID: ``fair_share``) and takes expired or unowned leases up to
 that share, each taken lease's ``generation`` bumped. Every time is the
 database's clock (``now()``), never the engine's: a skewed engine clock cannot
 extend a lease.
@@ -21,7 +22,6 @@ are not called).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -100,10 +100,12 @@ def tick(engine_id: str, lease_time: float) -> Tick:
             f"WHERE h.name = l.host AND l.owner = %s AND l.expires_at > {DB_NOW} "
             "RETURNING l.host, l.generation, h.maintenance", (lease_time, engine_id))
         held = {str(host): (int(gen), bool(maint)) for host, gen, maint in renewed}
-        ((engines,),) = _sql(f"SELECT count(*) FROM engines WHERE heartbeat_at > {DB_NOW} - %s",
-                             (lease_time,))
+        live = [str(row[0]) for row in _sql(
+            f"SELECT id FROM engines WHERE heartbeat_at > {DB_NOW} - %s ORDER BY id",
+            (lease_time,))]
         ((hosts,),) = _sql("SELECT count(*) FROM host")
-        share = math.ceil(hosts / max(int(engines), 1))
+        share = fair_share(int(hosts), live, engine_id)
+        engines = len(live)
         released: list[str] = []
         taken: list[str] = []
         if len(held) > share:
@@ -127,6 +129,16 @@ def tick(engine_id: str, lease_time: float) -> Tick:
                 held[str(host)] = (int(gen), bool(maint))
                 taken.append(str(host))
         return Tick(held, sorted(taken), released, int(engines), int(hosts))
+
+
+def fair_share(hosts: int, live: list[str], engine_id: str) -> int:
+    """This engine's share: ``hosts // engines``, one more for the first
+    ``hosts % engines`` engines by ID, so that the shares add up to the hosts
+    (4 hosts on 3 engines: 2, 1, 1) and every engine computes the same split."""
+    if engine_id not in live:
+        live = sorted([*live, engine_id])
+    base, extra = divmod(hosts, len(live))
+    return base + (1 if live.index(engine_id) < extra else 0)
 
 
 def check_fence(fence: Fence) -> None:
@@ -185,8 +197,18 @@ def lease_of(hosts: list[str]) -> dict[str, tuple[str, str | None, int]]:
             for host, owner, name, gen in rows}
 
 
+# PostgreSQL's limit on a NOTIFY payload is 8000 bytes.
+MAX_PAYLOAD = 7900
+
+
 def notify(payload: str) -> None:
     """NOTIFY the engines' channel in the current transaction (sent at its commit;
     nothing on sqlite, where one engine is all)."""
     if is_postgresql():
-        _sql("SELECT pg_notify(%s, %s)", (CHANNEL, payload[:7900]))
+        _sql("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+
+
+def notify_steps(hosts: list[str]) -> None:
+    """New steps for these hosts (``steps *``: too many to name, every host)."""
+    payload = "steps " + " ".join(hosts)
+    notify(payload if len(payload.encode()) <= MAX_PAYLOAD else "steps *")

@@ -28,7 +28,7 @@ from vdsm_agent.engine.states import (
     job_state,
 )
 from vdsm_agent.engine.store.hosts import get_host
-from vdsm_agent.engine.store.leases import is_postgresql, notify
+from vdsm_agent.engine.store.leases import is_postgresql, notify, notify_steps
 from vdsm_agent.engine.store.models import (
     HostRow,
     HostTaskRow,
@@ -142,7 +142,7 @@ def create_job(job_id: str, action: str, params: dict[str, Any], steps: Sequence
                            task_id=spec.task_id, connection_id=spec.connection_id,
                            request=dumps(spec.request), created_at=now, updated_at=now)
         # The engines that lease these hosts run the new steps now (LISTEN/NOTIFY).
-        notify("steps " + " ".join(dict.fromkeys(spec.host for spec in steps)))
+        notify_steps(list(dict.fromkeys(spec.host for spec in steps)))
 
 
 def replace_task_locks(host: str, task_id: str, resources: Sequence[str], now: float) -> None:
