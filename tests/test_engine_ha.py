@@ -270,6 +270,18 @@ def test_wait_job_on_one_engine_wakes_when_another_engine_finishes_it(tmp_path, 
         elapsed = time.monotonic() - began
         assert done["state"] == "done"
         assert elapsed < 8, elapsed  # not the 30 s of the wait, nor a resync interval
+        # What only the agent has is asked of it from the other engine all the same.
+        task_id = done["steps"][0]["taskID"]
+        output = waiter.call("getTaskOutput", host=host, taskID=task_id)
+        assert output["host"] == host
+        assert output["eof"] is True
+        assert waiter.call("getTask", host=host, taskID=task_id)["task"]["state"] == "done"
+        (listed,) = [item for item in waiter.call("listTasks", pageSize=1000)["tasks"]
+                     if item["id"] == task_id]
+        assert listed["hostStatus"] == "up"  # the status the other engine wrote
+        (item,) = [doc for doc in waiter.call("listHosts")["hosts"] if doc["name"] == host]
+        assert item["polledBy"].endswith(f":{runner.proc.pid}")
+        assert item["leaseGeneration"] >= 1
 
 
 # -- a lost reply, then the engine killed: the re-sent step runs once ----------------------------

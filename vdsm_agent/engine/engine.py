@@ -22,7 +22,7 @@ from rpc_schema import ApiSchema
 from vdsm_agent.common import clock
 from vdsm_agent.common.supervision import Background
 from vdsm_agent.engine.jobs import Jobs, StepRunner
-from vdsm_agent.engine.leases import LeasedWorker, LeaseKeeper, Listener
+from vdsm_agent.engine.leases import LeasedWorker, LeaseKeeper, Listener, Visitor
 from vdsm_agent.engine.poller import HostWorker
 from vdsm_agent.engine.settings import EngineConfig
 from vdsm_agent.engine.states import HostStatus
@@ -58,6 +58,7 @@ class Engine:
         self.listeners: list[ChangeListener] = []  # notify(): the console's live updates
         # PostgreSQL: several engines may share the store; each polls the hosts it leases.
         self.leases: LeaseKeeper | None = None
+        self.visitors: dict[str, Visitor] = {}  # hosts another engine polls, called from here
         self._id = uuid.uuid4().hex  # sqlite: the one engine's (listEngines)
         self._name = f"{socket.gethostname()}:{os.getpid()}"
         self.listener: Listener | None = None
@@ -100,6 +101,24 @@ class Engine:
             await self.leases.close()  # stops its workers, then gives the leases back
         workers, self.workers = list(self.workers.values()), {}
         await asyncio.gather(*(worker.stop() for worker in workers))
+        visitors, self.visitors = list(self.visitors.values()), {}
+        await asyncio.gather(*(visitor.close() for visitor in visitors))
+
+    async def reach(self, name: str) -> HostWorker | Visitor:
+        """What calls the host's agent from here: its worker, or (several engines) a
+        visitor of a host another engine polls (HostNotFound: no such host)."""
+        worker = self.workers.get(name)
+        if worker is not None:
+            return worker
+        row = await self.store.run(repository.get_host, name)
+        visitor = self.visitors.get(name)
+        if visitor is None or (visitor.url, visitor.tls) != (row.url, (
+                row.ca_file, row.cert_file, row.key_file)):
+            if visitor is not None:
+                await visitor.close()
+            visitor = self.visitors[name] = Visitor(row, self.config)
+        visitor.maintenance = bool(row.maintenance)
+        return visitor
 
     async def add_worker(self, row: HostRow, fence: Fence | None = None) -> HostWorker:
         worker = HostWorker(self, row) if fence is None else LeasedWorker(self, row, fence)

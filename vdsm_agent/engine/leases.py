@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import Callable
@@ -32,8 +33,10 @@ from typing import Any, Protocol
 
 from vdsm_agent import __version__
 from vdsm_agent.common.supervision import Background
+from vdsm_agent.engine.agentclient import AgentClient, AgentUnreachable, ssl_context
 from vdsm_agent.engine.poller import HostWorker
 from vdsm_agent.engine.ports import HostContext
+from vdsm_agent.engine.settings import EngineConfig
 from vdsm_agent.engine.store import EngineStore, migrations
 from vdsm_agent.engine.store import leases as store_leases
 from vdsm_agent.engine.store.db import FENCE
@@ -60,6 +63,46 @@ class LeasedWorker(HostWorker):
             FENCE.reset(token)
 
 
+class Visitor:
+    """A host another engine polls, called from this one for what only its agent
+    has (a task's output; the Gluster stop verbs' look at its tasks): its own
+    client, no loops, never a write."""
+
+    def __init__(self, row: HostRow, config: EngineConfig) -> None:
+        self.name: str = row.name
+        self.url: str = row.url
+        self.tls = (row.ca_file, row.cert_file, row.key_file)
+        self.maintenance = bool(row.maintenance)
+        self.config = config
+        self.client: AgentClient | None = None
+
+    async def ensure_client(self) -> AgentClient:
+        if self.client is None:
+            context = None
+            if self.url.startswith("https:"):
+                try:
+                    context = await asyncio.to_thread(ssl_context, *self.tls)
+                except (OSError, ssl.SSLError) as exc:
+                    raise AgentUnreachable(f"TLS files of host {self.name}: {exc}") from None
+            if self.client is None:
+                self.client = AgentClient(
+                    self.url, connect_timeout=self.config.connect_timeout,
+                    request_timeout=self.config.request_timeout, ssl_context=context)
+        return self.client
+
+    async def call(self, method: str, params: dict[str, Any] | None = None,
+                   timeout: float | None = None) -> Any:
+        if self.maintenance:
+            raise AgentUnreachable("the host is in maintenance (not polled)")
+        client = await self.ensure_client()
+        return await client.call(method, params, timeout)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            client, self.client = self.client, None
+            await client.close()
+
+
 class LeaseHolder(Protocol):
     """What the keeper needs of the engine."""
 
@@ -71,10 +114,6 @@ class LeaseHolder(Protocol):
     async def add_worker(self, row: HostRow, fence: Fence | None = None) -> HostWorker: ...
     async def remove_worker(self, name: str) -> None: ...
     def jobs_changed(self, job_ids: Any) -> None: ...
-
-
-def hosts_named(names: list[str]) -> list[HostRow]:
-    return list(HostRow.select().where(HostRow.name.in_(names)).order_by(HostRow.name))
 
 
 class LeaseKeeper:
@@ -164,7 +203,7 @@ class LeaseKeeper:
                 await self.engine.remove_worker(name)
         new = sorted(name for name in result.held if name not in workers)
         if new:
-            rows = await self.engine.store.run(hosts_named, new)
+            rows = await self.engine.store.run(store_leases.hosts_named, new)
             for row in rows:
                 generation = result.held[row.name][0]
                 log.info("host %s: lease taken (generation %d)", row.name, generation)

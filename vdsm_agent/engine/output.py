@@ -33,6 +33,7 @@ from aiohttp import web
 from vdsm_agent import errors
 from vdsm_agent.engine.agentclient import AgentError, AgentUnreachable
 from vdsm_agent.engine.engine import Engine
+from vdsm_agent.engine.leases import Visitor
 from vdsm_agent.engine.poller import HostWorker
 from vdsm_agent.engine.store import repository
 from vdsm_agent.server import streaming
@@ -71,9 +72,10 @@ async def read(engine: Engine, host: str, task_id: str, offset: int, max_bytes: 
     return {**result, "host": host}
 
 
-async def _worker(engine: Engine, host: str) -> HostWorker:
+async def _worker(engine: Engine, host: str) -> HostWorker | Visitor:
     await engine.store.run(repository.get_host, host)  # HostNotFound
-    worker = engine.workers.get(host)
+    # Another engine's host (several engines): called from here all the same.
+    worker = await engine.reach(host) if engine.leases is not None else engine.workers.get(host)
     if worker is None or worker.maintenance:
         raise errors.HostUnreachable(f"host {host} is in maintenance (not polled)", host=host)
     return worker

@@ -179,7 +179,13 @@ async def list_tasks(engine: ViewContext, where: Mapping[str, Any] | None, page_
     if len(rows) > page_size:
         last = page[-1]
         token = paging.encode_token([last.created_at, last.host, last.task_id], fingerprint)
-    items = [task_item(row, *_status_of(engine, row.host)) for row in page]
+    others = sorted({row.host for row in page if engine.host(row.host) is None})
+    host_rows = {}
+    if others and engine.store.kind == "postgresql":  # polled by other engines
+        host_rows = {host.name: host for host in await engine.store.run(
+            store_leases.hosts_named, others)}
+    items = [task_item(row, *_status_of(engine, row.host, host_rows.get(row.host)))
+             for row in page]
     return {"tasks": items, "nextPageToken": token, "unreachableHosts": unreachable}
 
 

@@ -25,8 +25,10 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from vdsm_agent.engine.store.models import engine_proxy
-from vdsm_agent.engine.store.rows import atomic
+import peewee
+
+from vdsm_agent.engine.store.models import HostRow, engine_proxy
+from vdsm_agent.engine.store.rows import BATCH, atomic
 
 T = TypeVar("T")
 
@@ -139,6 +141,15 @@ def fair_share(hosts: int, live: list[str], engine_id: str) -> int:
         live = sorted([*live, engine_id])
     base, extra = divmod(hosts, len(live))
     return base + (1 if live.index(engine_id) < extra else 0)
+
+
+def hosts_named(names: list[str]) -> list[HostRow]:
+    """These hosts' rows (the hosts an engine just leased; another engine's hosts
+    in a view), by name."""
+    rows: list[HostRow] = []
+    for chunk in peewee.chunked(sorted(names), BATCH):
+        rows.extend(HostRow.select().where(HostRow.name.in_(chunk)).order_by(HostRow.name))
+    return rows
 
 
 def check_fence(fence: Fence) -> None:
