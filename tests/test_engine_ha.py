@@ -389,3 +389,30 @@ def test_fair_shares_add_up_to_the_hosts():
     assert [store_leases.fair_share(6, live, engine) for engine in live] == [2, 2, 2]
     assert [store_leases.fair_share(1, live, engine) for engine in live] == [1, 0, 0]
     assert store_leases.fair_share(5, [], "a") == 5  # not yet counted live: itself
+
+
+def test_a_second_engine_on_one_sqlite_file_is_refused(tmp_path):
+    database = f"sqlite:///{tmp_path / 'engine.db'}"
+    first = EngineProcess(tmp_path, "first", database)
+    try:
+        first.start()
+        second = EngineProcess(tmp_path, "second", database)
+        refused = subprocess.run(
+            [*engine_command(), "serve", "--state-dir", str(second.dir / "state"), "--listen",
+             f"127.0.0.1:{second.port}", "--database", database],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert refused.returncode == 2
+        assert f"another engine uses the database {tmp_path / 'engine.db'}" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert first.call("listEngines")["engines"][0]["self"] is True
+    finally:
+        first.close()
+    assert first.proc is not None
+    assert first.proc.returncode == 0, first.logs()
+    # Once the first one stopped, the lock is free.
+    again = EngineProcess(tmp_path, "again", database)
+    try:
+        again.start()
+        assert again.call("ping")["database"] == "sqlite"
+    finally:
+        again.close()

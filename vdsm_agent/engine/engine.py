@@ -22,7 +22,7 @@ from rpc_schema import ApiSchema
 from vdsm_agent.common import clock
 from vdsm_agent.common.supervision import Background
 from vdsm_agent.engine.jobs import Jobs, StepRunner
-from vdsm_agent.engine.leases import LeasedWorker, LeaseKeeper, Listener, Visitor
+from vdsm_agent.engine.leases import LeasedWorker, LeaseKeeper, Listener, Visitor, lock_sqlite
 from vdsm_agent.engine.poller import HostWorker
 from vdsm_agent.engine.settings import EngineConfig
 from vdsm_agent.engine.states import HostStatus
@@ -58,6 +58,7 @@ class Engine:
         self.listeners: list[ChangeListener] = []  # notify(): the console's live updates
         # PostgreSQL: several engines may share the store; each polls the hosts it leases.
         self.leases: LeaseKeeper | None = None
+        self._sqlite_lock: int | None = None  # sqlite: one engine per database file
         self.visitors: dict[str, Visitor] = {}  # hosts another engine polls, called from here
         self._id = uuid.uuid4().hex  # sqlite: the one engine's (listEngines)
         self._name = f"{socket.gethostname()}:{os.getpid()}"
@@ -88,6 +89,7 @@ class Engine:
             self.leases = LeaseKeeper(self, self.config.lease_time)
             await self.leases.start()
         else:
+            self._sqlite_lock = lock_sqlite(self.store.url)
             for row in await self.store.run(repository.list_hosts):
                 await self.add_worker(row)
         self._background.loop(self._sweep_loop, "retention", restart_delay=self._sweep_interval())
@@ -103,6 +105,9 @@ class Engine:
         await asyncio.gather(*(worker.stop() for worker in workers))
         visitors, self.visitors = list(self.visitors.values()), {}
         await asyncio.gather(*(visitor.close() for visitor in visitors))
+        if self._sqlite_lock is not None:
+            os.close(self._sqlite_lock)
+            self._sqlite_lock = None
 
     async def reach(self, name: str) -> HostWorker | Visitor:
         """What calls the host's agent from here: its worker, or (several engines) a

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import socket
@@ -45,6 +46,26 @@ from vdsm_agent.engine.store.models import HostRow
 from vdsm_agent.security import audit
 
 log = logging.getLogger(__name__)
+
+
+class SecondEngine(RuntimeError):
+    """Another engine uses this sqlite database (sqlite is for one engine)."""
+
+
+def lock_sqlite(url: str) -> int:
+    """An exclusive lock on ``DATABASE.engine-lock`` for the engine's life (its
+    descriptor): a second engine on one sqlite file would poll every host twice
+    and run their steps twice, so it is refused (``SecondEngine``)."""
+    database = url.removeprefix("sqlite:///")
+    fd = os.open(database + ".engine-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SecondEngine(f"another engine uses the database {database}: sqlite is for one "
+                           "engine; run several engines on PostgreSQL (docs/engine.md, "
+                           "'Several engines')") from None
+    return fd
 
 
 class LeasedWorker(HostWorker):

@@ -77,6 +77,7 @@ def how_to_reach(urls: list[str]) -> str:
 
 async def serve(config: settings.EngineConfig) -> None:
     from vdsm_agent.engine.app import make_app
+    from vdsm_agent.engine.leases import SecondEngine
     from vdsm_agent.server import listeners
     from vdsm_agent.server.runner import serve_until_signalled
     from vdsm_agent.store.migrations import SchemaTooNew
@@ -87,6 +88,9 @@ async def serve(config: settings.EngineConfig) -> None:
     except SchemaTooNew as exc:  # a downgrade, or an older engine beside newer ones
         print(f"{PROG}: cannot start: the store {settings.redact_url(config.database_url)}: "
               f"{exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except SecondEngine as exc:
+        print(f"{PROG}: cannot start: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     await serve_until_signalled(runner, log, PROG, urls, how_to_reach(urls))
 
