@@ -361,6 +361,17 @@ def test_engines_survive_a_postgresql_restart_mid_job(tmp_path, ha_db, postgres_
         job = pair[1].call("startTask", host=names[0], kind="test.sleep",
                            params={"seconds": 0.1})
         assert wait_job(pair[0], job["jobID"])["state"] == "done"
+        # Every connection of the engines dropped (an idle timeout, a proxy): the next
+        # calls run again on new ones, the API answers at once.
+        dropped = db.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        assert len(dropped) >= 4  # per engine: its store and its listener
+        job = pair[1].call("startTask", host=names[1], kind="test.sleep",
+                           params={"seconds": 0.1})
+        assert pair[0].call("waitJob", http_timeout=40, jobID=job["jobID"],
+                            timeout=30)["state"] == "done"
+        assert all(engine.alive() for engine in pair)
+        assert len(agent_task_ids(agents[1])) == 2
 
 
 # -- rolling upgrades: a store of a newer schema is refused ---------------------------------

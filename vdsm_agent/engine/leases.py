@@ -250,7 +250,7 @@ class LeaseKeeper:
 
 class Listener:
     """One LISTEN connection per engine: ``on_payload`` for each NOTIFY of the engines'
-    channel, and ``on_payload("*")`` after each (re)connection (what came while it was
+    channel, and ``on_payload("*")`` after each reconnection (what came while it was
     away is not known)."""
 
     def __init__(self, url: str, on_payload: Callable[[str], None]) -> None:
@@ -258,6 +258,7 @@ class Listener:
         self.on_payload = on_payload
         self._background = Background("notify listener", log)
         self.connected = asyncio.Event()
+        self.connections = 0
 
     def start(self, retry: float) -> None:
         self._background.loop(self._listen, "listener", restart_delay=retry)
@@ -272,13 +273,19 @@ class Listener:
                                        connect_timeout=10)
         loop = asyncio.get_running_loop()
         ready = asyncio.Event()
+        # The descriptor's number, kept: psycopg2 closes the socket itself when it
+        # finds the connection lost (fileno() then raises), and a reader left on
+        # the number would break the next socket that gets it (an API connection).
+        fd = conn.fileno()
         try:
             conn.autocommit = True
             with conn.cursor() as cursor:
                 cursor.execute(f"LISTEN {CHANNEL}")
-            loop.add_reader(conn.fileno(), ready.set)
+            loop.add_reader(fd, ready.set)
             self.connected.set()
-            self.on_payload("*")
+            self.connections += 1
+            if self.connections > 1:  # what came while it was away is not known
+                self.on_payload("*")
             while True:
                 await ready.wait()
                 ready.clear()
@@ -287,6 +294,5 @@ class Listener:
                     self.on_payload(conn.notifies.pop(0).payload)
         finally:
             self.connected.clear()
-            with contextlib.suppress(Exception):
-                loop.remove_reader(conn.fileno())
+            loop.remove_reader(fd)  # before anything else can get the number
             conn.close()
