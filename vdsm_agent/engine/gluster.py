@@ -67,7 +67,7 @@ async def _cancel_volume_task(engine: Engine, host: str, kind: str,
 async def _unfinished_task(engine: Engine, host: str, kind: str, volume: str) -> str:
     """The host's unfinished task of ``kind`` on ``volume`` (asked of the host: the
     engine does not keep a task's params)."""
-    worker = engine.workers.get(host)
+    worker = engine.host(host)
     if worker is None:
         raise errors.HostNotFound(f"no host {host!r}", host=host)
     where = {"kind": kind, "state": UNFINISHED}

@@ -73,7 +73,7 @@ async def read(engine: Engine, host: str, task_id: str, offset: int, max_bytes: 
 
 async def _worker(engine: Engine, host: str) -> HostWorker:
     await engine.store.run(repository.get_host, host)  # HostNotFound
-    worker = engine.workers.get(host)
+    worker = engine.host(host)
     if worker is None or worker.maintenance:
         raise errors.HostUnreachable(f"host {host} is in maintenance (not polled)", host=host)
     return worker
