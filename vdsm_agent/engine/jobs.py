@@ -80,14 +80,16 @@ class KindTables:
         agent does not declare the kind's (an older agent)."""
         if worker is None:
             return []
-        table = await self._table(worker)
+        table = await self._table(worker, kind)
         declaration = table.get(kind) if table is not None else None
         return resource_names.declared(declaration, params) if declaration else []
 
-    async def _table(self, worker: HostHandle) -> KindTable | None:
+    async def _table(self, worker: HostHandle, kind: str) -> KindTable | None:
+        """The host's table; read again when its URL or agent version changed, or when it
+        lacks ``kind`` (an agent restarted with other settings: enable_test_kinds)."""
         key = (worker.url, worker.agent_version)
         cached = self._tables.get(worker.name)
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0] == key and (kind in cached[1] or not cached[1]):
             return cached[1]
         if not worker.current:
             return None  # not asked: creating the job must not wait for a silent host
