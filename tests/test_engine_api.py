@@ -29,7 +29,6 @@ from vdsm_agent.common import paging
 from vdsm_agent.engine import main as engine_main
 from vdsm_agent.engine import settings as engine_settings
 from vdsm_agent.engine.app import make_app
-from vdsm_agent.engine.jobs import guess_resources
 from vdsm_agent.engine.store import repository
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,14 +139,6 @@ async def test_host_names_urls_and_errors(make_engine):
             ).name == "HostUnreachable"
     assert (await engine.error("listTasks", pageToken="garbage")).code == -32602
     assert (await engine.error("listTasks", filter={"state": "sideways"})).code == -32602
-
-
-def test_guessed_resources():
-    assert guess_resources("wipe", {"device": "/dev/sdb"}) == ["device:/dev/sdb"]
-    assert guess_resources("copy", {"source": "/srv/a.img", "destination": "/dev/sdc"}) == [
-        "device:/dev/sdc", "file:/srv/a.img"]
-    assert guess_resources("test.sleep", {"resources": ["a", "b"]}) == ["test:a", "test:b"]
-    assert guess_resources("checksum", {"path": "relative"}) == []
 
 
 # -- hosts that do not answer -------------------------------------------------------------------

@@ -322,6 +322,60 @@ async def test_resource_locks_and_cancel(make_engine, three):
     assert refreshed["task"]["detail"]["state"] == "canceled"
 
 
+async def test_an_agent_without_a_kind_table_gets_no_early_lock(make_engine, three):
+    """The engine's early locks come from the host's getTaskKinds (resourceParams): one
+    agent seen as two hosts, directly ("new") and through a proxy that answers
+    getTaskKinds "Method not found" ("old"). The old one gets no early lock (nor an
+    early check: the host's own lock refuses a conflicting task)."""
+    proxy = DroppingProxy(three[0].port, "none", drops=0, missing=("getTaskKinds",))
+    await proxy.start()
+    try:
+        engine = await make_engine()
+        await engine.call("addHost", name="old", url=proxy.url)
+        await engine.call("addHost", name="new", url=three[0].url)
+        await engine.wait_status("old", "up")
+        await engine.wait_status("new", "up")
+        disk = f"disk-{uuid.uuid4().hex[:8]}"
+        params = {"seconds": 60, "resources": [disk]}
+        kinds = engine.engine.jobs.kinds
+        assert await kinds.early_locks(engine.engine.host("new"), "test.sleep", params) == [
+            f"test:{disk}"]
+        assert await kinds.early_locks(engine.engine.host("new"), "nosuchkind", params) == []
+        assert await kinds.early_locks(engine.engine.host("old"), "test.sleep", params) == []
+        first = await engine.call("startTask", host="old", kind="test.sleep", params=params)
+        task_id = first["steps"][0]["taskID"]
+
+        async def running() -> bool:
+            found = await engine_task(engine, "old", task_id)
+            return bool(found and found["state"] == "running")
+        await async_until(running, timeout=15)
+        # A conflicting start names no resource the engine can check: the job is made,
+        # and its step fails with the host's own ResourceBusy.
+        second = await engine.call("startTask", host="old", kind="test.sleep", params=params)
+        refused = await engine.wait_job(second["jobID"], timeout=30)
+        assert refused["state"] == "failed"
+        assert refused["steps"][0]["lastError"]["name"] == "ResourceBusy"
+        assert refused["steps"][0]["lastError"]["holder"] == task_id
+        # The same agent as "new": the engine locks from the job's creation and refuses
+        # a conflicting start itself, at once.
+        other = {"seconds": 60, "resources": [f"{disk}-new"]}
+        held = await engine.call("startTask", host="new", kind="test.sleep", params=other)
+        busy = await engine.error("startTask", host="new", kind="test.sleep", params=other)
+        assert busy.name == "ResourceBusy"
+        assert busy.data["jobID"] == held["jobID"]
+        held_id = held["steps"][0]["taskID"]
+
+        async def known() -> bool:
+            return await engine_task(engine, "new", held_id) is not None
+        await async_until(known, timeout=15)
+        cancel = await engine.call("cancelTask", host="new", taskID=held_id)
+        assert (await engine.wait_job(cancel["jobID"], timeout=30))["state"] == "done"
+        cancel = await engine.call("cancelTask", host="old", taskID=task_id)
+        assert (await engine.wait_job(cancel["jobID"], timeout=30))["state"] == "done"
+    finally:
+        await proxy.close()
+
+
 async def test_maintenance_stops_polling_until_taken_out(make_engine, three):
     agent = three[0]
     engine = await make_engine()

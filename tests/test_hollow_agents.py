@@ -1,8 +1,9 @@
 """The hollow agents (benchmarks/hollow): a real hollow process serving a few hosts.
 
-* every verb it serves, called over HTTP, answers what rpc_schema/agent.json
-  says (results validated as tests/support.py ``check_result`` does; error
-  answers are errors the schema declares for the verb, with their codes);
+* every verb it serves (getTaskKinds with each kind's resourceParams too), called
+  over HTTP, answers what rpc_schema/agent.json says (results validated as
+  tests/support.py ``check_result`` does; error answers are errors the schema
+  declares for the verb, with their codes);
 * the verbs the engine calls (read from vdsm_agent/engine's source) are all
   served, so the hollow agent cannot drift behind the engine;
 * an in-process engine follows 20 hollow hosts: all up, a generated task
@@ -157,6 +158,12 @@ def test_every_served_verb_answers_as_the_schema_says(three: Hollow) -> None:
     assert ping["version"].endswith("+hollow")
     assert host.call("getCapabilities")["hostname"] == three.hosts[1]["name"]
     assert set(host.call("rpc.discover")["methods"][0]) >= {"name", "params", "result"}
+    # getTaskKinds: every kind the host offers, with what a hollow task of it locks
+    # (test.sleep's resources, as the real kind declares them; the hollow kinds nothing).
+    kinds = {kind["name"]: kind for kind in host.call("getTaskKinds")["kinds"]}
+    assert sorted(kinds) == sorted(host.call("getCapabilities")["taskKinds"])
+    assert kinds["test.sleep"]["resourceParams"] == {"resources": "test"}
+    assert kinds["copy"]["resourceParams"] == {}
 
     # listTasks: every page of 2, in (createdAt, id) order, then filters.
     seen: list[dict[str, Any]] = []

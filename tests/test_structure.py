@@ -134,6 +134,28 @@ def test_the_engine_parts_import_no_circle_even_for_the_type_checker() -> None:
     assert "vdsm_agent.engine.poller" not in graph["vdsm_agent.engine.jobs"]
 
 
+# The modules that make and drop the host workers: engine.py, and the host leases of
+# several engines (engine/leases.py, issue 19) that hand hosts to it.
+WORKER_OWNERS = {"vdsm_agent.engine.engine", "vdsm_agent.engine.leases"}
+
+
+def reads_of_workers(path: Path) -> list[int]:
+    """Lines where ``path`` reads an attribute ``workers`` (``engine.workers``)."""
+    tree = ast.parse(path.read_text(), str(path))
+    return sorted(node.lineno for node in ast.walk(tree)
+                  if isinstance(node, ast.Attribute) and node.attr == "workers")
+
+
+def test_only_the_engine_knows_its_host_workers() -> None:
+    """The console, the metrics, the health check, the output relay and the Gluster
+    verbs see a host through ``engine.host(name)`` and ``engine.hosts()``
+    (``ports.HostView``/``HostHandle``), never the engine's ``workers`` (issue 19)."""
+    found = {name: lines for name, path in MODULES.items()
+             if name not in WORKER_OWNERS and (lines := reads_of_workers(path))}
+    assert found == {}, "use engine.host(name) / engine.hosts() (engine/ports.py)"
+    assert reads_of_workers(MODULES["vdsm_agent.engine.engine"])  # the scan sees them
+
+
 def test_the_circle_check_sees_a_circle() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [["a", "b", "c"]]

@@ -34,6 +34,7 @@ from rpc_schema import openrpc
 from vdsm_agent import API_VERSION, __version__, errors
 from vdsm_agent.common.clock import parse_rfc3339
 from vdsm_agent.connections.monitor import ErrorInfo
+from vdsm_agent.tasks.kinds import KINDS
 
 VERSION = f"{__version__}+hollow"
 MAX_PAGE_SIZE = 1000
@@ -105,6 +106,29 @@ def _run_seconds(host: HollowHost, kind: str, params: dict[str, Any]) -> float:
         raise errors.InvalidParams("params.params.seconds must be a number >= 0",
                                    field="params.params.seconds", rule="type")
     return host.options.task_seconds
+
+
+def _kind_info(name: str) -> dict[str, Any]:
+    """A kind as getTaskKinds describes it: the real kind's description and schemas, and
+    what a hollow task of it locks (``_resources``): test.sleep's ``resources``, the
+    real declaration; nothing for the hollow kinds, which touch nothing."""
+    real = KINDS.get(name)
+    info = real.describe() if real is not None else {
+        "name": name, "description": "a hollow kind", "destructive": False,
+        "paramsSchema": {"type": "object"}, "resultSchema": {"type": "object"},
+        "sharesResources": False}
+    info["resourceParams"] = dict(real.resource_params) if (
+        real is not None and name == GENERATED_KIND) else {}
+    return info
+
+
+@functools.cache
+def _kinds_answer(kinds: tuple[str, ...]) -> bytes:
+    return orjson.dumps({"kinds": [_kind_info(name) for name in sorted(kinds)]})
+
+
+async def get_task_kinds(host: HollowHost, params: dict[str, Any]) -> bytes:
+    return _kinds_answer(tuple(host.options.kinds))
 
 
 async def start_task(host: HollowHost, params: dict[str, Any]) -> bytes:
@@ -315,6 +339,7 @@ VERBS: dict[str, Verb] = {
     "ping": ping,
     "getCapabilities": get_capabilities,
     "rpc.discover": discover,
+    "getTaskKinds": get_task_kinds,
     "startTask": start_task,
     "getTask": get_task,
     "getTaskOutput": get_task_output,

@@ -28,7 +28,7 @@ DEFAULT_AGENT_PATH = "/jsonrpc"
 
 async def ping(engine: Engine) -> dict[str, Any]:
     return {"version": __version__, "uptime": round(engine.uptime, 3),
-            "database": engine.store.kind, "hosts": len(engine.workers)}
+            "database": engine.store.kind, "hosts": len(engine.hosts())}
 
 
 async def discover(engine: Engine) -> dict[str, Any]:
@@ -109,7 +109,7 @@ async def list_engines(engine: Engine) -> dict[str, Any]:
 async def set_host_maintenance(engine: Engine, name: str,
                                maintenance: bool) -> dict[str, Any]:
     await engine.store.run(repository.set_maintenance, name, maintenance)
-    worker = engine.workers.get(name)
+    worker = engine.host(name)
     if worker is not None:
         await worker.set_maintenance(maintenance)
     log.info("host %s: maintenance %s", name, "on" if maintenance else "off")

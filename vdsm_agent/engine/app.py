@@ -57,8 +57,8 @@ async def handle_jsonrpc(request: web.Request) -> web.Response:
 async def handle_health(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     statuses: dict[str, int] = {}
-    for worker in engine.workers.values():
-        statuses[str(worker.status)] = statuses.get(str(worker.status), 0) + 1
+    for host in engine.hosts():
+        statuses[str(host.status)] = statuses.get(str(host.status), 0) + 1
     return json_response({"status": "ok", "version": __version__, "uptime": round(engine.uptime, 3),
                   "database": engine.store.kind, "hosts": statuses})
 

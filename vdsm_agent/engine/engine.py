@@ -166,6 +166,10 @@ class Engine:
         """The host's worker: what the jobs and views see of it (``ports.HostHandle``)."""
         return self.workers.get(name)
 
+    def hosts(self) -> list[HostWorker]:
+        """Every polled host's worker (``ports.HostView``: the console, metrics, health)."""
+        return list(self.workers.values())
+
     def not_current(self) -> list[str]:
         """Hosts whose state the engine does not currently see (shown as unknown)."""
         return sorted(name for name, worker in self.workers.items() if not worker.current)

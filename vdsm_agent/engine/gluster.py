@@ -68,7 +68,7 @@ async def _unfinished_task(engine: Engine, host: str, kind: str, volume: str) ->
     """The host's unfinished task of ``kind`` on ``volume`` (asked of the host: the
     engine does not keep a task's params)."""
     # Another engine's host (several engines) is asked from here all the same.
-    worker = await engine.reach(host) if engine.leases is not None else engine.workers.get(host)
+    worker = await engine.reach(host) if engine.leases is not None else engine.host(host)
     if worker is None:
         raise errors.HostNotFound(f"no host {host!r}", host=host)
     where = {"kind": kind, "state": UNFINISHED}

@@ -12,11 +12,11 @@ the same ID and URI, and a repeated unmanage/cancel that finds the work done
 counts as done. So a lost reply never runs work twice.
 
 While an engine-started task is unfinished the engine holds a lock on its
-host's resources (first guessed from the kind's params, then the task's
-``resources`` as its host reports them), so that it never starts a
-conflicting task itself (ResourceBusy, naming the holder). The lock is
-released when the host says the task ended, or was canceled, or the step
-failed.
+host's resources (first named from the params by the kind's declaration in
+the host's own kind table, ``KindTables``; then the task's ``resources`` as
+its host reports them), so that it never starts a conflicting task itself
+(ResourceBusy, naming the holder). The lock is released when the host says
+the task ended, or was canceled, or the step failed.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from vdsm_agent.engine.ports import HostHandle, JobContext
 from vdsm_agent.engine.states import TASK_FINAL, StepState
 from vdsm_agent.engine.store import repository
 from vdsm_agent.engine.store.models import StepRow
+from vdsm_agent.tasks import resource_names
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +43,66 @@ UNMANAGE = "unmanageStorageConnection"
 CANCEL = "cancelTask"
 
 
-def guess_resources(kind: str, params: Mapping[str, Any]) -> list[str]:
-    """What a task of ``kind`` will lock on its host, from its params (before the host
-    says): ``device:`` for devices, ``file:`` for image paths, ``test:`` for test.sleep,
-    ``gluster-volume:`` for the gluster kinds."""
-    found: set[str] = set()
-    if kind == "test.sleep":
-        found.update(f"test:{name}" for name in params.get("resources") or ()
-                     if isinstance(name, str))
-    if kind.startswith("gluster.") and isinstance(params.get("volume"), str):
-        found.add(f"gluster-volume:{params['volume']}")  # docs/gluster.md
-    for key in ("device", "path", "source", "destination"):
-        value = params.get(key)
-        if isinstance(value, str) and value.startswith("/"):
-            prefix = "device" if key == "device" or value.startswith("/dev/") else "file"
-            found.add(f"{prefix}:{value}")
-    return sorted(found)
+# The host's kind table is asked at most this long when a job is created (a host that
+# does not answer by then gets no early lock: its own lock still decides).
+KIND_TABLE_TIMEOUT = 5.0
+GET_TASK_KINDS = "getTaskKinds"
+KindTable = dict[str, Mapping[str, str] | None]  # kind -> resourceParams (None: not said)
+
+
+def kind_table(answer: Any) -> KindTable:
+    """Each kind's ``resourceParams`` from a getTaskKinds answer (None for a kind whose
+    agent does not say: an older agent)."""
+    table: KindTable = {}
+    kinds = answer.get("kinds") if isinstance(answer, dict) else None
+    for kind in kinds if isinstance(kinds, list) else ():
+        if not isinstance(kind, dict) or not isinstance(kind.get("name"), str):
+            continue
+        declared = kind.get("resourceParams")
+        table[kind["name"]] = (
+            {str(param): value for param, value in declared.items() if isinstance(value, str)}
+            if isinstance(declared, dict) else None)
+    return table
+
+
+class KindTables:
+    """What each host's kinds lock, as its agent declares them (getTaskKinds'
+    ``resourceParams``: ``tasks/resource_names``), read once per host URL and agent
+    version, so that the engine never re-encodes the agent's resource naming."""
+
+    def __init__(self) -> None:
+        self._tables: dict[str, tuple[tuple[str, str | None], KindTable]] = {}
+
+    async def early_locks(self, worker: HostHandle | None, kind: str,
+                          params: Mapping[str, Any]) -> list[str]:
+        """The resources a new task of ``kind`` locks on the host from the job's creation;
+        none when the host's table is not known (a host that does not answer now) or its
+        agent does not declare the kind's (an older agent)."""
+        if worker is None:
+            return []
+        table = await self._table(worker, kind)
+        declaration = table.get(kind) if table is not None else None
+        return resource_names.declared(declaration, params) if declaration else []
+
+    async def _table(self, worker: HostHandle, kind: str) -> KindTable | None:
+        """The host's table; read again when its URL or agent version changed, or when it
+        lacks ``kind`` (an agent restarted with other settings: enable_test_kinds)."""
+        key = (worker.url, worker.agent_version)
+        cached = self._tables.get(worker.name)
+        if cached is not None and cached[0] == key and (kind in cached[1] or not cached[1]):
+            return cached[1]
+        if not worker.current:
+            return None  # not asked: creating the job must not wait for a silent host
+        try:
+            table = kind_table(await worker.call(GET_TASK_KINDS, None, KIND_TABLE_TIMEOUT))
+        except AgentUnreachable as exc:
+            log.info("host %s: no kind table (%s): no early resource lock", worker.name, exc)
+            return None  # asked again at the next job
+        except AgentError as exc:  # it answered that it has none: kept, like a table
+            log.info("host %s: no kind table (%s): no early resource locks", worker.name, exc)
+            table = {}
+        self._tables[worker.name] = (key, table)
+        return table
 
 
 def new_id() -> str:
@@ -69,6 +114,7 @@ class Jobs:
 
     def __init__(self, engine: JobContext) -> None:
         self.engine = engine
+        self.kinds = KindTables()
 
     async def _create(self, action: str, params: dict[str, Any],
                       steps: Sequence[repository.StepSpec],
@@ -95,8 +141,8 @@ class Jobs:
         job_params = {"host": host, "kind": kind, "params": params}
         if deadline is not None:
             job_params["deadline"] = deadline
-        return await self._create(START_TASK, job_params, [spec],
-                                  guess_resources(kind, params))
+        locks = await self.kinds.early_locks(self.engine.host(host), kind, params)
+        return await self._create(START_TASK, job_params, [spec], locks)
 
     async def manage(self, hosts: Sequence[str], uri: str, connection_id: str,
                      options: dict[str, Any] | None) -> dict[str, Any]:

@@ -75,7 +75,7 @@ async def read(engine: Engine, host: str, task_id: str, offset: int, max_bytes: 
 async def _worker(engine: Engine, host: str) -> HostWorker | Visitor:
     await engine.store.run(repository.get_host, host)  # HostNotFound
     # Another engine's host (several engines): called from here all the same.
-    worker = await engine.reach(host) if engine.leases is not None else engine.workers.get(host)
+    worker = await engine.reach(host) if engine.leases is not None else engine.host(host)
     if worker is None or worker.maintenance:
         raise errors.HostUnreachable(f"host {host} is in maintenance (not polled)", host=host)
     return worker

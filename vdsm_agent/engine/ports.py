@@ -6,7 +6,9 @@ engine, and the jobs and views only what they need of a host's worker, so that
 none of them imports ``engine.py`` or ``poller.py``, not even for the type
 checker (``tests/test_structure.py``):
 
-* ``HostView``: what the views show of a polled host;
+* ``HostView``: what the views show of a polled host (the console, the metrics
+  and the health check read hosts only through it and ``ViewContext``: only
+  ``engine.py`` knows the workers, ``tests/test_structure.py``);
 * ``HostHandle``: a host the jobs and views act on (call it, wake its steps);
 * ``StepsPort``: what a host's worker runs (``jobs.StepRunner``);
 * ``HostContext``: what a host's worker (and its events feed) needs of the engine;
@@ -19,7 +21,7 @@ where the engine passes itself or a worker.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from vdsm_agent.engine.settings import EngineConfig
@@ -34,6 +36,8 @@ class HostView(Protocol):
 
     @property
     def name(self) -> str: ...
+    @property
+    def url(self) -> str: ...  # the agent's
     @property
     def status(self) -> HostStatus: ...
     @property
@@ -121,6 +125,9 @@ class ViewContext(Changes, Protocol):
 
     def host(self, name: str) -> HostHandle | None:
         """The host's worker (None: no such host, or the engine is stopping)."""
+
+    def hosts(self) -> Sequence[HostView]:
+        """Every host the engine polls (its worker), in no particular order."""
 
     def not_current(self) -> list[str]:
         """Hosts whose state the engine does not currently see."""

@@ -31,7 +31,7 @@ def setup(engine: Engine, dispatcher: Dispatcher) -> Callable[[], Iterator[Metri
 def engine_families(engine: Engine, dispatcher: Dispatcher) -> Iterator[Metric]:
     yield build_info(PREFIX)
     yield from rpc_families(PREFIX, dispatcher.stats)
-    statuses = collections.Counter(str(worker.status) for worker in engine.workers.values())
+    statuses = collections.Counter(str(host.status) for host in engine.hosts())
     hosts = GaugeMetricFamily(f"{PREFIX}_hosts", "Registered hosts, by status.",
                               labels=["status"])
     for status in HostStatus:

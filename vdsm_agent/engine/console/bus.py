@@ -87,9 +87,9 @@ class ChangeBus:
                 await self._scanner
 
     def _snapshot(self) -> dict[str, tuple[object, ...]]:
-        return {name: (worker.status, worker.maintenance, worker.agent_version,
-                       worker.last_error)
-                for name, worker in self.engine.workers.items()}
+        return {host.name: (host.status, host.maintenance, host.agent_version,
+                            host.last_error)
+                for host in self.engine.hosts()}
 
     async def _scan(self) -> None:
         """Host status changes, while anyone listens (5,000 hosts: about a millisecond)."""

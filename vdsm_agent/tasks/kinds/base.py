@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import copy
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol
 
 import fastjsonschema
@@ -148,6 +148,11 @@ class TaskKind(abc.ABC):
     # held shared, so tasks that share run together while an exclusive holder (a
     # wipe, a copy onto it) conflicts with them (tasks/table.py).
     shares_resources: ClassVar[bool] = False
+    # How the params name what ``resources()`` returns: {param: resource class}
+    # (``tasks/resource_names``), published in getTaskKinds (resourceParams) so that
+    # the engine locks a task's resources before its host is called. It must give
+    # exactly what ``resources()`` does (tests/test_resource_params.py).
+    resource_params: ClassVar[Mapping[str, str]] = {}
 
     # -- agent side (classmethods: no instance, no process) ------------------------
 
@@ -188,6 +193,7 @@ class TaskKind(abc.ABC):
             "paramsSchema": cls.params_schema,
             "resultSchema": cls.result_schema,
             "sharesResources": cls.shares_resources,
+            "resourceParams": dict(cls.resource_params),
         }
 
     # -- child side ------------------------------------------------------------------

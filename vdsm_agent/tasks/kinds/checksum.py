@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 from vdsm_agent import errors
 from vdsm_agent.errors import Failure
+from vdsm_agent.tasks import resource_names
 from vdsm_agent.tasks.kinds import notes, paths, safety
 from vdsm_agent.tasks.kinds.base import (
     KindEnv,
@@ -117,6 +118,7 @@ class Checksum(TaskKind):
     # A digest only reads: two checksums of one image run together; a wipe or a
     # copy onto it still waits for them (ResourceBusy).
     shares_resources = True
+    resource_params = {"path": resource_names.PATH}
     description = ("Digest of an image file under the allowed roots or of a block device "
                    "under /dev, optionally of a byte range; progress in bytes.")
     params_schema: ClassVar[dict[str, Any]] = {

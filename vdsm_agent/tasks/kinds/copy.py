@@ -52,6 +52,7 @@ from typing import Any, ClassVar
 from vdsm_agent import errors
 from vdsm_agent.errors import Failure
 from vdsm_agent.system import confine
+from vdsm_agent.tasks import resource_names
 from vdsm_agent.tasks.kinds import notes, paths, safety, sandbox, tools
 from vdsm_agent.tasks.kinds.base import (
     KindEnv,
@@ -139,6 +140,7 @@ class Plan:
 
 class Copy(TaskKind):
     name = "copy"
+    resource_params = {"source": resource_names.PATH, "destination": resource_names.PATH}
     progress_unit = "bytes"
     description = ("Copy or convert an image file or block device to an image file or block "
                    "device with qemu-img convert (raw, qcow2); progress in bytes.")

@@ -31,6 +31,7 @@ class DeviceKind(TaskKind):
     """
 
     FIELD = "params.params.device"
+    resource_params = {"device": "device"}  # resolved under /dev
 
     @classmethod
     def _resolve(cls, params: dict[str, Any]) -> paths.Target:

@@ -81,8 +81,11 @@ ENDS = {gluster.COMPLETED: "done", gluster.FAILED: "failed", gluster.STOPPED: "c
 RUNNING = frozenset({gluster.IN_PROGRESS, gluster.NOT_STARTED, "fix-layout in progress"})
 
 
+VOLUME = "gluster-volume"  # the resource class of a volume (resource_params)
+
+
 def volume_resource(volume: str) -> str:
-    return f"gluster-volume:{volume}"
+    return f"{VOLUME}:{volume}"
 
 
 def marks_dir(state_dir: Path) -> Path:
@@ -140,6 +143,7 @@ class GlusterTask(TaskKind):
 
     progress_unit = "files scanned"
     gluster_name: ClassVar[str]  # "rebalance" or "remove-brick", for messages
+    resource_params = {"volume": VOLUME}
 
     @classmethod
     def resources(cls, params: dict[str, Any], env: KindEnv) -> list[str]:

@@ -22,6 +22,7 @@ class Sleep(TaskKind):
     description = "Test kind: sleeps, prints, fails or crashes on request."
     test_only = True
     checks_filesystem = False  # its checks and resources come from its params alone
+    resource_params = {"resources": "test"}  # test:NAME for each name
     params_schema: ClassVar[dict[str, Any]] = {
         "type": "object",
         "additionalProperties": False,
