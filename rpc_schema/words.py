@@ -27,6 +27,8 @@ PATTERNS: dict[str, str] = {
                               "letters, digits, '.', '_' or '-'), e.g. checksum or "
                               "gluster.removeBrick",
     "^/dev/[A-Za-z0-9._/:+-]+$": "must be a device path under /dev, e.g. /dev/loop1",
+    "^[a-z][a-z0-9-]*$": "must be a resource class (a lower-case letter, then lower-case "
+                         "letters, digits or '-'), e.g. gluster-volume",
     "^https?://(\\[[0-9A-Fa-f:.]+\\]|[A-Za-z0-9.-]+):[0-9]{1,5}((/[A-Za-z0-9._~-]+)*/jsonrpc)?$":
         "must be an agent URL http(s)://HOST:PORT[[/PREFIX]/jsonrpc] with its port, "
         "e.g. http://host1.example.com:54321",
