@@ -65,7 +65,7 @@ class Monitor:
             self.manager.changes.bump()  # listTasks shows the record
             active.output_pulse.fire()
         status = snapshot.status
-        beat = False
+        beat = progressed = False
         if status is not None and status.get("pid") == record.pid:
             seq = int(status.get("seq") or 0)
             if seq != active.last_seq:
@@ -79,7 +79,7 @@ class Monitor:
                 progress = merge_progress(record.progress, status.get("progress"))
                 if progress != record.progress:
                     record.progress = progress
-                    self.manager.emit_progress(record)
+                    progressed = True
             external = status.get("external")
             if isinstance(external, dict) and external != record.external:
                 await self._record_external(active, external)
@@ -94,6 +94,10 @@ class Monitor:
             log.warning("task %s: no heartbeat for %.1fs (pid %s)", record.id,
                         time.monotonic() - active.last_beat, record.pid)
             await self.manager.observed(active, State.STALE)
+        # After the moves this status caused (initializing or stale -> running): a
+        # progress update is news of a running task, and a move carries it already.
+        if progressed:
+            self.manager.emit_progress(record)
 
     async def _record_external(self, active: Active, external: dict[str, Any]) -> None:
         """Keep what the task's process reported it goes through outside the agent (a
