@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_EVENTS = 1000  # events per getEvents answer
+INVALID_PARAMS = -32602
 
 
 class HostFeed:
@@ -42,6 +43,9 @@ class HostFeed:
         self.supported: bool | None = None  # whether the host has a feed (None: not known)
         self.epoch: str | None = None  # the feed's epoch; None: take its position first
         self.since = 0  # the last event applied
+        # The agent's longest long-poll, once it refused a longer one (its
+        # events_max_wait is below the engine's events_timeout).
+        self.max_timeout: float | None = None
 
     async def loop(self) -> None:
         worker = self.worker
@@ -51,36 +55,76 @@ class HostFeed:
                 # An agent without the feed: probe again after a while (an upgrade
                 # restarts it); the sync loop polls meanwhile.
                 await asyncio.sleep(max(config.resync_interval, config.poll_interval))
-            first = self.epoch is None
-            params: dict[str, Any] = {"since": self.since, "timeout": config.events_timeout,
-                                      "maxEvents": MAX_EVENTS}
-            if first:
-                # Only the feed's position: what came before is in the resync.
-                params = {"since": 0, "timeout": 0, "maxEvents": 1}
-            else:
-                params["epoch"] = self.epoch
-            try:
-                answer = await worker.call(
-                    "getEvents", params, timeout=config.request_timeout + params["timeout"])
-            except AgentUnreachable:
-                await asyncio.sleep(worker.retry_delay())
-                continue
-            except AgentError as exc:
-                if exc.code == METHOD_NOT_FOUND:
-                    if self.supported is not False:
-                        log.info("host %s has no events feed; polling every %g s",
-                                 worker.name, config.poll_interval)
-                    self.supported = False
-                    worker.request_resync()
-                else:
-                    log.warning("host %s: getEvents refused: %s", worker.name, exc)
-                    self.epoch = None
-                    await asyncio.sleep(worker.retry_delay())
-                continue
-            if self.supported is not True:
-                self.supported = True
-                log.info("host %s: following its events feed", worker.name)
-            await self._take(answer, first)
+            due = worker.resync_due
+            if due is not None and due <= asyncio.get_running_loop().time():
+                await asyncio.sleep(0.01)  # the periodic resync's turn: let it take the baton
+            async with worker.baton:
+                delay = await self._poll()
+            if delay:
+                await asyncio.sleep(delay)
+
+    def _timeout(self) -> float:
+        """The long-poll's timeout: events_timeout (at most the agent's maximum),
+        ending when the host's periodic resync is due, so that the resync finds the
+        kept-alive connection free (``HostWorker.baton``)."""
+        timeout = self.worker.config.events_timeout
+        if self.max_timeout is not None:
+            timeout = min(timeout, self.max_timeout)
+        due = self.worker.resync_due
+        if due is not None:
+            left = due - asyncio.get_running_loop().time()
+            if left > 0:
+                timeout = min(timeout, round(left, 3))
+        return timeout
+
+    async def _poll(self) -> float:
+        """One getEvents and what it brings applied; how long to wait before the next."""
+        worker = self.worker
+        config = worker.config
+        first = self.epoch is None
+        params: dict[str, Any] = {"since": self.since, "timeout": self._timeout(),
+                                  "maxEvents": MAX_EVENTS}
+        if first:
+            # Only the feed's position: what came before is in the resync.
+            params = {"since": 0, "timeout": 0, "maxEvents": 1}
+        else:
+            params["epoch"] = self.epoch
+        try:
+            answer = await worker.call(
+                "getEvents", params, timeout=config.request_timeout + params["timeout"])
+        except AgentUnreachable:
+            return worker.retry_delay()
+        except AgentError as exc:
+            if exc.code == METHOD_NOT_FOUND:
+                if self.supported is not False:
+                    log.info("host %s has no events feed; polling every %g s",
+                             worker.name, config.poll_interval)
+                self.supported = False
+                worker.request_resync()
+                return 0
+            if not first and self._shorter_poll(exc, params["timeout"]):
+                return 0
+            log.warning("host %s: getEvents refused: %s", worker.name, exc)
+            self.epoch = None
+            return worker.retry_delay()
+        if self.supported is not True:
+            self.supported = True
+            log.info("host %s: following its events feed", worker.name)
+        await self._take(answer, first)
+        return 0
+
+    def _shorter_poll(self, exc: AgentError, timeout: float) -> bool:
+        """Whether the agent refused the long-poll's length and said its maximum (an
+        agent whose events_max_wait is below events_timeout): the polls are that long
+        from then on."""
+        maximum = exc.data.get("maximum")
+        if (exc.code != INVALID_PARAMS or exc.data.get("field") != "params.timeout"
+                or not isinstance(maximum, (int, float)) or not 0 < maximum < timeout):
+            return False
+        log.info("host %s: getEvents long-polls of at most %g s (its limit)",
+                 self.worker.name, maximum)
+        self.max_timeout = float(maximum)
+        return True
 
     async def _take(self, answer: Mapping[str, Any], first: bool) -> None:
         worker = self.worker

@@ -124,8 +124,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("request_timeout", "seconds", 10.0,
             "Timeout for one short call to an agent (everything but the events long-poll, "
             "which gets events_timeout more).", parse_seconds),
-    Setting("events_timeout", "seconds", 30.0,
-            "The long-poll timeout passed to an agent's getEvents (at most 60).",
+    Setting("events_timeout", "seconds", 60.0,
+            "The long-poll timeout passed to an agent's getEvents (at most 60, the "
+            "agent's default events_max_wait; an agent that allows less is asked for "
+            "its maximum). Every poll that ends with no event is a request for nothing.",
             parse_events_timeout),
     Setting("resync_interval", "seconds", 60.0,
             "Full resynchronisation of every host (listTasks, getStorageConnectionList) "
