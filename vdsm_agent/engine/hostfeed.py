@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from vdsm_agent.common.clock import now
 from vdsm_agent.engine.agentclient import METHOD_NOT_FOUND, AgentError, AgentUnreachable
 from vdsm_agent.engine.states import TASK_FINAL
-from vdsm_agent.engine.store import repository
+from vdsm_agent.engine.store import host_tasks, repository
 
 if TYPE_CHECKING:
     from vdsm_agent.engine.poller import HostWorker
@@ -156,20 +156,24 @@ class HostFeed:
         kind = event.get("type")
         if kind == "task" and event.get("taskID"):
             task_id = str(event["taskID"])
-            doc = None
-            # A task new to the engine, or one that ended: its whole document
-            # (params, resources; result, error, warnings), not only its state.
-            if (str(event.get("state")) in TASK_FINAL
-                    or not await store.run(repository.knows_task, worker.name, task_id)):
+            jobs: set[str] | None = None
+            if str(event.get("state")) not in TASK_FINAL:
+                # A task the engine has: the event is applied in the same DB hop
+                # that finds it (None: new to the engine).
+                jobs = await store.run(host_tasks.apply_known_task_event, worker.name, event,
+                                       now())
+            if jobs is None:
+                # A task new to the engine, or one that ended: its whole document
+                # (params, resources; result, error, warnings), not only its state.
                 try:
                     doc = await worker.call("getTask", {"taskID": task_id})
                 except AgentError:
                     doc = None  # deleted meanwhile: record what the event says
-            if doc is not None:
-                jobs = await store.run(repository.apply_task_doc, worker.name, doc, now())
-            else:
-                jobs = await store.run(repository.apply_task_event, worker.name, event, None,
-                                       now())
+                if doc is not None:
+                    jobs = await store.run(repository.apply_task_doc, worker.name, doc, now())
+                else:
+                    jobs = await store.run(repository.apply_task_event, worker.name, event,
+                                           None, now())
             worker.engine.jobs_changed(jobs)
             worker.engine.notify("task", worker.name, task_id)
         elif kind == "connection":

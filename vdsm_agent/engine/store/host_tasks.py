@@ -16,11 +16,11 @@ import peewee
 
 from vdsm_agent import errors
 from vdsm_agent.engine.states import TASK_FINAL, UNKNOWN, StepState, step_state_for_task
+from vdsm_agent.engine.store.compiled import Compiled
 from vdsm_agent.engine.store.models import HostTaskRow, ResourceLockRow, StepRow
 from vdsm_agent.engine.store.rows import BATCH, atomic, dumps, timestamp
 from vdsm_agent.engine.store.steps import (
     ACTIVE_STEP_STATES,
-    engine_step,
     move_step,
     recompute_jobs,
     replace_task_locks,
@@ -40,23 +40,61 @@ def _task_fields(doc: Mapping[str, Any], now: float) -> dict[str, Any]:
     }
 
 
+# The queries of every event and every resync, their SQL built once (compiled.py).
+_TASK = Compiled(lambda host, task_id: HostTaskRow.select().where(
+    (HostTaskRow.host == host) & (HostTaskRow.task_id == task_id)), 2)
+_ENGINE_STEP = Compiled(lambda host, task_id: StepRow.select(StepRow.job_id, StepRow.id).where(
+    (StepRow.host == host) & (StepRow.task_id == task_id) & (StepRow.action == "startTask")), 2)
+_RELEASE_LOCKS = Compiled(lambda host, task_id: ResourceLockRow.delete().where(
+    (ResourceLockRow.host == host) & (ResourceLockRow.task_id == task_id)), 2)
+_ACTIVE_STEPS = Compiled(lambda host, task_id: StepRow.select().where(
+    (StepRow.host == host) & (StepRow.task_id == task_id)
+    & StepRow.state.in_(ACTIVE_STEP_STATES)), 2)
+_HOST_TASKS = Compiled(lambda host: HostTaskRow.select(
+    HostTaskRow.task_id, HostTaskRow.state, HostTaskRow.updated_at, HostTaskRow.detail).where(
+    HostTaskRow.host == host), 1)
+_HOST_ENGINE_STEPS = Compiled(lambda host: StepRow.select(
+    StepRow.task_id, StepRow.job_id, StepRow.id).where(
+    (StepRow.host == host) & (StepRow.action == "startTask") & StepRow.task_id.is_null(False)), 1)
+_HOST_LOCKED = Compiled(lambda host: ResourceLockRow.select(ResourceLockRow.task_id).where(
+    ResourceLockRow.host == host).distinct(), 1)
+_HOST_BOUND = Compiled(lambda host: StepRow.select(StepRow.task_id).where(
+    (StepRow.host == host) & StepRow.state.in_(ACTIVE_STEP_STATES)
+    & StepRow.task_id.is_null(False)), 1)
+_WRITES: dict[tuple[str, tuple[str, ...]], Compiled] = {}
+
+
+def _write(kind: str, host: str, task_id: str, values: dict[str, Any]) -> None:
+    """UPDATE (kind "update") or INSERT ("insert") of one task row with ``values``
+    (as the database takes them), compiled once per set of columns."""
+    keys = tuple(values)
+    compiled = _WRITES.get((kind, keys))
+    if compiled is None:
+        def build(host: Any, task_id: Any, *marks: Any) -> peewee.Query:
+            columns = {getattr(HostTaskRow, key): mark
+                       for key, mark in zip(keys, marks, strict=True)}
+            if kind == "insert":
+                return HostTaskRow.insert({HostTaskRow.host: host, HostTaskRow.task_id: task_id,
+                                           **columns})
+            return HostTaskRow.update(columns).where((HostTaskRow.host == host)
+                                                     & (HostTaskRow.task_id == task_id))
+        compiled = _WRITES[(kind, keys)] = Compiled(build, 2 + len(keys))
+    compiled.execute(host, task_id, *values.values())
+
+
 def _insert_task(host: str, task_id: str, fields: dict[str, Any], now: float) -> None:
-    step = engine_step(host, task_id)
-    HostTaskRow.insert(
-        host=host, task_id=task_id, external=step is None,
-        job_id=step.job_id if step else None, step_id=step.id if step else None,
-        updated_at=now, **fields).execute()
+    step = next(iter(_ENGINE_STEP.tuples(host, task_id)), None)
+    _write("insert", host, task_id, {
+        "external": step is None, "job_id": step[0] if step else None,
+        "step_id": step[1] if step else None, "updated_at": now, **fields})
 
 
 def _on_task_state(host: str, task_id: str, state: str, now: float, jobs: set[str]) -> None:
     """Side effects of what a host says of a task: locks, steps bound to it."""
     final = state in TASK_FINAL
     if final:
-        LOCK_CHANGES["released"] += ResourceLockRow.delete().where(
-            (ResourceLockRow.host == host) & (ResourceLockRow.task_id == task_id)).execute()
-    steps = StepRow.select().where((StepRow.host == host) & (StepRow.task_id == task_id)
-                                   & StepRow.state.in_(ACTIVE_STEP_STATES))
-    for step in steps:
+        LOCK_CHANGES["released"] += _RELEASE_LOCKS.execute(host, task_id)
+    for step in _ACTIVE_STEPS.rows(StepRow, host, task_id):
         if step.action == "startTask":
             if final:
                 move_step(step, step_state_for_task(state), now, result={"taskState": state})
@@ -91,19 +129,17 @@ class SyncResult:
     connections: int = 0  # connection rows changed
 
 
-def _effective_state(row: HostTaskRow | None, state: str) -> str:
-    """A final state is never replaced by an unfinished one (an older report)."""
-    if row is not None and row.state in TASK_FINAL and state not in TASK_FINAL:
-        return str(row.state)
+def _effective_state(known: str | None, state: str) -> str:
+    """A final state is never replaced by an unfinished one (an older report);
+    ``known``: the row's state (None: no row)."""
+    if known is not None and known in TASK_FINAL and state not in TASK_FINAL:
+        return known
     return state
 
 
-def _reconcile_steps(host: str, now: float, jobs: set[str]) -> None:
-    """Bind or finish the host's unfinished task steps from what is known of their tasks."""
-    steps = StepRow.select(StepRow.task_id).where(
-        (StepRow.host == host) & StepRow.state.in_(ACTIVE_STEP_STATES)
-        & StepRow.task_id.is_null(False))
-    task_ids = {step.task_id for step in steps}
+def _reconcile_steps(host: str, now: float, jobs: set[str], task_ids: set[str]) -> None:
+    """Bind or finish the host's unfinished task steps (``task_ids``: their tasks)
+    from what is known of their tasks."""
     if not task_ids:
         return
     rows = HostTaskRow.select(HostTaskRow.task_id, HostTaskRow.state).where(
@@ -123,16 +159,11 @@ def apply_task_snapshot(host: str, docs: Sequence[Mapping[str, Any]], started_at
     """
     outcome = SyncResult()
     with atomic():
-        existing = {row.task_id: row for row in HostTaskRow.select(
-            HostTaskRow.task_id, HostTaskRow.state, HostTaskRow.updated_at,
-            HostTaskRow.detail).where(HostTaskRow.host == host)}
-        made_by_us = {step.task_id: step for step in StepRow.select(
-            StepRow.task_id, StepRow.job_id, StepRow.id).where(
-            (StepRow.host == host) & (StepRow.action == "startTask")
-            & StepRow.task_id.is_null(False))}
-        lock_rows: Any = ResourceLockRow.select(ResourceLockRow.task_id).where(
-            ResourceLockRow.host == host).distinct().tuples()
-        locked = {str(task_id) for (task_id,) in lock_rows}
+        # task ID -> (state, updated_at, detail)
+        existing = {str(task_id): (state, updated_at, detail)
+                    for task_id, state, updated_at, detail in _HOST_TASKS.tuples(host)}
+        made_by_us: dict[str, tuple[Any, ...]] | None = None  # read when a task is new
+        locked = {str(task_id) for (task_id,) in _HOST_LOCKED.tuples(host)}
         seen: set[str] = set()
         fresh: list[dict[str, Any]] = []
         ended: list[str] = []
@@ -142,17 +173,18 @@ def apply_task_snapshot(host: str, docs: Sequence[Mapping[str, Any]], started_at
             fields = _task_fields(doc, now)
             row = existing.get(task_id)
             if row is None:
+                if made_by_us is None:
+                    made_by_us = {str(step[0]): step for step in _HOST_ENGINE_STEPS.tuples(host)}
                 step = made_by_us.get(task_id)
                 fresh.append({"host": host, "task_id": task_id, "external": step is None,
-                              "job_id": step.job_id if step else None,
-                              "step_id": step.id if step else None, "updated_at": now,
+                              "job_id": step[1] if step else None,
+                              "step_id": step[2] if step else None, "updated_at": now,
                               **fields})
-            elif (row.updated_at > started_at or row.detail == fields["detail"]
-                  or _effective_state(row, fields["state"]) != fields["state"]):
+            elif (row[1] > started_at or row[2] == fields["detail"]
+                  or _effective_state(row[0], fields["state"]) != fields["state"]):
                 continue
             else:
-                HostTaskRow.update(updated_at=now, **fields).where(
-                    (HostTaskRow.host == host) & (HostTaskRow.task_id == task_id)).execute()
+                _write("update", host, task_id, {"updated_at": now, **fields})
                 outcome.updated += 1
             if fields["state"] in TASK_FINAL and task_id in locked:
                 ended.append(task_id)
@@ -164,19 +196,16 @@ def apply_task_snapshot(host: str, docs: Sequence[Mapping[str, Any]], started_at
                 (ResourceLockRow.host == host)
                 & ResourceLockRow.task_id.in_(task_ids)).execute()
         gone = [task_id for task_id, row in existing.items()
-                if task_id not in seen and row.updated_at <= started_at]
+                if task_id not in seen and row[1] <= started_at]
         for task_ids in peewee.chunked(gone, BATCH):
             HostTaskRow.delete().where((HostTaskRow.host == host)
                                        & HostTaskRow.task_id.in_(task_ids)).execute()
         outcome.deleted = len(gone)
-        step_rows: Any = StepRow.select(StepRow.task_id).where(
-            (StepRow.host == host) & StepRow.state.in_(ACTIVE_STEP_STATES)
-            & StepRow.task_id.is_null(False)).tuples()
-        bound = {str(task_id) for (task_id,) in step_rows}
+        bound = {str(task_id) for (task_id,) in _HOST_BOUND.tuples(host)}
         for task_id in gone:
             if task_id in bound or task_id in locked:
                 _on_task_gone(host, task_id, now, outcome.jobs)
-        _reconcile_steps(host, now, outcome.jobs)
+        _reconcile_steps(host, now, outcome.jobs, bound)
         recompute_jobs(outcome.jobs, now)
     return outcome
 
@@ -189,14 +218,12 @@ def apply_task_doc(host: str, doc: Mapping[str, Any], now: float,
     task_id = str(doc["id"])
     fields = _task_fields(doc, now)
     with atomic():
-        row = HostTaskRow.get_or_none((HostTaskRow.host == host)
-                                      & (HostTaskRow.task_id == task_id))
-        state = _effective_state(row, fields["state"])
+        row = _TASK.first(HostTaskRow, host, task_id)
+        state = _effective_state(row.state if row else None, fields["state"])
         if row is None:
             _insert_task(host, task_id, fields, now)
         elif state == fields["state"]:
-            HostTaskRow.update(updated_at=now, **fields).where(
-                (HostTaskRow.host == host) & (HostTaskRow.task_id == task_id)).execute()
+            _write("update", host, task_id, {"updated_at": now, **fields})
         if replace_locks and state not in TASK_FINAL:
             replace_task_locks(host, task_id, [str(r) for r in doc.get("resources") or ()], now)
         _on_task_state(host, task_id, state, now, jobs)
@@ -205,8 +232,16 @@ def apply_task_doc(host: str, doc: Mapping[str, Any], now: float,
 
 
 def knows_task(host: str, task_id: str) -> bool:
-    return bool(HostTaskRow.select().where((HostTaskRow.host == host)
-                                           & (HostTaskRow.task_id == task_id)).exists())
+    return bool(_TASK.tuples(host, task_id))
+
+
+def apply_known_task_event(host: str, event: Mapping[str, Any], now: float) -> set[str] | None:
+    """``apply_task_event`` for a task the engine has (one DB hop for the feed's common
+    case); None, and nothing written, for a task new to it."""
+    with atomic():
+        if not knows_task(host, str(event["taskID"])):
+            return None
+        return apply_task_event(host, event, None, now)
 
 
 def apply_task_event(host: str, event: Mapping[str, Any], doc: Mapping[str, Any] | None,
@@ -215,9 +250,8 @@ def apply_task_event(host: str, event: Mapping[str, Any], doc: Mapping[str, Any]
     jobs: set[str] = set()
     task_id = str(event["taskID"])
     with atomic():
-        row = HostTaskRow.get_or_none((HostTaskRow.host == host)
-                                      & (HostTaskRow.task_id == task_id))
-        state = _effective_state(row, str(event.get("state", "")))
+        row = _TASK.first(HostTaskRow, host, task_id)
+        state = _effective_state(row.state if row else None, str(event.get("state", "")))
         if row is None:
             if doc is not None:
                 fields = _task_fields(doc, now)
@@ -237,16 +271,14 @@ def apply_task_event(host: str, event: Mapping[str, Any], doc: Mapping[str, Any]
                 changes["ended_at"] = timestamp(event.get("at")) or now
             if row.started_at is None and state not in ("accepted", *TASK_FINAL):
                 changes["started_at"] = timestamp(event.get("at")) or now
-            HostTaskRow.update(**changes).where((HostTaskRow.host == host)
-                                                & (HostTaskRow.task_id == task_id)).execute()
+            _write("update", host, task_id, changes)
         _on_task_state(host, task_id, state, now, jobs)
         recompute_jobs(jobs, now)
     return jobs
 
 
 def get_task(host: str, task_id: str) -> HostTaskRow | None:
-    return HostTaskRow.get_or_none((HostTaskRow.host == host)
-                                   & (HostTaskRow.task_id == task_id))
+    return _TASK.first(HostTaskRow, host, task_id)
 
 
 @dataclasses.dataclass(frozen=True)

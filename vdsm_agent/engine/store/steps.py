@@ -27,6 +27,7 @@ from vdsm_agent.engine.states import (
     check_step_move,
     job_state,
 )
+from vdsm_agent.engine.store.compiled import Compiled
 from vdsm_agent.engine.store.hosts import get_host
 from vdsm_agent.engine.store.leases import is_postgresql, notify, notify_steps
 from vdsm_agent.engine.store.models import (
@@ -231,10 +232,14 @@ def recompute_jobs(job_ids: Iterable[str], now: float) -> None:
             move_job(job, new, now)
 
 
+# Every worker's steps loop asks it every minute or so: its SQL built once.
+_PENDING_STEPS = Compiled(lambda host: StepRow.select().where(
+    (StepRow.host == host) & (StepRow.state == StepState.PENDING.value)).order_by(
+    StepRow.created_at, StepRow.position), 1)
+
+
 def pending_steps(host: str) -> list[StepRow]:
-    return list(StepRow.select().where((StepRow.host == host)
-                                       & (StepRow.state == StepState.PENDING.value))
-                .order_by(StepRow.created_at, StepRow.position))
+    return list(_PENDING_STEPS.rows(StepRow, host))
 
 
 def get_step(step_id: str) -> StepRow | None:
