@@ -10,8 +10,11 @@ a resync or the host's events feed writes what it knows of the host.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from vdsm_agent.engine.agentclient import AgentError
@@ -22,6 +25,45 @@ LIST_PAGE_SIZE = 1000
 INVALID_PARAMS = -32602
 
 Call = Callable[[str, dict[str, Any]], Awaitable[Any]]
+
+# Resyncs in flight at once, engine-wide: an engine that starts (or a network that
+# comes back) with thousands of hosts does not open two connections to each of
+# them at once and starve the events of the hosts already followed.
+RESYNC_CONCURRENCY = 128
+_RESYNC_SLOTS: weakref.WeakKeyDictionary[Any, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+# How long a periodic resync waits for the events loop to hand it the kept-alive
+# connection between two long-polls (the long-poll is timed to end when the resync
+# is due); past it, the resync opens a connection of its own.
+BATON_WAIT = 1.0
+
+
+def resync_slots(engine: object) -> asyncio.Semaphore:
+    """The engine's resync slots (``RESYNC_CONCURRENCY``), made on first use."""
+    slots = _RESYNC_SLOTS.get(engine)
+    if slots is None:
+        slots = _RESYNC_SLOTS[engine] = asyncio.Semaphore(RESYNC_CONCURRENCY)
+    return slots
+
+
+@contextlib.asynccontextmanager
+async def connection_turn(baton: asyncio.Lock, wait: bool) -> AsyncIterator[None]:
+    """Holds the host's ``baton`` (``HostWorker.baton``: the events loop holds it over
+    each long-poll) when ``wait``, BATON_WAIT at most: the resync then reads its
+    lists on the connection the long-poll just freed (opening and closing one of its
+    own cost ~0.5 ms of CPU a resync); past it, or without ``wait``, at once."""
+    if not wait:
+        yield
+        return
+    try:
+        async with asyncio.timeout(BATON_WAIT):
+            await baton.acquire()
+    except TimeoutError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        baton.release()
 
 
 class Listings:

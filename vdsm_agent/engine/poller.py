@@ -16,7 +16,9 @@ and its own timeouts, so a slow, frozen or dead host never delays another:
   events feed. A resync is *conditional*: each list verb is passed the
   ``changeToken`` of its last answer as ``changedSince``, and a host where
   nothing changed answers "not modified" for almost nothing (an agent that
-  does not know the parameter is asked without it from then on);
+  does not know the parameter is asked without it from then on). A periodic
+  resync of a followed host reads on the events loop's kept-alive connection
+  (``baton``): the long-poll is timed to end when the resync is due;
 * the **steps loop** runs the host's pending job steps (``jobs.StepRunner``)
   when kicked (a new job, the host came back) and after a retry delay while
   any is left.
@@ -40,8 +42,6 @@ import logging
 import random
 import ssl
 import time
-import weakref
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -56,7 +56,7 @@ from vdsm_agent.engine.agentclient import (
     ssl_context,
 )
 from vdsm_agent.engine.hostfeed import HostFeed
-from vdsm_agent.engine.listings import Listings
+from vdsm_agent.engine.listings import Listings, connection_turn, resync_slots
 from vdsm_agent.engine.ports import HostContext
 from vdsm_agent.engine.states import HostStatus
 from vdsm_agent.engine.store import repository
@@ -65,26 +65,7 @@ from vdsm_agent.engine.store.models import HostRow
 log = logging.getLogger(__name__)
 
 RESYNC_SPREAD = 0.25  # each resync interval is drawn within ±25% of resync_interval
-# Resyncs in flight at once, engine-wide: an engine that starts (or a network that
-# comes back) with thousands of hosts does not open two connections to each of
-# them at once and starve the events of the hosts already followed.
-RESYNC_CONCURRENCY = 128
-_RESYNC_SLOTS: weakref.WeakKeyDictionary[Any, asyncio.Semaphore] = weakref.WeakKeyDictionary()
-
-
-def resync_slots(engine: HostContext) -> asyncio.Semaphore:
-    """The engine's resync slots (``RESYNC_CONCURRENCY``), made on first use."""
-    slots = _RESYNC_SLOTS.get(engine)
-    if slots is None:
-        slots = _RESYNC_SLOTS[engine] = asyncio.Semaphore(RESYNC_CONCURRENCY)
-    return slots
-
-
 PERSIST_EVERY = 30.0  # seconds between writes of a host's lastSeen/syncedAt at resync
-# How long a periodic resync waits for the events loop to hand it the kept-alive
-# connection between two long-polls (the long-poll is timed to end when the resync
-# is due); past it, the resync opens a connection of its own.
-BATON_WAIT = 1.0
 
 
 class HostWorker:
@@ -351,25 +332,6 @@ class HostWorker:
         self.sync_count += 1
         self.synced.set()
 
-    @contextlib.asynccontextmanager
-    async def _connection_turn(self, periodic: bool) -> AsyncIterator[None]:
-        """The periodic resync of a host whose feed is followed waits (BATON_WAIT at
-        most) for the events loop's connection between two long-polls; an asked one
-        (a gap, the host came back) goes at once."""
-        if not periodic or self.feed.supported is not True:
-            yield
-            return
-        try:
-            async with asyncio.timeout(BATON_WAIT):
-                await self.baton.acquire()
-        except TimeoutError:
-            yield
-            return
-        try:
-            yield
-        finally:
-            self.baton.release()
-
     async def _sync_loop(self) -> None:
         loop = asyncio.get_running_loop()
         periodic = False
@@ -378,7 +340,11 @@ class HostWorker:
             stats = self.engine.stats
             began = time.monotonic()
             try:
-                async with resync_slots(self.engine), self._connection_turn(periodic):
+                # A periodic resync of a followed host waits for the events loop's
+                # connection between two long-polls; an asked one (a gap, the host
+                # came back) goes at once.
+                turn = periodic and self.feed.supported is True
+                async with resync_slots(self.engine), connection_turn(self.baton, turn):
                     began = time.monotonic()
                     await self.resync()
                 stats.resyncs.observe(time.monotonic() - began)
