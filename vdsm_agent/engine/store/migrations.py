@@ -157,10 +157,19 @@ def _leases(db: peewee.Database) -> None:
         db.execute_sql(statement)  # type: ignore[no-untyped-call]
 
 
+def _host_task_counts(db: peewee.Database) -> None:
+    # listHosts and getHost count their hosts' tasks by state (store/hosts.py
+    # host_counts): from this index alone, without reading the rows (~700-byte
+    # documents): 9-12 -> 3 ms for a page of 100 hosts with 100 tasks each (sqlite).
+    db.execute_sql(  # type: ignore[no-untyped-call]
+        "CREATE INDEX host_task_host_state ON host_task (host, state)")
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "initial: meta, hosts, host tasks and connections, jobs, steps, locks", _initial),
     (2, "resource locks: shared holders (a checksum's), the task in the key", _shared_locks),
     (3, "several engines: the engines' rows and the hosts' leases", _leases),
+    (4, "host tasks: an index for the counts by host and state", _host_task_counts),
 ]
 
 _VERSION_DDL = """CREATE TABLE IF NOT EXISTS engine_schema_version (
