@@ -543,3 +543,34 @@ async def test_a_path_per_host_with_the_engines_client(make_engine: Any, tmp_pat
         async def listed() -> bool:
             return (await engine.host("pathhost"))["counts"]["tasks"].get("done") == 2
         await async_until(listed, timeout=10)
+
+
+@pytest.mark.slow
+async def test_periodic_resyncs_read_on_the_long_polls_connection(make_engine: Any,
+                                                                  tmp_path: Path) -> None:
+    """A followed host's periodic resync waits for its long-poll to end (timed to end
+    when the resync is due) and reads its lists on the connection that freed: none is
+    read beside a long-poll, and no connection is opened for it (each resync opened
+    and closed one or two, ~0.5 ms of the engine's CPU each)."""
+    with hollow(tmp_path, 2, "--tasks", "3") as process:
+        engine = await make_engine(resync_interval=1.5, events_timeout=30)
+        for host in process.hosts:
+            await engine.call("addHost", name=host["name"], url=host["url"])
+
+        async def followed() -> bool:
+            hosts = (await engine.call("listHosts"))["hosts"]
+            return all(h["status"] == "up" and h["eventsFeed"] for h in hosts)
+        await async_until(followed, timeout=15)
+        await asyncio.sleep(2.5)  # the first resync (asked by the feed's first contact)
+        before = await _ctl(process, "resetCounters")
+        assert before["requests"].get("listTasks", 0) >= 2
+        event = (await _ctl(process, "tick", hosts=[1], kind="task"))[process.hosts[1]["name"]]
+        await asyncio.sleep(6)  # ~4 periodic resyncs a host, and an event among them
+        status = await _ctl(process, "status")
+        assert status["requests"]["listTasks"] >= 2 * 3
+        assert status["requests"]["getStorageConnectionList"] >= 2 * 3
+        assert status["listedBesidePoll"] == 0
+        assert status["accepted"] == 0
+        # The long-polls still bring the events at once.
+        assert await _seen_within(engine, process.hosts[1]["name"], event["taskID"],
+                                  event["state"], 2.0) < 2.0

@@ -52,6 +52,7 @@ from benchmarks.hollow.state import HollowHost, HostOptions
 from benchmarks.hollow.verbs import VERBS
 from vdsm_agent import errors
 
+LIST_VERBS = frozenset({"listTasks", "getStorageConnectionList"})
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
@@ -134,6 +135,13 @@ class HollowFleet:
                                     f"nfs://nfs{number + 1}.hollow.example/exports/{host.name}")
         self.requests: collections.Counter[str] = collections.Counter()
         self.unknown: collections.Counter[str] = collections.Counter()
+        # Connections accepted, by host index (-1: the shared port of --path-per-host):
+        # what a client that keeps its connections alive does not cost.
+        self.accepted: collections.Counter[int] = collections.Counter()
+        # getEvents in flight by host index, and the lists read while one was: an
+        # engine that resyncs between two long-polls reads none beside one.
+        self._polling: collections.Counter[int] = collections.Counter()
+        self.beside_poll = 0
         self.generator = generator.EventGenerator(self.hosts, options.rates, options.seed)
         self.control_url = ""
         self._ports: dict[int, int] = {}  # host index -> port
@@ -150,7 +158,8 @@ class HollowFleet:
         loop = asyncio.get_running_loop()
         if self.options.path_per_host:
             shared = web.Server(self._handle_path, handler_cancellation=True, access_log=None)
-            self._shared = await loop.create_server(shared, self.options.listen,
+            self._shared = await loop.create_server(self._counted(-1, shared),
+                                                    self.options.listen,
                                                     self.options.base_port, backlog=1024)
             port = self._shared.sockets[0].getsockname()[1]
             for host in self.hosts:
@@ -168,6 +177,13 @@ class HollowFleet:
         self.control_url = f"http://{self.options.listen}:{control_port}{CONTROL_PATH}"
         self.generator.start()
 
+    def _counted(self, index: int, http: web.Server) -> Callable[[], asyncio.Protocol]:
+        """``http``'s protocol factory, counting the connections it accepts."""
+        def accept() -> asyncio.Protocol:
+            self.accepted[index] += 1
+            return http()
+        return accept
+
     async def _listen(self, host: HollowHost, port: int) -> None:
         http = self._http.get(host.index)
         if http is None:
@@ -176,7 +192,7 @@ class HollowFleet:
             self._http[host.index] = http
         try:
             listener = await asyncio.get_running_loop().create_server(
-                http, self.options.listen, port, backlog=128)
+                self._counted(host.index, http), self.options.listen, port, backlog=128)
         except OSError as exc:
             raise OSError(exc.errno, f"host {host.name}: cannot listen on "
                                      f"{self.options.listen}:{port}: {exc.strerror}") from None
@@ -261,6 +277,11 @@ class HollowFleet:
             return _error_envelope(ident, _protocol_error(errors.METHOD_NOT_FOUND,
                                                           "Method not found", method))
         self.requests[method] += 1
+        polls = method == "getEvents"
+        if polls:
+            self._polling[host.index] += 1
+        elif method in LIST_VERBS and self._polling[host.index]:
+            self.beside_poll += 1
         params = message.get("params")
         try:
             if params is None:
@@ -271,6 +292,9 @@ class HollowFleet:
             answer = _envelope(ident, await verb(host, params))
         except errors.RpcError as exc:
             answer = _error_envelope(ident, exc.to_error())
+        finally:
+            if polls:
+                self._polling[host.index] -= 1
         return answer if "id" in message else None
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -356,7 +380,10 @@ class HollowFleet:
         return {"name": host.name, "index": host.index, "url": host.url, "status": host.status,
                 "epoch": host.feed.epoch, "lastSeq": host.feed.last_seq,
                 "tasks": len(host.tasks), "connections": len(host.connection_ids),
-                "restarts": host.restarts, "version": host.version}
+                "restarts": host.restarts, "version": host.version,
+                "accepted": self.accepted[host.index],
+                "open": len(self._http[host.index].connections) if host.index in self._http
+                else None}
 
     def status(self) -> dict[str, Any]:
         statuses = collections.Counter(host.status for host in self.hosts)
@@ -368,6 +395,7 @@ class HollowFleet:
             "rates": dict(self.generator.rates), "ticks": self.generator.ticks,
             "events": sum(host.feed.last_seq for host in self.hosts),
             "requests": dict(self.requests), "unknownVerbs": dict(self.unknown),
+            "accepted": sum(self.accepted.values()), "listedBesidePoll": self.beside_poll,
             "cpuSeconds": round(usage.ru_utime + usage.ru_stime, 3),
             "rssBytes": _rss_bytes(), "openFiles": len(os.listdir("/proc/self/fd")),
             "pid": os.getpid(),
@@ -427,9 +455,12 @@ class HollowFleet:
                 for host in self.select(hosts)}
 
     async def _c_reset_counters(self) -> dict[str, Any]:
-        counts = {"requests": dict(self.requests), "unknownVerbs": dict(self.unknown)}
+        counts = {"requests": dict(self.requests), "unknownVerbs": dict(self.unknown),
+                  "accepted": sum(self.accepted.values()), "listedBesidePoll": self.beside_poll}
         self.requests.clear()
         self.unknown.clear()
+        self.accepted.clear()
+        self.beside_poll = 0
         return counts
 
     async def _handle_control(self, request: BaseRequest) -> web.StreamResponse:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from vdsm_agent.common.clock import now
 from vdsm_agent.engine.agentclient import METHOD_NOT_FOUND, AgentError, AgentUnreachable
+from vdsm_agent.engine.listings import RESYNC_SPREAD
 from vdsm_agent.engine.states import TASK_FINAL
 from vdsm_agent.engine.store import host_tasks, repository
 
@@ -67,14 +68,18 @@ class HostFeed:
         """The long-poll's timeout: events_timeout (at most the agent's maximum),
         ending when the host's periodic resync is due, so that the resync finds the
         kept-alive connection free (``HostWorker.baton``)."""
-        timeout = self.worker.config.events_timeout
+        config = self.worker.config
+        timeout = config.events_timeout
         if self.max_timeout is not None:
             timeout = min(timeout, self.max_timeout)
         due = self.worker.resync_due
-        if due is not None:
-            left = due - asyncio.get_running_loop().time()
-            if left > 0:
-                timeout = min(timeout, round(left, 3))
+        if due is None:
+            # A resync is under way (or about to be): the next is due at least this
+            # long after it; the poll after this one ends when it is.
+            return min(timeout, config.resync_interval * (1 - RESYNC_SPREAD))
+        left = due - asyncio.get_running_loop().time()
+        if left > 0:
+            timeout = min(timeout, round(left, 3))
         return timeout
 
     async def _poll(self) -> float:

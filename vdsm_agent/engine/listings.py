@@ -26,6 +26,7 @@ INVALID_PARAMS = -32602
 
 Call = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
+RESYNC_SPREAD = 0.25  # each resync interval is drawn within ±25% of resync_interval
 # Resyncs in flight at once, engine-wide: an engine that starts (or a network that
 # comes back) with thousands of hosts does not open two connections to each of
 # them at once and starve the events of the hosts already followed.

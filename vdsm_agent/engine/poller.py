@@ -56,7 +56,7 @@ from vdsm_agent.engine.agentclient import (
     ssl_context,
 )
 from vdsm_agent.engine.hostfeed import HostFeed
-from vdsm_agent.engine.listings import Listings, connection_turn, resync_slots
+from vdsm_agent.engine.listings import RESYNC_SPREAD, Listings, connection_turn, resync_slots
 from vdsm_agent.engine.ports import HostContext
 from vdsm_agent.engine.states import HostStatus
 from vdsm_agent.engine.store import repository
@@ -64,7 +64,6 @@ from vdsm_agent.engine.store.models import HostRow
 
 log = logging.getLogger(__name__)
 
-RESYNC_SPREAD = 0.25  # each resync interval is drawn within ±25% of resync_interval
 PERSIST_EVERY = 30.0  # seconds between writes of a host's lastSeen/syncedAt at resync
 
 
