@@ -73,6 +73,8 @@ class Sample:
     requests: dict[str, int]
     events: int  # events the hollow hosts published in the window
     latencies: list[float]  # a transition on a host -> shown by the engine's getTask
+    accepted: int = 0  # connections the hollow process accepted in the window
+    beside_poll: int = 0  # lists read while the host's long-poll was in flight
     # --targets: the same with FROZEN hosts frozen (probes on the others only), and
     # an engine restart: seconds to all up and listed again (None: timed out).
     frozen_latencies: list[float] = dataclasses.field(default_factory=list)
@@ -255,7 +257,8 @@ def measure(root: Path, hosts: int, rate: float, settle: float, window: float,
                 engine_rss=engine_ps.memory_info().rss if engine_ps else None,
                 engine_fds=engine_ps.num_fds() if engine_ps else None,
                 requests=dict(status["requests"]), events=status["events"] - events_before,
-                latencies=latencies)
+                latencies=latencies, accepted=int(status.get("accepted", 0)),
+                beside_poll=int(status.get("listedBesidePoll", 0)))
             if targets and engine_ps is not None:
                 frozen_phase(sample, control_url, url, document["hosts"], probes)
                 engine_stack.close()  # SIGTERM, as an upgrade or a reboot does
@@ -352,6 +355,9 @@ def print_samples(samples: Sequence[Sample], rate: float) -> None:
                              for verb, count in sorted(s.requests.items(),
                                                        key=lambda item: -item[1]))
         print(f"  {s.hosts} hosts, requests/s by verb: {per_verb or '-'}")
+        lists = s.requests.get("listTasks", 0) + s.requests.get("getStorageConnectionList", 0)
+        print(f"  {s.hosts} hosts: connections accepted {s.accepted / s.window_s:.1f}/s; "
+              f"lists read beside the host's long-poll {s.beside_poll} of {lists}")
         if s.latencies:
             ordered = sorted(s.latencies)
             p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
