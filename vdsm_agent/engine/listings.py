@@ -47,24 +47,28 @@ def resync_slots(engine: object) -> asyncio.Semaphore:
 
 
 @contextlib.asynccontextmanager
-async def connection_turn(baton: asyncio.Lock, wait: bool) -> AsyncIterator[None]:
-    """Holds the host's ``baton`` (``HostWorker.baton``: the events loop holds it over
-    each long-poll) when ``wait``, BATON_WAIT at most: the resync then reads its
-    lists on the connection the long-poll just freed (opening and closing one of its
-    own cost ~0.5 ms of CPU a resync); past it, or without ``wait``, at once."""
-    if not wait:
+async def resync_turn(engine: object, baton: asyncio.Lock, periodic: bool
+                      ) -> AsyncIterator[None]:
+    """A resync's turn. A ``periodic`` one of a followed host holds the host's
+    ``baton`` (``HostWorker.baton``: the events loop holds it over each long-poll),
+    BATON_WAIT at most, and reads its lists on the connection the long-poll just
+    freed (opening and closing one of its own cost ~0.5 ms of CPU a resync): it
+    opens nothing, so it takes no slot. Any other (asked for, or its long-poll did
+    not end in time) takes one of the engine's slots (``resync_slots``)."""
+    if periodic:
+        try:
+            async with asyncio.timeout(BATON_WAIT):
+                await baton.acquire()
+        except TimeoutError:
+            pass
+        else:
+            try:
+                yield
+            finally:
+                baton.release()
+            return
+    async with resync_slots(engine):
         yield
-        return
-    try:
-        async with asyncio.timeout(BATON_WAIT):
-            await baton.acquire()
-    except TimeoutError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        baton.release()
 
 
 class Listings:

@@ -56,7 +56,7 @@ from vdsm_agent.engine.agentclient import (
     ssl_context,
 )
 from vdsm_agent.engine.hostfeed import HostFeed
-from vdsm_agent.engine.listings import RESYNC_SPREAD, Listings, connection_turn, resync_slots
+from vdsm_agent.engine.listings import RESYNC_SPREAD, Listings, resync_turn
 from vdsm_agent.engine.ports import HostContext
 from vdsm_agent.engine.states import HostStatus
 from vdsm_agent.engine.store import repository
@@ -342,8 +342,8 @@ class HostWorker:
                 # A periodic resync of a followed host waits for the events loop's
                 # connection between two long-polls; an asked one (a gap, the host
                 # came back) goes at once.
-                turn = periodic and self.feed.supported is True
-                async with resync_slots(self.engine), connection_turn(self.baton, turn):
+                async with resync_turn(self.engine, self.baton,
+                                       periodic and self.feed.supported is True):
                     began = time.monotonic()
                     await self.resync()
                 stats.resyncs.observe(time.monotonic() - began)
