@@ -83,7 +83,7 @@ def host_counts(hosts: Sequence[str]) -> Counts:
     """These hosts' tasks by state and managed connections by state (every host
     named is in the answer). Grouped on the primary keys' leading column (host):
     the rows read are these hosts' only, and the tasks' counts come from the
-    (host, state) index alone (migration 3)."""
+    (host, state) index alone (migration 4)."""
     counts: Counts = {host: {"tasks": {}, "connections": {}} for host in hosts}
     for model in (HostTaskRow, HostConnectionRow):
         key = "tasks" if model is HostTaskRow else "connections"
