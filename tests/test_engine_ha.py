@@ -34,6 +34,7 @@ from vdsm_agent.engine.store import EngineStore, repository
 from vdsm_agent.engine.store import leases as store_leases
 from vdsm_agent.engine.store.db import FENCE
 from vdsm_agent.engine.store.leases import Fence, LeaseLost
+from vdsm_agent.engine.store.migrations import latest_version
 
 pytestmark = pytest.mark.slow
 
@@ -380,7 +381,7 @@ def test_engines_survive_a_postgresql_restart_mid_job(tmp_path, ha_db, postgres_
 def test_engine_refuses_a_store_of_a_newer_schema(tmp_path, ha_db):
     url, db = ha_db
     with engines(tmp_path, url, 1) as (engine,):
-        assert engine.call("listEngines")["engines"][0]["schemaVersion"] == 3
+        assert engine.call("listEngines")["engines"][0]["schemaVersion"] == latest_version()
     db.query("INSERT INTO engine_schema_version (version, description, applied_at) "
              "VALUES (99, 'from the future', 0) RETURNING version")
     older = EngineProcess(tmp_path, "older", url)
