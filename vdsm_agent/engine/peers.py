@@ -107,7 +107,6 @@ class Peers:
         """Read the hosts' rows again (all of them, or these)."""
         rows = await self.store.run(store_leases.peer_hosts, self.engine_id(), names)
         found = {row.name: PeerView.of(row) for row in rows}
-        log.debug("peer hosts read: %d of %s", len(found), "all" if names is None else names)
         if names is None:
             self.hosts = found
             return
