@@ -11,6 +11,7 @@ creation run again after its COMMIT was lost is answered as created."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import queue
 import threading
@@ -256,6 +257,52 @@ async def test_a_job_created_again_after_a_lost_commit_is_answered_as_created(
                             time.time())
         assert "unique" in str(conflict.value).lower() or "duplicate" in str(
             conflict.value).lower()
+    finally:
+        await store.close()
+        postgres_server.drop_database(name)
+
+
+async def test_a_lost_lease_is_one_log_line_and_its_loops_end_quietly(
+        postgres_server, caplog):  # noqa: F811
+    """Each of a worker's loops may hit the fence before the worker stops: one WARNING
+    line for the lease, no traceback, no restart of the loop."""
+    import contextvars
+    import logging
+
+    from vdsm_agent.common.supervision import keep_running
+    from vdsm_agent.engine.store.db import FENCE
+
+    name = postgres_server.create_database()
+    store = await EngineStore.open(postgres_server.url(name))
+    lost: list[store_leases.Fence] = []
+    store.lease_lost = lost.append
+    try:
+        await store.run(repository.add_host, "h1", "http://127.0.0.1:1/jsonrpc", None, None,
+                        None, False, time.time())
+        await store.run(store_leases.register_engine, "a", "a", 1, "0", 3)
+        await store.run(store_leases.register_engine, "b", "b", 1, "0", 3)
+        assert (await store.run(store_leases.tick, "a", 0.5)).held == {"h1": (1, False)}
+        await asyncio.sleep(0.6)
+        assert (await store.run(store_leases.tick, "b", 0.5)).taken == ["h1"]
+        fence = store_leases.Fence("h1", "a", 1)
+
+        async def loop() -> None:  # a worker's loop: its store calls fenced
+            await store.run(repository.get_host, "h1")
+
+        context = contextvars.copy_context()
+        context.run(FENCE.set, fence)
+        caplog.set_level(logging.DEBUG)
+        for _ in range(3):
+            await asyncio.wait_for(asyncio.create_task(
+                keep_running(loop, "host h1: steps", 30.0, logging.getLogger("test")),
+                context=context), timeout=5)
+        lines = [record for record in caplog.records
+                 if "lease lost for host h1 (generation 1): worker stopped" in record.message]
+        assert len(lines) == 1
+        assert lines[0].levelno == logging.WARNING
+        assert lost == [fence]
+        assert not [record for record in caplog.records if record.exc_info]
+        assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
     finally:
         await store.close()
         postgres_server.drop_database(name)

@@ -166,7 +166,7 @@ class Engine:
             event, self._jobs_event = self._jobs_event, asyncio.Event()
             event.set()  # every waitJob reads its job again
             if self.peers is not None:
-                self._background.start(self.peers.received("? *"))
+                self._background.start(self.peers.reread())
 
     async def remove_worker(self, name: str) -> None:
         worker = self.workers.pop(name, None)

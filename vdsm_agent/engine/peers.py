@@ -142,6 +142,12 @@ class Peers:
 
     # -- in: another engine's changes ------------------------------------------------------
 
+    async def reread(self) -> None:
+        """Anything may have changed (too many changes to name, or the listener
+        reconnected and missed some): every row read again, every page reloads."""
+        await self.refresh()
+        self.publish(*RELOAD)
+
     async def received(self, body: str) -> None:
         """``SENDER [...]`` (or ``SENDER *``) from another engine: its hosts' rows read
         again, then the console's pages told (this engine's own: already told)."""
@@ -149,8 +155,7 @@ class Peers:
         if sender == self.engine_id():
             return
         if body == "*":
-            await self.refresh()
-            self.publish(*RELOAD)
+            await self.reread()
             return
         try:
             keys = [(str(kind), str(host), None if key is None else str(key))
