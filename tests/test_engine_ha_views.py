@@ -163,6 +163,13 @@ def test_console_and_partial_results_on_one_engine_follow_another_engines_host(
         wait_for(lambda: (task_on(second, host, task_id) or {}).get("state") == "running",
                  timeout=15)
         assert host not in second.call("listTasks")["unreachableHosts"]
+        share = tmp_path / "share"
+        share.mkdir()
+        managed = first.call("manageStorageConnection", hosts=[agent.name for agent in agents],
+                             uri=f"file://{share}", connectionID="views-share")["jobID"]
+        assert first.call("waitJob", jobID=managed, timeout=30)["state"] == "done"
+        health = second.call("getConnectionHealth", connectionID="views-share")
+        assert host in health["connections"][0]["connected"]
         agent.kill()
         wait_for(lambda: first.call("getHost", name=host)["status"] == "non-responsive",
                  timeout=20)
@@ -180,6 +187,9 @@ def test_console_and_partial_results_on_one_engine_follow_another_engines_host(
         single = second.call("getTask", host=host, taskID=task_id)
         assert single["unreachableHosts"] == [host]
         assert single["task"]["state"] == "unknown"
+        health = second.call("getConnectionHealth", connectionID="views-share")
+        assert host in health["connections"][0]["unknown"]
+        assert host in health["unreachableHosts"]
         # A itself says the same (its own worker).
         assert host in first.call("listTasks")["unreachableHosts"]
 

@@ -153,8 +153,12 @@ class ViewContext(Changes, Protocol):
     def hosts(self) -> Sequence[HostView]:
         """Every host the engine polls (its worker), in no particular order."""
 
+    def seen(self, name: str) -> HostView | None:
+        """The host as this engine sees it: its worker, or (several engines) what the
+        engine that polls it wrote (None: not known here)."""
+
     def not_current(self) -> list[str]:
-        """Hosts whose state the engine does not currently see."""
+        """Hosts whose state the engine does not currently see (every engine's)."""
 
     def unreachable(self) -> list[str]:
-        """Hosts that should answer and do not (yet)."""
+        """Hosts that should answer and do not (yet) (every engine's)."""

@@ -142,6 +142,9 @@ def _status_of(engine: ViewContext, host: str, row: HostRow | None = None,
             # current when that engine does not see it or nobody leases it (unseen).
             status = HostStatus.MAINTENANCE if row.maintenance else HostStatus(row.status)
             return status == HostStatus.UP and host not in unseen, str(status)
+        peer = engine.seen(host)  # several engines: what the host's engine last wrote
+        if peer is not None:
+            return peer.current, str(peer.status)
         return False, UNKNOWN
     return worker.current, str(worker.status)
 

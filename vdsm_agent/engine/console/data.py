@@ -5,7 +5,8 @@ read only; paging is by offset (a page number in the URL, so plain links page
 without JavaScript) and every query is bounded by the page's size, so a fleet
 of 5,000 hosts costs one page of rows per request, never the whole fleet.
 Host status, last seen and agent version are the host workers' in-memory
-values, as the engine's own views show them (``engine/views.py``).
+values, as the engine's own views show them (``engine/views.py``); with several
+engines, another engine's host is what that engine wrote (``engine/peers.py``).
 """
 
 from __future__ import annotations
