@@ -166,6 +166,9 @@ def test_killed_engine_hosts_taken_over_and_every_step_runs_once(tmp_path, ha_db
             assert "ha-share" in str(connections)
         audit = survivor.logs()
         assert "leaseTaken" in audit
+        # Lease moves are not refusals: INFO audit lines.
+        assert all(" INFO [vdsm_agent.audit]" in line for line in audit.splitlines()
+                   if '"event":"lease"' in line)
 
 
 # -- a frozen engine resumes after its lease expired ------------------------------------------
@@ -190,8 +193,12 @@ def test_frozen_engine_past_its_lease_is_fenced(tmp_path, ha_db):
         frozen.thaw()
         # It resumes believing it leases the host: its worker's writes are refused
         # or its tick finds the lease gone; either way the worker stops.
-        wait_for(lambda: f"host {host}: lease lost" in frozen.logs(), timeout=10)
+        wait_for(lambda: f"host {host}: lease lost" in frozen.logs()
+                 or f"lease lost for host {host}" in frozen.logs(), timeout=10)
         assert frozen.alive()
+        # One line, no traceback (the worker's loops end quietly: LoopEnded).
+        assert "Traceback" not in frozen.logs()
+        assert frozen.logs().count(f"lease lost for host {host}") <= 1
         # No double action: the one task, and the hosts spread again over both.
         assert agent_task_ids(agent) == [job["steps"][0]["taskID"]]
         wait_for(lambda: db.spread() == [1, 1], timeout=5 * LEASE)

@@ -4,7 +4,8 @@ A long-lived loop (the task manager's scheduler, monitor, retention and
 disk-room loops; each engine host worker's events, sync and steps loops)
 runs under ``keep_running``: an exception in it is a bug, logged with its
 traceback, and the loop starts again after a pause instead of dying
-silently. ``Background`` holds an owner's loops and one-off background jobs
+silently (``LoopEnded``: it stops, quietly, its reason already logged).
+``Background`` holds an owner's loops and one-off background jobs
 so that ``close`` cancels them all and waits for them (uvicorn's
 ``ServerState.tasks``: a strong reference keeps a running task from being
 garbage-collected).
@@ -18,6 +19,12 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 
+class LoopEnded(Exception):
+    """Raised by a loop (or a job) that must stop for a reason already told in the
+    logs (a host worker whose lease was lost): it ends quietly, no traceback, no
+    restart."""
+
+
 async def keep_running(loop: Callable[[], Awaitable[None]], what: str, restart_delay: float,
                        log: logging.Logger) -> None:
     """Run ``loop`` until it returns. An exception in it is logged ("``what`` failed;
@@ -29,6 +36,9 @@ async def keep_running(loop: Callable[[], Awaitable[None]], what: str, restart_d
             return
         except asyncio.CancelledError:
             raise
+        except LoopEnded as exc:
+            log.debug("%s ended: %s", what, exc)
+            return
         except Exception:
             log.exception("%s failed; restarting it", what)
             await asyncio.sleep(restart_delay)
@@ -77,5 +87,7 @@ class Background:
             await coro
         except asyncio.CancelledError:
             raise
+        except LoopEnded as exc:
+            self.log.debug("%s: background job ended: %s", self.owner, exc)
         except Exception:
             self.log.exception("%s: background job failed", self.owner)

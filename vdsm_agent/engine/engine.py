@@ -23,6 +23,7 @@ from vdsm_agent.common import clock
 from vdsm_agent.common.supervision import Background
 from vdsm_agent.engine.jobs import Jobs, StepRunner
 from vdsm_agent.engine.leases import LeasedWorker, LeaseKeeper, Listener, Visitor, lock_sqlite
+from vdsm_agent.engine.peers import Peers, PeerView
 from vdsm_agent.engine.poller import HostWorker
 from vdsm_agent.engine.settings import EngineConfig
 from vdsm_agent.engine.states import HostStatus
@@ -63,6 +64,7 @@ class Engine:
         self._id = uuid.uuid4().hex  # sqlite: the one engine's (listEngines)
         self._name = f"{socket.gethostname()}:{os.getpid()}"
         self.listener: Listener | None = None
+        self.peers: Peers | None = None  # PostgreSQL: the hosts other engines poll
 
     @property
     def engine_id(self) -> str:
@@ -88,6 +90,12 @@ class Engine:
             self.listener.start(self.config.retry_interval)
             self.leases = LeaseKeeper(self, self.config.lease_time)
             await self.leases.start()
+            self.peers = Peers(self.store, lambda: self.engine_id, self._publish)
+            await self.peers.refresh()
+            self._background.loop(lambda: self._peers().refresh_loop(
+                self.config.lease_time / 3), "peer hosts", self.config.retry_interval)
+            self._background.loop(self._peers().relay_loop, "change relay",
+                                  self.config.retry_interval)
         else:
             self._sqlite_lock = lock_sqlite(self.store.url)
             for row in await self.store.run(repository.list_hosts):
@@ -122,7 +130,7 @@ class Engine:
             if visitor is not None:
                 await visitor.close()
             visitor = self.visitors[name] = Visitor(row, self.config)
-        visitor.maintenance = bool(row.maintenance)
+        visitor.update(row)
         return visitor
 
     async def add_worker(self, row: HostRow, fence: Fence | None = None) -> HostWorker:
@@ -146,6 +154,9 @@ class Engine:
         if kind == "job" and rest:
             self.jobs_changed([rest])
             return
+        if kind == "changes" and self.peers is not None:
+            self._background.start(self.peers.received(rest))
+            return
         names = rest.split() if kind == "steps" and rest != "*" else list(self.workers)
         for name in names:
             worker = self.workers.get(name)
@@ -154,6 +165,8 @@ class Engine:
         if kind == "*":
             event, self._jobs_event = self._jobs_event, asyncio.Event()
             event.set()  # every waitJob reads its job again
+            if self.peers is not None:
+                self._background.start(self.peers.reread())
 
     async def remove_worker(self, name: str) -> None:
         worker = self.workers.pop(name, None)
@@ -167,23 +180,57 @@ class Engine:
         return self.workers.get(name)
 
     def hosts(self) -> list[HostWorker]:
-        """Every polled host's worker (``ports.HostView``: the console, metrics, health)."""
+        """Every polled host's worker (``ports.HostView``: metrics, health)."""
         return list(self.workers.values())
 
+    def _peers(self) -> Peers:
+        assert self.peers is not None
+        return self.peers
+
+    def _peer_views(self) -> list[PeerView]:
+        """The hosts other engines poll (none on sqlite), this engine's own left out."""
+        if self.peers is None:
+            return []
+        return [peer for name, peer in self.peers.hosts.items() if name not in self.workers]
+
+    def seen(self, name: str) -> HostWorker | PeerView | None:
+        """The host as this engine sees it: its worker, or (several engines) what the
+        engine that polls it wrote (the console)."""
+        worker = self.workers.get(name)
+        if worker is not None or self.peers is None:
+            return worker
+        return self.peers.hosts.get(name)
+
+    def every_host(self) -> list[HostWorker | PeerView]:
+        """Every host, whichever engine polls it (the console)."""
+        return [*self.workers.values(), *self._peer_views()]
+
     def not_current(self) -> list[str]:
-        """Hosts whose state the engine does not currently see (shown as unknown)."""
-        return sorted(name for name, worker in self.workers.items() if not worker.current)
+        """Hosts whose state the engine does not currently see (shown as unknown):
+        several engines: also another engine's host that does not answer it, or
+        that nobody holds a live lease on."""
+        return sorted([*(name for name, worker in self.workers.items() if not worker.current),
+                       *(peer.name for peer in self._peer_views() if not peer.current)])
 
     def unreachable(self) -> list[str]:
-        """Hosts that should answer and do not (yet): the partial-result list."""
-        return sorted(name for name, worker in self.workers.items()
-                      if worker.status in (HostStatus.CONNECTING, HostStatus.NON_RESPONSIVE))
+        """Hosts that should answer and do not (yet): the partial-result list, every
+        engine's hosts."""
+        return sorted([*(name for name, worker in self.workers.items()
+                         if worker.status in (HostStatus.CONNECTING,
+                                              HostStatus.NON_RESPONSIVE)),
+                       *(peer.name for peer in self._peer_views() if peer.unreachable)])
 
     # -- change notifications (waitJob, the console) ---------------------------------------
 
     def notify(self, kind: str, host: str, key: str | None = None) -> None:
         """Tell the listeners that something the views show changed (never blocks:
-        a listener only takes note)."""
+        a listener only takes note). Several engines: a change of a host leased here
+        is relayed to the other engines' consoles too (``peers``)."""
+        self._publish(kind, host, key)
+        if self.peers is not None and host in self.workers:
+            self.peers.offer(kind, host, key)
+
+    def _publish(self, kind: str, host: str, key: str | None = None) -> None:
         for listener in self.listeners:
             listener(kind, host, key)
 

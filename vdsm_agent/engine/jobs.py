@@ -29,7 +29,7 @@ from typing import Any
 from vdsm_agent import errors
 from vdsm_agent.engine import views
 from vdsm_agent.engine.agentclient import AgentError, AgentUnreachable
-from vdsm_agent.engine.ports import HostHandle, JobContext
+from vdsm_agent.engine.ports import AgentHandle, HostHandle, JobContext
 from vdsm_agent.engine.states import TASK_FINAL, StepState
 from vdsm_agent.engine.store import repository
 from vdsm_agent.engine.store.models import StepRow
@@ -73,7 +73,7 @@ class KindTables:
     def __init__(self) -> None:
         self._tables: dict[str, tuple[tuple[str, str | None], KindTable]] = {}
 
-    async def early_locks(self, worker: HostHandle | None, kind: str,
+    async def early_locks(self, worker: AgentHandle | None, kind: str,
                           params: Mapping[str, Any]) -> list[str]:
         """The resources a new task of ``kind`` locks on the host from the job's creation;
         none when the host's table is not known (a host that does not answer now) or its
@@ -84,7 +84,7 @@ class KindTables:
         declaration = table.get(kind) if table is not None else None
         return resource_names.declared(declaration, params) if declaration else []
 
-    async def _table(self, worker: HostHandle, kind: str) -> KindTable | None:
+    async def _table(self, worker: AgentHandle, kind: str) -> KindTable | None:
         """The host's table; read again when its URL or agent version changed, or when it
         lacks ``kind`` (an agent restarted with other settings: enable_test_kinds)."""
         key = (worker.url, worker.agent_version)
@@ -141,7 +141,8 @@ class Jobs:
         job_params = {"host": host, "kind": kind, "params": params}
         if deadline is not None:
             job_params["deadline"] = deadline
-        locks = await self.kinds.early_locks(self.engine.host(host), kind, params)
+        # Several engines: a host another engine polls is asked from here (a visitor).
+        locks = await self.kinds.early_locks(await self.engine.reach(host), kind, params)
         return await self._create(START_TASK, job_params, [spec], locks)
 
     async def manage(self, hosts: Sequence[str], uri: str, connection_id: str,

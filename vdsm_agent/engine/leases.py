@@ -38,6 +38,7 @@ from vdsm_agent.engine.agentclient import AgentClient, AgentUnreachable, ssl_con
 from vdsm_agent.engine.poller import HostWorker
 from vdsm_agent.engine.ports import HostContext
 from vdsm_agent.engine.settings import EngineConfig
+from vdsm_agent.engine.states import HostStatus
 from vdsm_agent.engine.store import EngineStore, migrations
 from vdsm_agent.engine.store import leases as store_leases
 from vdsm_agent.engine.store.db import FENCE
@@ -86,16 +87,23 @@ class LeasedWorker(HostWorker):
 
 class Visitor:
     """A host another engine polls, called from this one for what only its agent
-    has (a task's output; the Gluster stop verbs' look at its tasks): its own
-    client, no loops, never a write."""
+    has (a task's output; the Gluster stop verbs' look at its tasks; its kind
+    table, for a startTask's early locks): its own client, no loops, never a write.
+    What it knows of the host (``current``, ``agent_version``) is what the host's
+    engine last wrote in its row (``update``, at each ``Engine.reach``)."""
 
     def __init__(self, row: HostRow, config: EngineConfig) -> None:
         self.name: str = row.name
         self.url: str = row.url
         self.tls = (row.ca_file, row.cert_file, row.key_file)
-        self.maintenance = bool(row.maintenance)
         self.config = config
         self.client: AgentClient | None = None
+        self.update(row)
+
+    def update(self, row: HostRow) -> None:
+        self.maintenance = bool(row.maintenance)
+        self.agent_version: str | None = row.agent_version
+        self.current = not self.maintenance and row.status == HostStatus.UP
 
     async def ensure_client(self) -> AgentClient:
         if self.client is None:

@@ -174,6 +174,7 @@ class HostWorker:
             await self.engine.store.run(
                 repository.update_host, self.name, status=self.status.value, failures=0,
                 last_seen=self.last_seen, last_error=None)
+            self.engine.notify("host", self.name)  # issue 19: other engines' consoles
         if previous == HostStatus.NON_RESPONSIVE:
             self.request_resync()  # its state while we could not see it
         self.kick()
@@ -193,6 +194,7 @@ class HostWorker:
             await self.engine.store.run(
                 repository.update_host, self.name, status=self.status.value,
                 failures=self.failures, last_error=self.last_error)
+            self.engine.notify("host", self.name)  # issue 19: other engines' consoles
 
     async def ensure_client(self) -> AgentClient:
         """The host's client, made on first use (TLS files are read off the loop)."""

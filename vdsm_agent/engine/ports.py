@@ -10,6 +10,7 @@ checker (``tests/test_structure.py``):
   and the health check read hosts only through it and ``ViewContext``: only
   ``engine.py`` knows the workers, ``tests/test_structure.py``);
 * ``HostHandle``: a host the jobs and views act on (call it, wake its steps);
+* ``AgentHandle``: a host's agent called from here, whichever engine polls it;
 * ``StepsPort``: what a host's worker runs (``jobs.StepRunner``);
 * ``HostContext``: what a host's worker (and its events feed) needs of the engine;
 * ``JobContext``: what the jobs need of the engine;
@@ -72,6 +73,25 @@ class HostHandle(HostView, Protocol):
         """Run the host's pending steps now."""
 
 
+class AgentHandle(Protocol):
+    """A host's agent called from this engine: its worker, or (several engines) a
+    visitor of a host another engine polls (what it knows is what that engine
+    wrote in the host's row)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def url(self) -> str: ...
+    @property
+    def current(self) -> bool: ...
+    @property
+    def agent_version(self) -> str | None: ...
+
+    async def call(self, method: str, params: dict[str, Any] | None = None,
+                   timeout: float | None = None) -> Any:
+        """One call to the host's agent (``AgentUnreachable``, ``AgentError``)."""
+
+
 class StepsPort(Protocol):
     async def run_pending(self, host: HostHandle) -> bool:
         """Try the host's pending steps; True if any is left pending."""
@@ -112,6 +132,10 @@ class JobContext(Changes, Protocol):
     def host(self, name: str) -> HostHandle | None:
         """The host's worker (None: no such host, or the engine is stopping)."""
 
+    async def reach(self, name: str) -> AgentHandle:
+        """What calls the host's agent from here, whichever engine polls it
+        (``HostNotFound``: no such host)."""
+
 
 class ViewContext(Changes, Protocol):
     """What the views need of the engine."""
@@ -129,8 +153,12 @@ class ViewContext(Changes, Protocol):
     def hosts(self) -> Sequence[HostView]:
         """Every host the engine polls (its worker), in no particular order."""
 
+    def seen(self, name: str) -> HostView | None:
+        """The host as this engine sees it: its worker, or (several engines) what the
+        engine that polls it wrote (None: not known here)."""
+
     def not_current(self) -> list[str]:
-        """Hosts whose state the engine does not currently see."""
+        """Hosts whose state the engine does not currently see (every engine's)."""
 
     def unreachable(self) -> list[str]:
-        """Hosts that should answer and do not (yet)."""
+        """Hosts that should answer and do not (yet) (every engine's)."""

@@ -133,14 +133,18 @@ def task_item(row: HostTaskRow, current: bool, host_status: str) -> dict[str, An
     }
 
 
-def _status_of(engine: ViewContext, host: str,
-               row: HostRow | None = None) -> tuple[bool, str]:
+def _status_of(engine: ViewContext, host: str, row: HostRow | None = None,
+               unseen: frozenset[str] = frozenset()) -> tuple[bool, str]:
     worker = engine.host(host)
     if worker is None:
         if row is not None and engine.store.kind == "postgresql":
-            # Polled by another engine (several engines): the status it wrote.
+            # Polled by another engine (several engines): the status it wrote; not
+            # current when that engine does not see it or nobody leases it (unseen).
             status = HostStatus.MAINTENANCE if row.maintenance else HostStatus(row.status)
-            return status == HostStatus.UP, str(status)
+            return status == HostStatus.UP and host not in unseen, str(status)
+        peer = engine.seen(host)  # several engines: what the host's engine last wrote
+        if peer is not None:
+            return peer.current, str(peer.status)
         return False, UNKNOWN
     return worker.current, str(worker.status)
 
@@ -184,7 +188,8 @@ async def list_tasks(engine: ViewContext, where: Mapping[str, Any] | None, page_
     if others and engine.store.kind == "postgresql":  # polled by other engines
         host_rows = {host.name: host for host in await engine.store.run(
             store_leases.hosts_named, others)}
-    items = [task_item(row, *_status_of(engine, row.host, host_rows.get(row.host)))
+    unseen = frozenset(engine.not_current()) if others else frozenset()
+    items = [task_item(row, *_status_of(engine, row.host, host_rows.get(row.host), unseen))
              for row in page]
     return {"tasks": items, "nextPageToken": token, "unreachableHosts": unreachable}
 
@@ -218,7 +223,8 @@ async def get_task(engine: ViewContext, host: str, task_id: str, refresh: bool) 
                 host=host)
         raise errors.TaskNotFound(f"no task {task_id} on host {host}", host=host,
                                   taskID=task_id)
-    item = task_item(row, *_status_of(engine, host, host_row))
+    item = task_item(row, *_status_of(engine, host, host_row,
+                                      frozenset(engine.not_current())))
     item["detail"] = repository.loads(row.detail)
     return {"task": item, "refreshed": refreshed, "unreachableHosts": unreachable}
 

@@ -98,10 +98,14 @@ def _result_summary(result: Any) -> Any:
     return None
 
 
+# Audit events that are not refusals (the rest: limit, forbidden) log at INFO.
+INFO_EVENTS = frozenset({"call", "lease"})
+
+
 def record(caller: Caller | None, verb: str, params: Any, *, event: str = "call",
            error: dict[str, Any] | None = None, result: Any = None,
            required: str | None = None) -> None:
-    """Log one audit line (WARNING for refusals, INFO otherwise)."""
+    """Log one audit line (WARNING for refusals, INFO for calls and lease moves)."""
     entry: dict[str, Any] = {
         "time": _now(),
         "event": event,
@@ -123,7 +127,7 @@ def record(caller: Caller | None, verb: str, params: Any, *, event: str = "call"
         entry["outcome"] = "error"
         entry["code"] = error.get("code")
         entry["error"] = data.get("name") if isinstance(data, dict) else error.get("message")
-    level = logging.WARNING if event != "call" else logging.INFO
+    level = logging.INFO if event in INFO_EVENTS else logging.WARNING
     if AUDIT.isEnabledFor(level):
         line = orjson.dumps(entry, option=orjson.OPT_NON_STR_KEYS, default=repr).decode()
         AUDIT.log(level, "%s", line)

@@ -1,7 +1,8 @@
 """The console's in-process change broadcast: what changed, by ID, to each live page.
 
 Sources: ``Engine.notify`` (a task or connection event applied from a host's
-feed, a job that moved, a host resynchronised in bulk) and a scan of the host
+feed, a job that moved, a host resynchronised in bulk; with several engines,
+the changes of another engine's hosts it relays, ``engine/peers.py``) and a scan of the host
 workers' status every ``SCAN_INTERVAL`` while any page listens (a host that
 stops answering is non-responsive in the worker first; the scan sees it
 within a fifth of a second, without a hook in the poller).

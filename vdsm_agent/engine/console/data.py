@@ -5,7 +5,8 @@ read only; paging is by offset (a page number in the URL, so plain links page
 without JavaScript) and every query is bounded by the page's size, so a fleet
 of 5,000 hosts costs one page of rows per request, never the whole fleet.
 Host status, last seen and agent version are the host workers' in-memory
-values, as the engine's own views show them (``engine/views.py``).
+values, as the engine's own views show them (``engine/views.py``); with several
+engines, another engine's host is what that engine wrote (``engine/peers.py``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def pages_of(total: int, per_page: int) -> int:
 
 def host_summary(engine: Engine, name: str,
                  counts: Mapping[str, Mapping[str, int]] | None) -> dict[str, Any] | None:
-    worker = engine.host(name)
+    worker = engine.seen(name)
     if worker is None:
         return None
     counts = counts or {}
@@ -76,7 +77,8 @@ def _counts(hosts: Sequence[str]) -> dict[str, dict[str, dict[str, int]]]:
 
 
 def host_names(engine: Engine, status: str | None) -> list[str]:
-    return sorted(host.name for host in engine.hosts()
+    # Every engine's hosts (several engines: others' as their engine wrote them).
+    return sorted(host.name for host in engine.every_host()
                   if not status or str(host.status) == status)
 
 
@@ -159,7 +161,7 @@ async def count_tasks(engine: Engine, where: TaskFilter) -> int:
 
 
 def task_document(engine: Engine, row: HostTaskRow) -> dict[str, Any]:
-    worker = engine.host(row.host)
+    worker = engine.seen(row.host)
     current, status = (worker.current, str(worker.status)) if worker else (False, UNKNOWN)
     return views.task_item(row, current, status)
 
@@ -274,7 +276,7 @@ def _connection_rows(ids: Sequence[str], hosts: Sequence[str]) -> list[HostConne
 def cell(engine: Engine, row: HostConnectionRow | None) -> dict[str, Any]:
     if row is None:
         return {"health": "none", "state": "not managed", "lastError": None}
-    worker = engine.host(row.host)
+    worker = engine.seen(row.host)
     current = worker is not None and worker.current
     error = repository.loads(row.last_error)
     return {"health": views.HEALTH_OF_STATE.get(row.state, UNKNOWN) if current else UNKNOWN,

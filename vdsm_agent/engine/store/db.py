@@ -68,6 +68,7 @@ class EngineStore(DatabaseThread):
     def __init__(self, url: str) -> None:
         self.url = url
         self.kind = "sqlite" if url.startswith("sqlite:") else "postgresql"
+        self._lost: set[leases.Fence] = set()  # fences refused (logged once each)
         super().__init__()
 
     @classmethod
@@ -90,10 +91,13 @@ class EngineStore(DatabaseThread):
         try:
             return await super().run(leases.fenced, fence, fn, *args, **kwargs)
         except leases.LeaseLost:
-            log.warning("host %s: lease lost (generation %d): write refused, the worker stops",
-                        fence.host, fence.generation)
-            if self.lease_lost is not None:
-                self.lease_lost(fence)
+            # Once per lease: each of the worker's loops may hit the fence before it stops.
+            if fence not in self._lost:
+                self._lost.add(fence)
+                log.warning("lease lost for host %s (generation %d): worker stopped",
+                            fence.host, fence.generation)
+                if self.lease_lost is not None:
+                    self.lease_lost(fence)
             raise
 
     def _migrate(self, db: peewee.Database) -> list[int]:

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import peewee
 
+from vdsm_agent.common.supervision import LoopEnded
 from vdsm_agent.engine.store.models import HostRow, engine_proxy
 from vdsm_agent.engine.store.rows import BATCH, atomic
 
@@ -36,9 +37,10 @@ DB_NOW = "extract(epoch from now())"
 CHANNEL = "vdsm_engine"  # LISTEN/NOTIFY channel of job changes and new steps
 
 
-class LeaseLost(Exception):
+class LeaseLost(LoopEnded):
     """A fenced write of a host whose lease this engine no longer holds (with the
-    worker's generation): refused, nothing written."""
+    worker's generation): refused, nothing written. The worker's loops end quietly
+    (``LoopEnded``): the store logs one line per lost lease."""
 
     def __init__(self, fence: Fence) -> None:
         super().__init__(f"lease of host {fence.host} lost (generation {fence.generation})")
@@ -223,3 +225,42 @@ def notify_steps(hosts: list[str]) -> None:
     """New steps for these hosts (``steps *``: too many to name, every host)."""
     payload = "steps " + " ".join(hosts)
     notify(payload if len(payload.encode()) <= MAX_PAYLOAD else "steps *")
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerHost:
+    """A host this engine does not lease, as its engine last wrote it (``live``: a
+    live lease is held on it; without one nobody polls it and nothing is current)."""
+
+    name: str
+    url: str
+    status: str
+    maintenance: bool
+    failures: int
+    last_seen: float | None
+    last_error: str | None
+    agent_version: str | None
+    synced_at: float | None
+    live: bool
+
+
+def peer_hosts(engine_id: str, names: list[str] | None = None) -> list[PeerHost]:
+    """The hosts (all, or these) that this engine holds no live lease on."""
+    where = "" if names is None else "AND h.name = ANY(%s) "
+    rows = _sql(
+        "SELECT h.name, h.url, h.status, h.maintenance, h.failures, h.last_seen, "
+        f"h.last_error, h.agent_version, h.synced_at, l.owner IS NOT NULL AND "
+        f"l.expires_at > {DB_NOW} AS live FROM host AS h LEFT JOIN host_leases AS l "
+        f"ON l.host = h.name WHERE (l.owner IS DISTINCT FROM %s OR l.expires_at <= {DB_NOW}) "
+        + where + "ORDER BY h.name", (engine_id,) if names is None else (engine_id, names))
+    return [PeerHost(str(name), str(url), str(status), bool(maint), int(failures or 0),
+                     seen, error, version, synced, bool(live))
+            for name, url, status, maint, failures, seen, error, version, synced, live in rows]
+
+
+def notify_changes(payloads: list[str]) -> None:
+    """The console's changes of hosts leased here, for the other engines (one
+    transaction; each payload under PostgreSQL's limit)."""
+    with atomic():
+        for payload in payloads:
+            notify(payload)

@@ -115,8 +115,15 @@ def _check_resources(host: str, resources: Iterable[str], shared: bool = False) 
 
 def create_job(job_id: str, action: str, params: dict[str, Any], steps: Sequence[StepSpec],
                step_ids: Sequence[str], resources: Sequence[str], now: float) -> None:
-    """A job and its steps; for a startTask, the locks of its resources (or ResourceBusy)."""
+    """A job and its steps; for a startTask, the locks of its resources (or ResourceBusy).
+
+    Idempotent: run again after its COMMIT was lost with the connection (the store's
+    one retry, ``db.EngineStore._call``), a job already written with this ID and this
+    request is answered as created, not as a conflict (its own locks, taken by the
+    first run, are not another task's)."""
     with atomic():
+        if _already_created(job_id, action, params, step_ids):
+            return
         for spec in steps:
             get_host(spec.host)
         if resources and is_postgresql():
@@ -144,6 +151,19 @@ def create_job(job_id: str, action: str, params: dict[str, Any], steps: Sequence
                            request=dumps(spec.request), created_at=now, updated_at=now)
         # The engines that lease these hosts run the new steps now (LISTEN/NOTIFY).
         notify_steps(list(dict.fromkeys(spec.host for spec in steps)))
+
+
+def _already_created(job_id: str, action: str, params: dict[str, Any],
+                     step_ids: Sequence[str]) -> bool:
+    """Whether this very job (ID, action, params, step IDs) is already written; a job
+    of this ID with another request is left to the insert's unique violation."""
+    row = JobRow.get_or_none(JobRow.id == job_id)
+    if row is None:
+        return False
+    written = [step.id for step in StepRow.select(StepRow.id).where(
+        StepRow.job_id == job_id).order_by(StepRow.position)]
+    return (row.action == action and loads(row.params) == loads(dumps(params))
+            and written == list(step_ids))
 
 
 def replace_task_locks(host: str, task_id: str, resources: Sequence[str], now: float) -> None:
