@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import free_port
+from tests.engine_process import stop_process
 from tests.engine_support import PostgresServer, until
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "vdsm-engine"
@@ -114,12 +115,7 @@ class EngineProcess:
         assert self.proc is not None
         if self.alive():
             self.thaw()
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, timeout)
         return int(self.proc.returncode)
 
     def freeze(self) -> None:

@@ -91,6 +91,18 @@ def ssl_context(ca_file: str | None, cert_file: str | None,
     return context
 
 
+async def tls_context_of(host: str, url: str, tls: tuple[str | None, str | None, str | None]
+                         ) -> ssl.SSLContext | None:
+    """The TLS context to reach ``url`` with (None for http), its files read off the
+    loop; AgentUnreachable naming the host when they cannot be read."""
+    if not url.startswith("https:"):
+        return None
+    try:
+        return await asyncio.to_thread(ssl_context, *tls)
+    except (OSError, ssl.SSLError) as exc:
+        raise AgentUnreachable(f"TLS files of host {host}: {exc}") from None
+
+
 class AgentClient:
     """Calls one agent's verbs; ``close`` when the host is removed or the engine stops."""
 

@@ -26,7 +26,6 @@ import fcntl
 import logging
 import os
 import socket
-import ssl
 import time
 import uuid
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from typing import Any, Protocol
 
 from vdsm_agent import __version__
 from vdsm_agent.common.supervision import Background
-from vdsm_agent.engine.agentclient import AgentClient, AgentUnreachable, ssl_context
+from vdsm_agent.engine.agentclient import AgentClient, AgentUnreachable, tls_context_of
 from vdsm_agent.engine.poller import HostWorker
 from vdsm_agent.engine.ports import HostContext
 from vdsm_agent.engine.settings import EngineConfig
@@ -107,12 +106,7 @@ class Visitor:
 
     async def ensure_client(self) -> AgentClient:
         if self.client is None:
-            context = None
-            if self.url.startswith("https:"):
-                try:
-                    context = await asyncio.to_thread(ssl_context, *self.tls)
-                except (OSError, ssl.SSLError) as exc:
-                    raise AgentUnreachable(f"TLS files of host {self.name}: {exc}") from None
+            context = await tls_context_of(self.name, self.url, self.tls)
             if self.client is None:
                 self.client = AgentClient(
                     self.url, connect_timeout=self.config.connect_timeout,

@@ -40,7 +40,6 @@ import contextlib
 import hashlib
 import logging
 import random
-import ssl
 import time
 from typing import Any
 
@@ -53,7 +52,7 @@ from vdsm_agent.engine.agentclient import (
     AgentClient,
     AgentError,
     AgentUnreachable,
-    ssl_context,
+    tls_context_of,
 )
 from vdsm_agent.engine.hostfeed import HostFeed
 from vdsm_agent.engine.listings import RESYNC_SPREAD, Listings, resync_turn
@@ -199,12 +198,7 @@ class HostWorker:
     async def ensure_client(self) -> AgentClient:
         """The host's client, made on first use (TLS files are read off the loop)."""
         if self.client is None:
-            context = None
-            if self.url.startswith("https:"):
-                try:
-                    context = await asyncio.to_thread(ssl_context, *self.tls)
-                except (OSError, ssl.SSLError) as exc:
-                    raise AgentUnreachable(f"TLS files of host {self.name}: {exc}") from None
+            context = await tls_context_of(self.name, self.url, self.tls)
             if self.client is None and self._running:
                 self.client = AgentClient(
                     self.url, connect_timeout=self.config.connect_timeout,
