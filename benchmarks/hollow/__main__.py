@@ -16,7 +16,9 @@ task=1 progress=0.5 connection=0.1``, ``tick kind=task HOSTS``,
 --hosts-file hosts.json`` adds every host to an engine.
 
 ``python -m benchmarks.hollow bench ...`` runs the measurement of
-docs/benchmarks.md ("Hollow agents"; ``benchmarks.hollow.bench``).
+docs/benchmarks.md ("Hollow agents"; ``benchmarks.hollow.bench``);
+``python -m benchmarks.hollow engines ...`` what leases cost whole engines on
+PostgreSQL (``benchmarks.hollow.engines``; docs/benchmarks.md, "Failover").
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from collections.abc import Sequence
 
 import orjson
 
-from benchmarks.hollow import bench, control
+from benchmarks.hollow import bench, control, engines
 from benchmarks.hollow.server import (
     FleetOptions,
     HollowFleet,
@@ -184,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return main_register(words[1:])
     if words and words[0] == "bench":
         return bench.main(words[1:])
+    if words and words[0] == "engines":
+        return engines.main(words[1:])
     if words and words[0] == "serve":
         words = words[1:]
     return main_serve(words)
