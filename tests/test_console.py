@@ -273,7 +273,9 @@ def test_a_task_started_on_an_agent_appears_and_its_progress_moves(world, browse
             " document.querySelectorAll('#rows tr').length]")
         assert count.startswith(f"{rows} task"), (count, rows)
         assert browser.execute_script("return window.notReloaded") is True
-        assert int(browser.execute_script("return document.body.dataset.patches")) > 2
+        # Patched, not redrawn: the row's arrival and the bar's move at least (a loaded
+        # machine coalesces more changes into each patch).
+        assert int(browser.execute_script("return document.body.dataset.patches")) >= 2
         shots("tasks-live")
         if os.environ.get("CONSOLE_DOCS_SCREENSHOT"):
             browser.save_screenshot(str(DOCS_IMAGE))

@@ -11,6 +11,8 @@ PostgreSQL restart is survived."""
 from __future__ import annotations
 
 import asyncio
+import http.client
+import re
 import subprocess
 import threading
 import time
@@ -124,6 +126,24 @@ def test_hosts_spread_and_rebalanced_when_engines_join_and_leave(tmp_path, ha_db
                             params={"seconds": 0.1})["jobID"] for name in names]
         assert [wait_job(first, job)["state"] for job in jobs] == ["done"] * 6
         assert "leaseReleased" in third.logs() or "leases given back" in third.logs()
+        # Each lease change is counted for Prometheus (GET /metrics): the first two
+        # took 3 each, gave 2 back for the third (rebalance), took them again later.
+        counts = [lease_changes(engine) for engine in (first, second)]
+        assert sum(c.get(("taken", "expired"), 0) for c in counts) >= 8, counts
+        assert sum(c.get(("released", "rebalance"), 0) for c in counts) >= 2, counts
+
+
+def lease_changes(engine: EngineProcess) -> dict[tuple[str, str], float]:
+    """``vdsm_engine_host_lease_changes_total`` by (change, reason), from /metrics."""
+    conn = http.client.HTTPConnection("127.0.0.1", engine.port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    found = re.findall(r'^vdsm_engine_host_lease_changes_total\{change="(\w+)",'
+                       r'reason="(\w+)"\} (\S+)$', text, re.M)
+    return {(change, reason): float(value) for change, reason, value in found}
 
 
 # -- kill -9 during a fan-out job ---------------------------------------------------------------

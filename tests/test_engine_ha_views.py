@@ -12,8 +12,10 @@ creation run again after its COMMIT was lost is answered as created."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -50,6 +52,17 @@ def ha_db(postgres_server) -> Iterator[tuple[str, Database]]:  # noqa: F811
         postgres_server.drop_database(name)
 
 
+OPEN_STREAMS: list[EventStream] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_streams() -> Iterator[None]:
+    """A stream left open by a failed test would warn of its socket in a later one."""
+    yield
+    while OPEN_STREAMS:
+        OPEN_STREAMS.pop().close()
+
+
 class EventStream:
     """``GET /console/events?...`` of one engine, read by a thread: (event, data)."""
 
@@ -63,6 +76,7 @@ class EventStream:
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
+        OPEN_STREAMS.append(self)
 
     def _read(self) -> None:
         name = ""
@@ -93,6 +107,13 @@ class EventStream:
                 return time.monotonic() - began
 
     def close(self) -> None:
+        """Ends the reader (EOF by shutdown), then closes the response and the socket."""
+        sock = self.conn.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self.thread.join(10)
+        self.response.close()
         self.conn.close()
 
 

@@ -43,6 +43,7 @@ from vdsm_agent.engine.store import leases as store_leases
 from vdsm_agent.engine.store.db import FENCE
 from vdsm_agent.engine.store.leases import CHANNEL, Fence
 from vdsm_agent.engine.store.models import HostRow
+from vdsm_agent.metrics.counters import EngineStats
 from vdsm_agent.security import audit
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,8 @@ class LeaseHolder(Protocol):
     def store(self) -> EngineStore: ...
     @property
     def workers(self) -> dict[str, HostWorker]: ...
+    @property
+    def stats(self) -> EngineStats: ...
 
     async def add_worker(self, row: HostRow, fence: Fence | None = None) -> HostWorker: ...
     async def remove_worker(self, name: str) -> None: ...
@@ -246,6 +249,9 @@ class LeaseKeeper:
         self.wake()
 
     def _audit(self, event: str, host: str, **details: Any) -> None:
+        """An audit line, and the count of ``vdsm_engine_host_lease_changes_total``."""
+        change = "taken" if event == "leaseTaken" else "released"
+        self.engine.stats.lease_changes[change, str(details.get("reason", "expired"))] += 1
         audit.record(None, event, {"host": host, "engine": self.name, **details},
                      event="lease")
 

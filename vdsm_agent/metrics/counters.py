@@ -183,6 +183,9 @@ class EngineStats:
     resyncs: Histogram = dataclasses.field(default_factory=lambda: Histogram(RESYNC_BUCKETS))
     resync_failures: int = 0
     step_retries: int = 0
+    # (change, reason) -> host leases this engine took or gave back (several engines).
+    lease_changes: collections.Counter[tuple[str, str]] = dataclasses.field(
+        default_factory=collections.Counter)
 
 
 # "taken" / "released" -> resource locks of the engine's store. Counted by the

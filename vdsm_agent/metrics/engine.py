@@ -56,3 +56,11 @@ def engine_families(engine: Engine, dispatcher: Dispatcher) -> Iterator[Metric]:
     for change in ("taken", "released"):
         locks.add_metric([change], RESOURCE_LOCK_CHANGES[change])
     yield locks
+    leases = CounterMetricFamily(f"{PREFIX}_host_lease_changes_total",
+                                 "Host leases this engine took (reason: expired, a host "
+                                 "nobody held or whose lease ran out) or gave back "
+                                 "(rebalance, stop, lost, fenced); several engines on "
+                                 "PostgreSQL only.", labels=["change", "reason"])
+    for (change, reason), count in sorted(stats.lease_changes.items()):
+        leases.add_metric([change, reason], count)
+    yield leases

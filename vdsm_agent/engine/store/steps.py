@@ -241,8 +241,15 @@ def move_job(job: JobRow, state: JobState, now: float) -> None:
 
 def recompute_jobs(job_ids: Iterable[str], now: float) -> None:
     """Each job's state from its steps' (``states.job_state``), moved by ``move_job``."""
-    for job_id in set(job_ids):
-        job = JobRow.get_or_none(JobRow.id == job_id)
+    for job_id in sorted(set(job_ids)):
+        select = JobRow.select().where(JobRow.id == job_id)
+        if is_postgresql():
+            # Two engines ending two steps of one job at once would each read the
+            # other's step as still running and leave the job running for good: the
+            # job's row lock orders them, and the second reads the steps the first
+            # committed (READ COMMITTED: each statement sees what committed before it).
+            select = select.for_update()
+        job = select.first()
         if job is None:
             continue
         rows: Any = StepRow.select(StepRow.state).where(StepRow.job_id == job_id).tuples()
