@@ -131,7 +131,12 @@ async def preload(state: Path, hosts: Sequence[dict[str, Any]]) -> None:
     """The hosts in the engine's database (sqlite in ``state``, which exists), before it
     starts."""
     config = EngineConfig.defaults().replace(state_dir=str(state))
-    store = await EngineStore.open(config.database_url)
+    await preload_url(config.database_url, hosts)
+
+
+async def preload_url(url: str, hosts: Sequence[dict[str, Any]]) -> None:
+    """The hosts in the engine database at ``url``, before an engine starts on it."""
+    store = await EngineStore.open(url)
     try:
         now = time.time()
         for host in hosts:

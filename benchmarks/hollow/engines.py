@@ -45,8 +45,6 @@ import psutil  # type: ignore[import-untyped]
 
 from benchmarks.hollow import bench, control
 from benchmarks.hollow.server import raise_open_files
-from vdsm_agent.engine.settings import EngineConfig
-from vdsm_agent.engine.store import EngineStore, repository
 
 # The tick's statements (store/leases.py: tick), and what else is about leases, as
 # pg_stat_statements normalizes them (a prefix of the query text each).
@@ -121,17 +119,6 @@ def _reset_statements(server: Any, database: str) -> None:
         cursor.execute("SELECT pg_stat_statements_reset()")
 
 
-async def _preload(url: str, hosts: Sequence[dict[str, Any]]) -> None:
-    store = await EngineStore.open(url)
-    try:
-        now = time.time()
-        for host in hosts:
-            await store.run(repository.add_host, host["name"], host["url"], None, None, None,
-                            False, now)
-    finally:
-        await store.close()
-
-
 def _cluster_cpu(server: Any) -> float:
     """CPU seconds of the postmaster and its live children (backends, writers)."""
     pid = server.pid()
@@ -155,11 +142,10 @@ def measure(root: Path, config: str, document: dict[str, Any], settle: float, wi
         url, server = "", None
         if database == "postgresql":
             url, server = stack.enter_context(postgres_with_statements())
-            asyncio.run(_preload(url, hosts))
+            asyncio.run(bench.preload_url(url, hosts))
         else:
             (root / "e0" / "engine").mkdir(parents=True)
-            asyncio.run(_preload(EngineConfig.defaults().replace(
-                state_dir=str(root / "e0" / "engine")).database_url, hosts))
+            asyncio.run(bench.preload(root / "e0" / "engine", hosts))
         began = time.monotonic()
         started = []
         for number in range(engines):
